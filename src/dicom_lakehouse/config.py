@@ -1,0 +1,62 @@
+"""Settings per target, read from conf/: `defaults.yml` merged with `<target>.yml`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+ENV_CONF_DIR = "DICOM_LAKEHOUSE_CONF_DIR"
+
+
+class ConfigError(RuntimeError):
+    """conf/ is missing or malformed."""
+
+
+def repo_root() -> Path:
+    """The checkout this package lives in (src layout), or the working directory when installed."""
+    here = Path(__file__).resolve().parent
+    if (here.parent.parent / "bundle.yml").exists():
+        return here.parent.parent
+    return Path.cwd()
+
+
+def find_conf_dir(explicit: str | os.PathLike | None = None) -> Path:
+    candidates = [explicit, os.environ.get(ENV_CONF_DIR), repo_root() / "conf", Path.cwd() / "conf"]
+    for c in candidates:
+        if c and (Path(c) / "defaults.yml").exists():
+            return Path(c).resolve()
+    raise ConfigError(f"conf/defaults.yml not found (looked in {[str(c) for c in candidates if c]}); set {ENV_CONF_DIR}.")
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in (override or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_conf(target: str = "local", conf_dir: str | os.PathLike | None = None) -> dict:
+    d = find_conf_dir(conf_dir)
+    with open(d / "defaults.yml") as f:
+        conf = yaml.safe_load(f) or {}
+    tfile = d / f"{target}.yml"
+    if tfile.exists():
+        with open(tfile) as f:
+            conf = deep_merge(conf, yaml.safe_load(f) or {})
+    conf["target"] = target
+    conf["conf_dir"] = str(d)
+    return conf
+
+
+def warehouse_dir(conf: dict, override: str | None = None) -> Path:
+    """The local warehouse folder: `--warehouse`, else conf (relative paths are relative to the repo)."""
+    w = override or os.environ.get("DICOM_LAKEHOUSE_WAREHOUSE") or conf.get("warehouse") or ".warehouse"
+    p = Path(w).expanduser()
+    if not p.is_absolute():
+        p = Path(conf.get("conf_dir", repo_root() / "conf")).parent / p
+    return p.resolve()

@@ -1,0 +1,223 @@
+"""One DICOM file's header -> the DICOM JSON model (PS3.18 F.2) plus promoted, typed columns.
+
+The header is read with pydicom up to, not into, the pixel data. Each element
+is converted on its own, so a single bad value costs that element (reported as
+a warning), not the whole header.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_partial
+
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW", "US or OW"})
+# Promoted columns: (column, tag as 8 hex digits, kind)
+PROMOTED = [
+    ("sop_instance_uid", "00080018", "str"),
+    ("sop_class_uid", "00080016", "str"),
+    ("study_instance_uid", "0020000D", "str"),
+    ("series_instance_uid", "0020000E", "str"),
+    ("patient_id", "00100020", "str"),
+    ("modality", "00080060", "str"),
+    ("study_date", "00080020", "date"),
+    ("study_description", "00081030", "str"),
+    ("series_description", "0008103E", "str"),
+    ("series_number", "00200011", "int"),
+    ("instance_number", "00200013", "int"),
+    ("body_part_examined", "00180015", "str"),
+    ("manufacturer", "00080070", "str"),
+    ("rows", "00280010", "int"),
+    ("columns", "00280011", "int"),
+    ("number_of_frames", "00280008", "int"),
+    ("samples_per_pixel", "00280002", "int"),
+    ("bits_allocated", "00280100", "int"),
+    ("photometric_interpretation", "00280004", "str"),
+    ("pixel_spacing", "00280030", "floats"),
+    ("slice_thickness", "00180050", "float"),
+    ("transfer_syntax_uid", "00020010", "str"),
+]
+PROMOTED_COLUMNS = [p[0] for p in PROMOTED] + ["has_pixels", "meta"]
+# Groups that must look like a DICOM header when a file has no preamble.
+_PLAUSIBLE_FIRST_GROUPS = {0x0002, 0x0004, 0x0008}
+
+
+@dataclass
+class HeaderResult:
+    status: str
+    error: str | None = None
+    meta: str | None = None
+    columns: dict = field(default_factory=dict)
+
+
+def _is_overlay_data(tag: int) -> bool:
+    return (tag >> 16) & 0xFF01 == 0x6000 and tag & 0xFFFF == 0x3000
+
+
+class _Converter:
+    """Element-wise DICOM JSON conversion that records what it had to drop."""
+
+    def __init__(self, uri: str, threshold: int):
+        self.uri = uri
+        self.threshold = threshold
+        self.warnings: list[str] = []
+
+    def bulk_uri(self, elem) -> str:
+        return f"{self.uri}?tag={elem.tag:08X}"
+
+    def dataset(self, ds, prefix: str = "") -> dict:
+        out = {}
+        for elem in _elements(ds, self.warnings, prefix):
+            key = f"{elem.tag:08X}"
+            try:
+                if elem.VR == "SQ":
+                    out[key] = {
+                        "vr": "SQ",
+                        "Value": [self.dataset(item, f"{prefix}{key}[{i}].") for i, item in enumerate(elem.value)],
+                    }
+                elif _is_overlay_data(elem.tag) or elem.tag in PIXEL_TAGS:
+                    out[key] = {"vr": elem.VR, "BulkDataURI": self.bulk_uri(elem)}
+                else:
+                    out[key] = elem.to_json_dict(self.bulk_uri, self.threshold)
+            except RecursionError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any bad value drops only this element
+                self.warnings.append(f"{prefix}{key} dropped: {type(e).__name__}: {_short(e)}")
+        return out
+
+
+def _elements(ds, warns: list[str], prefix: str):
+    """Iterate a dataset's elements, converting raw ones one by one."""
+    for tag in list(ds.keys()):
+        try:
+            yield ds[tag]
+        except Exception as e:  # noqa: BLE001
+            warns.append(f"{prefix}{int(tag):08X} unreadable: {type(e).__name__}: {_short(e)}")
+
+
+def _short(e: Exception, n: int = 160) -> str:
+    """Message without quoted values, so that no patient data reaches `error` or logs."""
+    s = _QUOTED.sub("'<value>'", str(e).replace("\n", " ")).split(" Please see <")[0]
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def _first(model: dict, tag: str):
+    v = model.get(tag, {}).get("Value")
+    return v[0] if v else None
+
+
+def _promote(model: dict, has_pixels: bool) -> dict:
+    cols = {}
+    for col, tag, kind in PROMOTED:
+        v = _first(model, tag)
+        try:
+            if v is None:
+                cols[col] = None
+            elif kind == "str":
+                cols[col] = v if isinstance(v, str) else (v.get("Alphabetic") if isinstance(v, dict) else str(v))
+            elif kind == "int":
+                cols[col] = int(v) if -(2**31) <= int(v) < 2**31 else None
+            elif kind == "float":
+                f = float(v)
+                cols[col] = f if math.isfinite(f) else None
+            elif kind == "floats":
+                vals = [float(x) for x in model[tag]["Value"] if x is not None]
+                cols[col] = vals if all(math.isfinite(x) for x in vals) else None
+            elif kind == "date":
+                cols[col] = _parse_da(v)
+        except (TypeError, ValueError, OverflowError):
+            cols[col] = None
+    if has_pixels and cols.get("number_of_frames") is None:
+        cols["number_of_frames"] = 1
+    cols["has_pixels"] = has_pixels
+    return cols
+
+
+def _parse_da(v: str) -> dt.date | None:
+    s = str(v).strip().replace(".", "")
+    if len(s) >= 8 and s[:8].isdigit():
+        try:
+            return dt.date(int(s[:4]), int(s[4:6]), int(s[6:8]))
+        except ValueError:
+            return None
+    return None
+
+
+def _looks_like_dicom(ds) -> bool:
+    """Guard for force=True reads: random bytes must not pass as DICOM."""
+    tags = [int(t) for t in ds.keys()]
+    if not tags:
+        return False
+    if (tags[0] >> 16) not in _PLAUSIBLE_FIRST_GROUPS:
+        return False
+    if any(b <= a for a, b in zip(tags, tags[1:], strict=False)):
+        return False
+    known = {0x00080016, 0x00080018, 0x00080060, 0x0020000D, 0x0020000E, 0x00041200, 0x00041220, 0x00080005}
+    return bool(known.intersection(tags))
+
+
+def read_header(fp):
+    """Read up to the pixel data; returns (dataset, has_pixels). Raises InvalidDicomError for non-DICOM."""
+    seen = []
+
+    def stop(tag, vr, length):
+        if tag in PIXEL_TAGS:
+            seen.append(tag)
+            return True
+        return False
+
+    start = fp.tell()
+    head = fp.read(132)
+    if len(head) == 0:
+        raise InvalidDicomError("empty file")
+    fp.seek(start)
+    preamble = len(head) >= 132 and head[128:132] == b"DICM"
+    ds = read_partial(fp, stop_when=stop, force=not preamble)
+    if not preamble and not _looks_like_dicom(ds):
+        raise InvalidDicomError("no DICM preamble and the content does not parse as a DICOM data set")
+    return ds, bool(seen)
+
+
+def extract_header(fp, uri: str, bulk_data_threshold: int = 1024) -> HeaderResult:
+    """The per-file work of extract-meta. Never raises for bad input: returns a status instead."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds, has_pixels = read_header(fp)
+            conv = _Converter(uri, bulk_data_threshold)
+            model = {}
+            fm = getattr(ds, "file_meta", None)
+            if fm is not None and len(fm):
+                model.update(conv.dataset(fm))
+            model.update(conv.dataset(ds))
+        if not model:
+            return HeaderResult("not_dicom", "no DICOM elements could be read")
+        cols = _promote(model, has_pixels)
+        ts = getattr(fm, "TransferSyntaxUID", None) if fm is not None else None
+        if cols.get("transfer_syntax_uid") is None and ts:
+            cols["transfer_syntax_uid"] = str(ts)
+        warns = conv.warnings + [f"pydicom: {_short(w.message)}" for w in caught if _relevant(w)]
+        meta = json.dumps(model, separators=(",", ":"), ensure_ascii=False, default=str)
+        status = "ok_with_warnings" if warns else "ok"
+        return HeaderResult(status, "; ".join(dict.fromkeys(warns))[:4000] or None, meta, cols)
+    except InvalidDicomError as e:
+        return HeaderResult("not_dicom", _short(e, 300))
+    except RecursionError:
+        return HeaderResult("error", "data set nesting is too deep to parse")
+    except MemoryError:
+        return HeaderResult("error", "header does not fit in memory")
+    except Exception as e:  # noqa: BLE001 - a corrupt file is a status, never a failed task
+        return HeaderResult("error", f"{type(e).__name__}: {_short(e, 300)}")
+
+
+def _relevant(w) -> bool:
+    text = str(w.message)
+    return "Invalid value" in text or "invalid" in text.lower() or "truncat" in text.lower()

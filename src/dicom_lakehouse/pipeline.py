@@ -1,0 +1,260 @@
+"""The Spark side of the four steps. Each step reads its input stage, passes every
+row through with its own columns added, and replaces its own staged table, so a
+retried step is idempotent and no join is needed until publish.
+
+    catalog -> {table}__files -> extract-meta -> {table}__meta
+            -> thumbnail -> {table}__thumbnails -> publish -> {table}
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pyarrow as pa
+from pyspark.sql import functions as F
+
+from . import schema as S
+from .params import JobParams
+from .session import default_parallelism
+from .tables import TableRef, TableStore, commit_metadata
+
+log = logging.getLogger(__name__)
+
+STAGES = {"catalog": "files", "extract_meta": "meta", "thumbnail": "thumbnails"}
+OK = ("ok", "ok_with_warnings")
+
+
+class StepError(RuntimeError):
+    """A step cannot go on; the message says what to do."""
+
+
+def target_ref(p: JobParams) -> TableRef:
+    return TableRef(p.catalog, p.schema, p.table)
+
+
+def stage_ref(p: JobParams, step: str) -> TableRef:
+    return target_ref(p).staged(STAGES[step])
+
+
+def _status_counts(df) -> dict:
+    return {r["status"]: r["count"] for r in df.groupBy("status").count().collect()}
+
+
+def _spread(df, spark, rows: int):
+    """Spread rows over all cores: small files are otherwise packed into one partition."""
+    n = max(1, min(rows, max(default_parallelism(spark) * 4, rows // 1000)))
+    return df.repartition(n)
+
+
+def _read_stage(store: TableStore, p: JobParams, step: str, schema_step: str):
+    ref = stage_ref(p, step)
+    if not store.exists(ref):
+        raise StepError(f"staged table {ref.name} is missing: run the '{step}' task of this run first.")
+    df = store.read(ref, schema_step)
+    rows = store.count(ref)
+    return df, rows
+
+
+def _check_run(df, p: JobParams, rows_in: int, what: str) -> None:
+    if rows_in == 0:
+        return
+    other = df.filter(F.col("run_id") != F.lit(p.run_id)).limit(1).collect()
+    if other:
+        raise StepError(
+            f"{what} holds rows of run {other[0]['run_id']!r}, not of this run {p.run_id!r}: "
+            "re-run the earlier tasks of this run."
+        )
+
+
+# ------------------------------------------------------------------ catalog
+def run_catalog(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
+    from .listing import list_files
+
+    t0 = time.time()
+    table = list_files(spark, p.path, conf, p.run_id, p.include, p.exclude)
+    listed = table.num_rows
+    t_list = time.time() - t0
+    df = spark.createDataFrame(table, schema=S.spark_schema("files").simpleString()) if listed == 0 else \
+        spark.createDataFrame(table)
+    stats = {"files_listed": listed, "listing_seconds": round(t_list, 2)}
+    target = target_ref(p)
+    if p.mode == "append" and store.exists(target):
+        old = store.read(target).select(F.col("path").alias("_p"), F.col("file_key").alias("_k"))
+        joined = df.join(old, df["path"] == old["_p"], "left")
+        kind = (F.when(F.col("_p").isNull(), "new").when(F.col("_k") != F.col("file_key"), "changed")
+                .otherwise("unchanged"))
+        joined = joined.withColumn("_change", kind).cache()
+        counts = {r["_change"]: r["count"] for r in joined.groupBy("_change").count().collect()}
+        stats.update({k: counts.get(k, 0) for k in ("new", "changed", "unchanged")})
+        df = joined.filter(F.col("_change") != "unchanged").select(*S.column_names("files"))
+    else:
+        stats.update({"new": listed, "changed": 0, "unchanged": 0})
+    rows = store.write(df, stage_ref(p, "catalog"), "overwrite", commit_metadata(p.run_id, p.as_dict(), "catalog"),
+                       step="files")
+    expected = listed - stats["unchanged"]
+    if rows != expected:
+        raise StepError(f"catalog wrote {rows} rows but {expected} files are to be processed")
+    stats.update(files_in=listed, rows_out=rows, errors=int(table.column("status").to_pylist().count("error")))
+    return stats
+
+
+# ------------------------------------------------------------------ extract-meta
+def meta_batches(threshold: int):
+    """mapInArrow function: file rows -> file rows plus header columns."""
+
+    def fn(batches):
+        from .dicom_meta import PROMOTED_COLUMNS, HeaderResult, extract_header
+        from .sources import open_source
+
+        names = S.column_names("meta")
+        out_schema = S.arrow_schema("meta")
+        for b in batches:
+            paths = b.column("path").to_pylist()
+            status_in = b.column("status").to_pylist()
+            error_in = b.column("error").to_pylist()
+            results = []
+            for path, st, err in zip(paths, status_in, error_in, strict=True):
+                if st != "ok":
+                    results.append(HeaderResult(st, err))
+                    continue
+                try:
+                    with open_source(path) as fp:
+                        results.append(extract_header(fp, path, threshold))
+                except Exception as e:  # noqa: BLE001 - unreadable, deleted, bad archive member
+                    results.append(HeaderResult("error", f"cannot open: {type(e).__name__}: {getattr(e, 'strerror', None) or e}"))
+            new = {"status": [r.status for r in results], "error": [r.error for r in results],
+                   "meta": [r.meta for r in results]}
+            for c in PROMOTED_COLUMNS:
+                if c != "meta":
+                    new[c] = [r.columns.get(c) for r in results]
+            arrays = [pa.array(new[n], out_schema.field(n).type) if n in new else b.column(n) for n in names]
+            yield pa.RecordBatch.from_arrays(arrays, schema=out_schema)
+
+    return fn
+
+
+def run_extract_meta(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
+    df, rows_in = _read_stage(store, p, "catalog", "files")
+    _check_run(df, p, rows_in, stage_ref(p, "catalog").name)
+    threshold = int((conf.get("dicom") or {}).get("bulk_data_threshold", 1024))
+    out = _spread(df, spark, rows_in).mapInArrow(meta_batches(threshold), S.spark_schema("meta"))
+    ref = stage_ref(p, "extract_meta")
+    rows = store.write(out, ref, "overwrite", commit_metadata(p.run_id, p.as_dict(), "extract_meta"), step="meta")
+    if rows != rows_in:
+        raise StepError(f"extract-meta read {rows_in} rows but wrote {rows}: a row was lost or duplicated")
+    counts = _status_counts(store.read(ref, "meta").select("status"))
+    return {"files_in": rows_in, "rows_out": rows, "errors": counts.get("error", 0), "status": counts}
+
+
+# ------------------------------------------------------------------ thumbnail
+DECLARED = ("rows", "columns", "samples_per_pixel", "bits_allocated", "number_of_frames")
+
+
+def thumbnail_batches(size: int, max_frame_bytes: int, compress_level: int):
+    """mapInArrow function: header rows -> header rows plus thumbnail columns."""
+
+    def fn(batches):
+        from .sources import open_source
+        from .thumbnails import Thumbnail, render
+
+        names = S.column_names("thumbnail")
+        out_schema = S.arrow_schema("thumbnail")
+        for b in batches:
+            cols = {c: b.column(c).to_pylist() for c in ("path", "status", "has_pixels", *DECLARED)}
+            results = []
+            for i, path in enumerate(cols["path"]):
+                if cols["status"][i] not in OK:
+                    results.append(Thumbnail("skipped", error=f"status is {cols['status'][i]}"))
+                elif not cols["has_pixels"][i]:
+                    results.append(Thumbnail("no_pixels"))
+                else:
+                    declared = {c: cols[c][i] for c in DECLARED}
+                    try:
+                        with open_source(path) as fp:
+                            results.append(render(fp, size, max_frame_bytes, declared, compress_level))
+                    except Exception as e:  # noqa: BLE001
+                        results.append(Thumbnail("error", error=f"cannot open: {type(e).__name__}"))
+            new = {
+                "thumbnail": [r.png for r in results],
+                "thumbnail_width": [r.width for r in results],
+                "thumbnail_height": [r.height for r in results],
+                "thumbnail_status": [r.status for r in results],
+                "thumbnail_error": [r.error for r in results],
+            }
+            arrays = [pa.array(new[n], out_schema.field(n).type) if n in new else b.column(n) for n in names]
+            yield pa.RecordBatch.from_arrays(arrays, schema=out_schema)
+
+    return fn
+
+
+def run_thumbnail(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
+    df, rows_in = _read_stage(store, p, "extract_meta", "meta")
+    _check_run(df, p, rows_in, stage_ref(p, "extract_meta").name)
+    tconf = conf.get("thumbnail") or {}
+    fn = thumbnail_batches(p.thumbnail_size, int(tconf.get("max_frame_bytes", 512 * 2**20)),
+                           int(tconf.get("png_compress_level", 3)))
+    out = _spread(df, spark, rows_in).mapInArrow(fn, S.spark_schema("thumbnail"))
+    ref = stage_ref(p, "thumbnail")
+    rows = store.write(out, ref, "overwrite", commit_metadata(p.run_id, p.as_dict(), "thumbnail"), step="thumbnail")
+    if rows != rows_in:
+        raise StepError(f"thumbnail read {rows_in} rows but wrote {rows}: a row was lost or duplicated")
+    counts = {r["thumbnail_status"]: r["count"] for r in
+              store.read(ref, "thumbnail").groupBy("thumbnail_status").count().collect()}
+    return {"files_in": rows_in, "rows_out": rows, "errors": counts.get("error", 0), "thumbnail_status": counts}
+
+
+# ------------------------------------------------------------------ publish
+def studies_sql(source: str) -> str:
+    return f"""
+SELECT study_instance_uid, first(patient_id, true) AS patient_id, min(study_date) AS study_date,
+       first(study_description, true) AS study_description,
+       array_sort(collect_set(modality)) AS modalities,
+       count(DISTINCT series_instance_uid) AS series_count, count(*) AS instance_count,
+       sum(length) AS total_bytes
+FROM {source} WHERE study_instance_uid IS NOT NULL GROUP BY study_instance_uid"""
+
+
+def series_sql(source: str) -> str:
+    return f"""
+SELECT series_instance_uid, first(study_instance_uid, true) AS study_instance_uid,
+       first(patient_id, true) AS patient_id, first(modality, true) AS modality,
+       first(series_description, true) AS series_description, first(series_number, true) AS series_number,
+       count(*) AS instance_count, sum(length) AS total_bytes,
+       min_by(thumbnail, coalesce(instance_number, 2147483647)) AS thumbnail
+FROM {source} WHERE series_instance_uid IS NOT NULL GROUP BY series_instance_uid"""
+
+
+def run_publish(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
+    df, rows_in = _read_stage(store, p, "thumbnail", "thumbnail")
+    _check_run(df, p, rows_in, stage_ref(p, "thumbnail").name)
+    target = target_ref(p)
+    out = df.withColumn("ingested_at", F.current_timestamp())
+    mode = "overwrite" if p.mode == "overwrite" else "upsert"
+    meta = commit_metadata(p.run_id, p.as_dict(), "publish")
+    rows = store.write(out, target, mode, meta, step="publish")
+    if rows != rows_in:
+        raise StepError(f"publish read {rows_in} rows but wrote {rows}")
+    total = store.count(target)
+    derived = {}
+    view = f"dl_published_{p.run_id.replace('-', '_').replace('.', '_')}"
+    store.read(target).createOrReplaceTempView(view)
+    try:
+        for suffix, sql in (("studies", studies_sql), ("series", series_sql)):
+            derived[target.derived(suffix).name] = store.write_derived(target.derived(suffix), sql(view), meta)
+    finally:
+        spark.catalog.dropTempView(view)
+    if (conf.get("stage_retention") or "drop") == "drop":
+        for step in STAGES:
+            store.drop(stage_ref(p, step))
+    counts = _status_counts(store.read(target).select("status"))
+    return {"files_in": rows_in, "rows_out": rows, "table_rows": total, "errors": counts.get("error", 0),
+            "status": counts, "derived": derived, "mode": mode}
+
+
+STEP_FUNCS = {
+    "catalog": run_catalog,
+    "extract_meta": run_extract_meta,
+    "thumbnail": run_thumbnail,
+    "publish": run_publish,
+}

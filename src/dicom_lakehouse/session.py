@@ -1,0 +1,60 @@
+"""The one place that makes a SparkSession: local, spark-submit, a cluster, Spark Connect or Databricks."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from pyspark.sql import SparkSession
+
+
+def _under_launcher() -> bool:
+    """True when spark-submit or Databricks already chose the master; we must not override it."""
+    return bool(os.environ.get("PYSPARK_GATEWAY_PORT") or os.environ.get("DATABRICKS_RUNTIME_VERSION"))
+
+
+def get_spark(conf: dict, remote: str | None = None, app_name: str | None = None) -> SparkSession:
+    spark_conf = conf.get("spark", {})
+    remote = remote or spark_conf.get("remote")
+    builder = SparkSession.builder.appName(app_name or spark_conf.get("app_name", "dicom-lakehouse"))
+    if remote:
+        return builder.remote(remote).getOrCreate()
+    if not _under_launcher():
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        builder = builder.master(spark_conf.get("master", "local[*]"))
+        builder = builder.config("spark.driver.memory", spark_conf.get("driver_memory", "2g"))
+    for key, value in (spark_conf.get("conf") or {}).items():
+        builder = builder.config(key, str(value))
+    return builder.getOrCreate()
+
+
+def is_connect(spark) -> bool:
+    return type(spark).__module__.startswith("pyspark.sql.connect")
+
+
+def default_parallelism(spark) -> int:
+    if not is_connect(spark):
+        try:
+            return int(spark.sparkContext.defaultParallelism)
+        except Exception:  # noqa: BLE001 - some managed sessions hide the context
+            pass
+    return int(spark.conf.get("spark.default.parallelism", None) or os.cpu_count() or 2)
+
+
+def has_spark_delta(spark) -> bool:
+    """Whether Spark itself can read and write Delta (Databricks, or the Delta jars on the classpath)."""
+    if os.environ.get("DATABRICKS_RUNTIME_VERSION"):
+        return True
+    try:
+        ext = spark.conf.get("spark.sql.extensions", "") or ""
+    except Exception:  # noqa: BLE001
+        ext = ""
+    if "DeltaSparkSessionExtension" not in ext:
+        return False
+    if is_connect(spark):
+        return True
+    try:
+        spark._jvm.java.lang.Class.forName("io.delta.tables.DeltaTable")
+        return True
+    except Exception:  # noqa: BLE001
+        return False

@@ -1,0 +1,62 @@
+"""Opening a catalogued file for reading, wherever it lives: local, Databricks FUSE, a zip member.
+
+The one place that turns a `path` URI into a seekable binary stream, so that the
+per-file readers never load a whole file into memory.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from contextlib import contextmanager
+
+from .params import is_remote_path, local_path_of
+
+ARCHIVE_SEP = "!/"
+
+
+def split_member(path: str) -> tuple[str, str | None]:
+    """`a.zip!/dir/m.dcm` -> (`a.zip`, `dir/m.dcm`); a plain path -> (path, None)."""
+    if ARCHIVE_SEP in path:
+        archive, member = path.split(ARCHIVE_SEP, 1)
+        return archive, member
+    return path, None
+
+
+def _open_fs(path: str):
+    if is_remote_path(path) and not path.startswith("dbfs:/"):
+        try:
+            import fsspec  # optional: s3fs/adlfs/gcsfs give executors object-store access
+        except ImportError as e:
+            raise OSError(
+                f"cannot open {path}: reading object storage from Python needs fsspec with its backend "
+                "(pip install s3fs / adlfs / gcsfs), or a mounted path such as /Volumes or /dbfs"
+            ) from e
+        return fsspec.open(path, "rb").open()
+    return open(local_path_of(path), "rb", buffering=64 * 1024)
+
+
+@contextmanager
+def open_source(path: str):
+    """Yield a seekable binary stream for a file URI or a zip member."""
+    archive, member = split_member(path)
+    if member is None:
+        f = _open_fs(path)
+        try:
+            yield f
+        finally:
+            f.close()
+        return
+    outer = _open_fs(archive)
+    try:
+        with zipfile.ZipFile(outer) as zf:
+            info = zf.getinfo(member)
+            with zf.open(info) as m:
+                # ZipExtFile is seekable but re-inflates on backward seeks; DICOM headers are small,
+                # so members up to 64 MiB are buffered and larger ones are streamed.
+                if info.file_size <= 64 * 1024 * 1024:
+                    yield io.BytesIO(m.read(info.file_size + 1)[: info.file_size])
+                else:
+                    yield m
+    finally:
+        outer.close()

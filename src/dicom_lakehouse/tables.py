@@ -1,0 +1,333 @@
+"""Table I/O behind one interface, with two engines that write the same Delta protocol.
+
+* `SparkDeltaStore`: Spark's own Delta (`INSERT OVERWRITE`, `MERGE INTO`) on
+  `catalog.schema.table`, for Databricks or a cluster given the Delta jars.
+* `DeltaRsStore`: the embedded default. Spark writes Parquet files in parallel
+  into the table folder; delta-rs commits them once (overwrite) or merges them
+  (append = upsert). Rows never pass through the driver for an overwrite.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from . import schema as S
+from .params import IDENTIFIER
+from .session import has_spark_delta
+
+log = logging.getLogger(__name__)
+
+KEY = "path"
+COMMIT_RETRIES = 8
+# Words in the exceptions of delta-rs and Delta Spark that mean "another writer committed first".
+CONFLICT_WORDS = ("Concurrent", "CommitFailed", "conflict", "Conflict", "VersionAlreadyExists",
+                  "version already exists", "already exists")
+
+
+@dataclass(frozen=True)
+class TableRef:
+    catalog: str
+    schema: str
+    table: str
+
+    def __post_init__(self):
+        for part in (self.catalog, self.schema, self.table):
+            if not IDENTIFIER.match(part):
+                raise ValueError(f"unsafe identifier {part!r}")
+
+    def staged(self, step: str) -> TableRef:
+        return TableRef(self.catalog, self.schema, f"{self.table}__{step}")
+
+    def derived(self, suffix: str) -> TableRef:
+        return TableRef(self.catalog, self.schema, f"{self.table}_{suffix}")
+
+    @property
+    def name(self) -> str:
+        return f"{self.catalog}.{self.schema}.{self.table}"
+
+    @property
+    def quoted(self) -> str:
+        return f"`{self.catalog}`.`{self.schema}`.`{self.table}`"
+
+
+class TableStore:
+    engine = "abstract"
+
+    def __init__(self, spark):
+        self.spark = spark
+
+    def exists(self, ref: TableRef) -> bool:
+        raise NotImplementedError
+
+    def read(self, ref: TableRef, step: str = "publish"):
+        """The table as a Spark DataFrame."""
+        raise NotImplementedError
+
+    def write(self, df, ref: TableRef, mode: str, metadata: dict, step: str = "publish") -> int:
+        """Write in one commit. mode: overwrite | upsert (on `path`). Returns rows written."""
+        raise NotImplementedError
+
+    def drop(self, ref: TableRef) -> None:
+        raise NotImplementedError
+
+    def history(self, ref: TableRef) -> list[dict]:
+        raise NotImplementedError
+
+    def count(self, ref: TableRef) -> int:
+        raise NotImplementedError
+
+    def write_derived(self, ref: TableRef, select_sql: str, metadata: dict) -> str:
+        """Create or refresh a derived view/table over the published table; returns its kind."""
+        raise NotImplementedError
+
+
+def commit_metadata(run_id: str, params: dict, step: str) -> dict:
+    return {
+        "dicom_lakehouse.run_id": run_id,
+        "dicom_lakehouse.step": step,
+        "dicom_lakehouse.params": json.dumps(params, sort_keys=True, default=str),
+    }
+
+
+def _retry(what: str, fn):
+    """Delta's optimistic concurrency: a conflicting commit is retried with backoff."""
+    delay = 0.2
+    for attempt in range(1, COMMIT_RETRIES + 1):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - engine-specific conflict classes
+            text = f"{type(e).__name__}: {e}"
+            conflict = any(w in text for w in CONFLICT_WORDS)
+            if not conflict or attempt == COMMIT_RETRIES:
+                raise
+            log.warning("%s: commit conflict (attempt %d), retrying: %s", what, attempt, text[:200])
+            time.sleep(delay)
+            delay = min(delay * 2, 5)
+
+
+class DeltaRsStore(TableStore):
+    engine = "delta-rs"
+
+    def __init__(self, spark, warehouse: str | os.PathLike):
+        super().__init__(spark)
+        self.warehouse = Path(warehouse)
+
+    def location(self, ref: TableRef) -> Path:
+        return self.warehouse / ref.catalog / ref.schema / ref.table
+
+    def exists(self, ref: TableRef) -> bool:
+        from deltalake import DeltaTable
+
+        return DeltaTable.is_deltatable(str(self.location(ref)))
+
+    def _table(self, ref: TableRef):
+        from deltalake import DeltaTable
+
+        return DeltaTable(str(self.location(ref)))
+
+    def read(self, ref: TableRef, step: str = "publish"):
+        files = self._table(ref).file_uris()
+        sch = S.spark_schema(step)
+        if not files:
+            return self.spark.createDataFrame([], sch)
+        return self.spark.read.schema(sch).parquet(*files)
+
+    def count(self, ref: TableRef) -> int:
+        return int(self._table(ref).count())
+
+    def _spark_write(self, df, folder: Path) -> list[Path]:
+        df.write.mode("overwrite").parquet(folder.as_uri())
+        return sorted(folder.glob("*.parquet"))
+
+    @staticmethod
+    def _add_actions(root: Path, files: list[Path]):
+        from deltalake.transaction import AddAction
+
+        adds, rows = [], 0
+        for f in files:
+            n = pq.read_metadata(f).num_rows
+            rows += n
+            st = f.stat()
+            adds.append(
+                AddAction(
+                    path=f.relative_to(root).as_posix(),
+                    size=st.st_size,
+                    partition_values={},
+                    modification_time=int(st.st_mtime * 1000),
+                    data_change=True,
+                    stats=json.dumps({"numRecords": n}),
+                )
+            )
+        return adds, rows
+
+    def write(self, df, ref: TableRef, mode: str, metadata: dict, step: str = "publish") -> int:
+        from deltalake import CommitProperties, DeltaTable, Schema
+        from deltalake.transaction import create_table_with_add_actions
+
+        root = self.location(ref)
+        root.mkdir(parents=True, exist_ok=True)
+        cols = S.column_names(step)
+        df = df.select(*cols)
+        arrow_schema = S.arrow_schema(step)
+        delta_schema = Schema.from_arrow(arrow_schema)
+        props = CommitProperties(custom_metadata=metadata)
+        if mode == "upsert" and self.exists(ref):
+            incoming = root / "_incoming" / uuid.uuid4().hex
+            try:
+                files = self._spark_write(df, incoming)
+                if not files:
+                    return 0
+                rows = sum(pq.read_metadata(f).num_rows for f in files)
+
+                def merge():
+                    source = pads.dataset([str(f) for f in files], schema=arrow_schema).to_batches()
+                    import pyarrow as pa
+
+                    reader = pa.RecordBatchReader.from_batches(arrow_schema, source)
+                    return (
+                        DeltaTable(str(root))
+                        .merge(reader, predicate=f"t.{KEY} = s.{KEY}", source_alias="s", target_alias="t",
+                               commit_properties=props)
+                        .when_matched_update_all()
+                        .when_not_matched_insert_all()
+                        .execute()
+                    )
+
+                stats = _retry(f"merge into {ref.name}", merge)
+                log.info("merge into %s: %s", ref.name, {k: stats.get(k) for k in
+                         ("num_target_rows_inserted", "num_target_rows_updated", "num_source_rows")})
+                return rows
+            finally:
+                shutil.rmtree(incoming, ignore_errors=True)
+        data_dir = root / "data" / f"{metadata.get('dicom_lakehouse.run_id', 'run')}-{uuid.uuid4().hex[:12]}"
+        files = self._spark_write(df, data_dir)
+        adds, rows = self._add_actions(root, files)
+
+        def commit():
+            if self.exists(ref):
+                DeltaTable(str(root)).create_write_transaction(
+                    adds, mode="overwrite", schema=delta_schema, commit_properties=props
+                )
+            else:
+                create_table_with_add_actions(
+                    str(root), delta_schema, adds, mode="overwrite", name=ref.table,
+                    description=S.TABLE_COMMENT, configuration=S.TABLE_PROPERTIES, commit_properties=props,
+                )
+
+        _retry(f"overwrite {ref.name}", commit)
+        return rows
+
+    def drop(self, ref: TableRef) -> None:
+        shutil.rmtree(self.location(ref), ignore_errors=True)
+
+    def history(self, ref: TableRef) -> list[dict]:
+        return self._table(ref).history()
+
+    def write_derived(self, ref: TableRef, select_sql: str, metadata: dict) -> str:
+        """delta-rs has no views: a small table, refreshed by each publish."""
+        from deltalake import CommitProperties, write_deltalake
+
+        arrow = self.spark.sql(select_sql).toArrow()
+        _retry(
+            f"refresh {ref.name}",
+            lambda: write_deltalake(
+                str(self.location(ref)), arrow, mode="overwrite", schema_mode="overwrite",
+                commit_properties=CommitProperties(custom_metadata=metadata),
+            ),
+        )
+        return "table"
+
+
+class SparkDeltaStore(TableStore):
+    engine = "spark"
+
+    def exists(self, ref: TableRef) -> bool:
+        return bool(self.spark.catalog.tableExists(ref.name))
+
+    def read(self, ref: TableRef, step: str = "publish"):
+        return self.spark.table(ref.quoted)
+
+    def count(self, ref: TableRef) -> int:
+        return int(self.spark.table(ref.quoted).count())
+
+    def _with_metadata(self, metadata: dict, fn):
+        key = "spark.databricks.delta.commitInfo.userMetadata"
+        self.spark.conf.set(key, json.dumps(metadata, sort_keys=True))
+        try:
+            return fn()
+        finally:
+            self.spark.conf.unset(key)
+
+    def write(self, df, ref: TableRef, mode: str, metadata: dict, step: str = "publish") -> int:
+        cols = S.column_names(step)
+        df = df.select(*cols)
+        self.spark.sql(create_table_sql(ref, step))
+        view = f"dl_src_{uuid.uuid4().hex[:12]}"
+        df.createOrReplaceTempView(view)
+        try:
+            if mode == "upsert":
+                stmt = merge_sql(ref, view, cols)
+            else:
+                stmt = insert_overwrite_sql(ref, view, cols)
+            self._with_metadata(metadata, lambda: _retry(f"{mode} {ref.name}", lambda: self.spark.sql(stmt)))
+            return int(self.spark.table(view).count())
+        finally:
+            self.spark.catalog.dropTempView(view)
+
+    def drop(self, ref: TableRef) -> None:
+        self.spark.sql(f"DROP TABLE IF EXISTS {ref.quoted}")
+
+    def history(self, ref: TableRef) -> list[dict]:
+        return [r.asDict() for r in self.spark.sql(f"DESCRIBE HISTORY {ref.quoted}").collect()]
+
+    def write_derived(self, ref: TableRef, select_sql: str, metadata: dict) -> str:
+        self.spark.sql(f"CREATE OR REPLACE VIEW {ref.quoted} AS {select_sql}")
+        return "view"
+
+
+def create_table_sql(ref: TableRef, step: str = "publish") -> str:
+    props = ", ".join(f"{S.sql_string(k)} = {S.sql_string(v)}" for k, v in S.TABLE_PROPERTIES.items())
+    return (
+        f"CREATE TABLE IF NOT EXISTS {ref.quoted} (\n  {S.ddl(step)}\n) USING DELTA\n"
+        f"COMMENT {S.sql_string(S.TABLE_COMMENT)}\nTBLPROPERTIES ({props})"
+    )
+
+
+def merge_sql(ref: TableRef, source_view: str, columns: list[str]) -> str:
+    sets = ", ".join(f"t.`{c}` = s.`{c}`" for c in columns)
+    names = ", ".join(f"`{c}`" for c in columns)
+    values = ", ".join(f"s.`{c}`" for c in columns)
+    return (
+        f"MERGE INTO {ref.quoted} AS t USING `{source_view}` AS s ON t.`{KEY}` = s.`{KEY}`\n"
+        f"WHEN MATCHED THEN UPDATE SET {sets}\n"
+        f"WHEN NOT MATCHED THEN INSERT ({names}) VALUES ({values})"
+    )
+
+
+def insert_overwrite_sql(ref: TableRef, source_view: str, columns: list[str]) -> str:
+    names = ", ".join(f"`{c}`" for c in columns)
+    return f"INSERT OVERWRITE TABLE {ref.quoted} ({names}) SELECT {names} FROM `{source_view}`"
+
+
+def open_store(spark, conf: dict, warehouse: str | None = None) -> TableStore:
+    """Choose the engine from conf `table_engine`: auto | spark | delta-rs."""
+    from .config import warehouse_dir
+
+    engine = conf.get("table_engine", "auto")
+    if engine == "auto":
+        engine = "spark" if has_spark_delta(spark) else "delta-rs"
+    if engine == "spark":
+        return SparkDeltaStore(spark)
+    if engine == "delta-rs":
+        return DeltaRsStore(spark, warehouse_dir(conf, warehouse))
+    raise ValueError(f"table_engine {engine!r} in conf/ is not one of auto, spark, delta-rs")

@@ -1,0 +1,61 @@
+"""Shared entry point of the four task scripts: parameters, conf, session, store, step, log."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+
+from .config import ConfigError, load_conf
+from .params import ParameterError, parse_args, validate
+
+log = logging.getLogger("dicom_lakehouse")
+RESULT_MARK = "DICOM_LAKEHOUSE_RESULT "
+
+
+def setup_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("DICOM_LAKEHOUSE_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("py4j", "pyspark"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_task(step: str, argv: list[str] | None = None) -> int:
+    from .pipeline import STEP_FUNCS, StepError
+
+    setup_logging()
+    raw, conf_dir = parse_args(argv)
+    try:
+        conf = load_conf(raw.get("target") or "local", conf_dir)
+        params = validate(raw, (conf.get("listing") or {}).get("allowed_roots"))
+    except (ParameterError, ConfigError) as e:
+        log.error("%s: invalid parameters, nothing was done: %s", step, e)
+        return 2
+    from .session import get_spark
+    from .tables import open_store
+
+    t0 = time.time()
+    spark = get_spark(conf, params.remote, app_name=f"dicom-lakehouse:{step}")
+    startup = time.time() - t0
+    store = open_store(spark, conf, params.warehouse)
+    log.info("%s: run %s on %s -> %s (engine %s, mode %s)", step, params.run_id, params.path, params.full_name,
+             store.engine, params.mode)
+    t1 = time.time()
+    try:
+        stats = STEP_FUNCS[step](spark, store, params, conf)
+    except StepError as e:
+        log.error("%s failed: %s", step, e)
+        return 1
+    stats.update(step=step, run_id=params.run_id, seconds=round(time.time() - t1, 2),
+                 spark_startup_seconds=round(startup, 2), engine=store.engine)
+    log.info("%s done: files in %s, rows out %s, errors %s, %.1f s", step, stats.get("files_in"),
+             stats.get("rows_out"), stats.get("errors"), stats["seconds"])
+    print(RESULT_MARK + json.dumps(stats, default=str, sort_keys=True), flush=True)
+    if not os.environ.get("DATABRICKS_RUNTIME_VERSION"):
+        spark.stop()
+    return 0

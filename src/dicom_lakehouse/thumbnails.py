@@ -1,0 +1,196 @@
+"""One DICOM file -> a PNG thumbnail that looks the way a DICOM viewer shows the image.
+
+Order: decode one frame (the middle one) -> Modality LUT -> VOI LUT or window
+(else robust min-max) -> invert MONOCHROME1 -> colour to RGB -> 8 bits -> fit
+into N x N keeping the physical aspect ratio.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+from pydicom import Dataset, dcmread
+from pydicom.pixels import pixel_array
+from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
+
+from .dicom_meta import _short
+
+
+@dataclass
+class Thumbnail:
+    status: str
+    png: bytes | None = None
+    width: int | None = None
+    height: int | None = None
+    error: str | None = None
+
+
+class TooLarge(Exception):
+    pass
+
+
+def declared_frame_bytes(rows, columns, samples, bits_allocated) -> int:
+    return int(rows or 0) * int(columns or 0) * int(samples or 1) * max(1, math.ceil(int(bits_allocated or 8) / 8))
+
+
+def _first(value):
+    if value is None:
+        return None
+    try:
+        return float(value[0]) if not isinstance(value, str | bytes) and hasattr(value, "__len__") else float(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def window(arr: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """Window to [0, 1] per PS3.3 C.11.2.1.2."""
+    x = arr.astype(np.float64, copy=False)
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
+    if function == "LINEAR_EXACT":
+        return np.clip((x - center) / width + 0.5, 0.0, 1.0)
+    return np.clip((x - (center - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0)
+
+
+def robust_range(arr: np.ndarray) -> np.ndarray:
+    """Min-max scaling that ignores the outer 0.5% at each end."""
+    x = arr.astype(np.float64, copy=False)
+    lo, hi = np.percentile(x, [0.5, 99.5]) if x.size > 64 else (x.min(), x.max())
+    if hi <= lo:
+        lo, hi = float(x.min()), float(x.max())
+    if hi <= lo:
+        return np.zeros_like(x)
+    return np.clip((x - lo) / (hi - lo), 0.0, 1.0)
+
+
+def render_grey(arr: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Monochrome frame -> [0, 1] floats: Modality LUT, VOI (sequence, window, or robust range), MONOCHROME1."""
+    x = apply_modality_lut(arr, ds)
+    voi_seq = ds.get("VOILUTSequence")
+    center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+    if voi_seq:
+        y = apply_voi_lut(x, ds, index=0, prefer_lut=True).astype(np.float64)
+        bits = int(voi_seq[0].LUTDescriptor[2]) if "LUTDescriptor" in voi_seq[0] else 16
+        top = float(2**bits - 1)
+        out = np.clip(y / top, 0.0, 1.0) if top > 0 else robust_range(y)
+    elif center is not None and width is not None and width >= 1:
+        func = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+        out = window(x, center, width, func)
+    else:
+        out = robust_range(x)
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+        out = 1.0 - out
+    return out
+
+
+def to_uint8(arr: np.ndarray, ds: Dataset) -> np.ndarray:
+    pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if pi == "PALETTE COLOR":
+        rgb = apply_color_lut(arr, ds)
+        top = float(np.iinfo(rgb.dtype).max) if rgb.dtype.kind in "ui" else 1.0
+        if rgb.dtype.kind in "ui" and rgb.max() <= 255:
+            top = 255.0
+        return np.clip(rgb.astype(np.float64) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    if arr.ndim == 3:
+        # pixel_array already converted YBR to RGB (as_rgb=True).
+        if arr.dtype == np.uint8:
+            return arr
+        bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 8)
+        return np.clip(arr.astype(np.float64) / (2**bits - 1) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return np.clip(render_grey(arr, ds) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def display_size(rows: int, columns: int, ds: Dataset, size: int) -> tuple[int, int]:
+    """(width, height) that fits in size x size, keeping the physical aspect ratio; never upscales."""
+    row_sp, col_sp = 1.0, 1.0
+    par = ds.get("PixelAspectRatio")
+    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    try:
+        if par and len(par) == 2 and float(par[0]) > 0 and float(par[1]) > 0:
+            row_sp, col_sp = float(par[0]), float(par[1])
+        elif spacing and len(spacing) == 2 and float(spacing[0]) > 0 and float(spacing[1]) > 0:
+            row_sp, col_sp = float(spacing[0]), float(spacing[1])
+    except (TypeError, ValueError):
+        pass
+    unit = min(row_sp, col_sp)
+    w, h = columns * col_sp / unit, rows * row_sp / unit
+    scale = min(1.0, size / max(w, h))
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def encode_png(img8: np.ndarray, width: int, height: int, compress_level: int = 3) -> bytes:
+    im = Image.fromarray(img8)
+    if im.size != (width, height):
+        im = im.resize((width, height), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def decode_frame(fp, index: int | None) -> tuple[Dataset, np.ndarray]:
+    """Decode one frame straight from the file; fall back to a full read where the
+    streaming path cannot work (deflated data sets, some odd encapsulations)."""
+    start = fp.tell()
+    ds = Dataset()
+    try:
+        return ds, pixel_array(fp, ds_out=ds, index=index)
+    except (MemoryError, TooLarge):
+        raise
+    except Exception as first:  # noqa: BLE001
+        fp.seek(start)
+        try:
+            full = dcmread(fp)
+            return full, pixel_array(full, index=index)
+        except Exception:  # noqa: BLE001 - report the streaming path's reason
+            raise first from None
+
+
+def render(
+    fp,
+    size: int = 256,
+    max_frame_bytes: int = 512 * 2**20,
+    declared: dict | None = None,
+    compress_level: int = 3,
+) -> Thumbnail:
+    """The per-file work of the thumbnail task. Never raises for bad input: returns a status.
+
+    `declared` (rows, columns, samples_per_pixel, bits_allocated, number_of_frames)
+    comes from extract-meta, so the budget is checked before anything is decoded.
+    """
+    try:
+        if declared is not None:
+            need = declared_frame_bytes(
+                declared.get("rows"), declared.get("columns"),
+                declared.get("samples_per_pixel"), declared.get("bits_allocated"),
+            )
+            if need > max_frame_bytes:
+                return Thumbnail("skipped_too_large", error=f"frame declares {need} bytes, budget is {max_frame_bytes}")
+            frames = int(declared.get("number_of_frames") or 1)
+        else:
+            from .dicom_meta import read_header
+
+            pos = fp.tell()
+            hdr, has_pixels = read_header(fp)
+            fp.seek(pos)
+            if not has_pixels:
+                return Thumbnail("no_pixels")
+            need = declared_frame_bytes(hdr.get("Rows"), hdr.get("Columns"), hdr.get("SamplesPerPixel"),
+                                        hdr.get("BitsAllocated"))
+            if need > max_frame_bytes:
+                return Thumbnail("skipped_too_large", error=f"frame declares {need} bytes, budget is {max_frame_bytes}")
+            frames = int(hdr.get("NumberOfFrames") or 1)
+        ds, arr = decode_frame(fp, max(0, (frames - 1) // 2) if frames > 1 else None)
+        if arr.ndim == 4 or (arr.ndim == 3 and int(ds.get("SamplesPerPixel", 1)) == 1):
+            arr = arr[len(arr) // 2]
+        img8 = to_uint8(arr, ds)
+        rows, columns = img8.shape[:2]
+        width, height = display_size(rows, columns, ds, size)
+        return Thumbnail("ok", encode_png(img8, width, height, compress_level), width, height)
+    except MemoryError:
+        return Thumbnail("error", error="pixel data does not fit in memory")
+    except Exception as e:  # noqa: BLE001 - malformed pixel data is a status, never a failed task
+        return Thumbnail("error", error=f"{type(e).__name__}: {_short(e, 300)}")

@@ -1,0 +1,8 @@
+"""Task 'publish' of the dicom-lakehouse job (see jobs/dicom_lakehouse.job.yml)."""
+
+import sys
+
+from dicom_lakehouse.taskmain import run_task
+
+if __name__ == "__main__":
+    sys.exit(run_task("publish", sys.argv[1:]))
