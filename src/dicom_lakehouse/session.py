@@ -21,6 +21,7 @@ def get_spark(conf: dict, remote: str | None = None, app_name: str | None = None
         return builder.remote(remote).getOrCreate()
     if not _under_launcher():
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        os.environ.setdefault("SPARK_LOCAL_IP", spark_conf.get("local_ip", "127.0.0.1"))
         builder = builder.master(spark_conf.get("master", "local[*]"))
         builder = builder.config("spark.driver.memory", spark_conf.get("driver_memory", "2g"))
     for key, value in (spark_conf.get("conf") or {}).items():

@@ -1,0 +1,159 @@
+"""`python RUNME.py`: resolve the bundle for a target, create or update the job, run it, query it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .bundle import BundleError, resolve
+from .config import ConfigError, load_conf, repo_root, warehouse_dir
+from .params import ParameterError
+
+DEFAULT_SAMPLE = "sample_data"
+SUMMARY_SQL = ("SELECT modality, status, thumbnail_status, count(*) AS files "
+               "FROM {table} GROUP BY modality, status, thumbnail_status ORDER BY modality, status")
+
+
+def _pairs(items: tuple[str, ...], what: str) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint=what)
+        k, v = item.split("=", 1)
+        out[k.strip()] = v
+    return out
+
+
+def _is_local_target(resolved) -> bool:
+    return not (resolved.workspace or {}).get("host") or resolved.target in ("local", "cluster")
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--target", "-t", default=None, help="Bundle target: local (default), cluster, dev, prod.")
+@click.option("--run", "do_run", is_flag=True, help="Run the job after creating or updating it.")
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="Override a job parameter.")
+@click.option("--var", "variables", multiple=True, metavar="NAME=VALUE", help="Override a bundle variable.")
+@click.option("--warehouse", default=None, help="Local warehouse folder (overrides conf/).")
+@click.option("--master", default=None, help="Spark master for the local runner, e.g. spark://127.0.0.1:7077.")
+@click.option("--profile", default=None, help="Databricks config profile (~/.databrickscfg).")
+@click.pass_context
+def main(ctx, target, do_run, params, variables, warehouse, master, profile):
+    """Create or update the dicom-lakehouse job for TARGET, and run it with --run."""
+    ctx.ensure_object(dict)
+    ctx.obj.update(target=target, warehouse=warehouse)
+    if ctx.invoked_subcommand is not None:
+        return
+    try:
+        resolved = resolve(target, variables=_pairs(variables, "--var"))
+        if _is_local_target(resolved):
+            code = _local(resolved, do_run, _pairs(params, "--param"), warehouse, master)
+        else:
+            from .deploy import deploy_and_run
+
+            code = deploy_and_run(resolved, do_run, _pairs(params, "--param"), profile, echo=click.echo)
+    except (BundleError, ConfigError, ParameterError) as e:
+        click.echo(f"error: {e}", err=True)
+        code = 2
+    sys.exit(code)
+
+
+def _local(resolved, do_run: bool, params: dict, warehouse: str | None, master: str | None) -> int:
+    from .runner import run_job
+
+    conf = load_conf(resolved.variables.get("target_conf", resolved.target))
+    build = repo_root() / conf.get("build_dir", "build") / resolved.target
+    build.mkdir(parents=True, exist_ok=True)
+    code = 0
+    for key, settings in resolved.jobs.items():
+        out = build / f"{key}.job.json"
+        out.write_text(json.dumps(settings, indent=2))
+        click.echo(f"job {settings['name']!r}: settings written to {out}")
+        if do_run:
+            py_files = None
+            if (master or conf["spark"].get("master", "")).startswith("spark://"):
+                from .shipping import build_py_files
+
+                py_files = str(build_py_files(build))
+            rec = run_job(settings, conf, target=resolved.target, job_key=key, root=resolved.bundle.root,
+                          build_dir=build, overrides=params, warehouse=warehouse, master=master, echo=click.echo,
+                          py_files=py_files)
+            if rec.status != "SUCCESS":
+                click.echo(f"task {rec.failed_task} failed; last lines of its log:\n{rec.message}", err=True)
+                code = 1
+    return code
+
+
+@main.command()
+@click.option("--dest", default=DEFAULT_SAMPLE, show_default=True, help="Folder to copy the sample files into.")
+def sample(dest):
+    """Copy real sample DICOM files that pydicom ships (no network) into DEST."""
+    from .sample_data import make_sample
+
+    dest_path = Path(dest) if Path(dest).is_absolute() else repo_root() / dest
+    files = make_sample(dest_path)
+    click.echo(f"{len(files)} sample files in {dest_path}")
+
+
+@main.command()
+@click.argument("query")
+@click.option("--limit", default=50, show_default=True, help="Rows to show.")
+@click.option("--json", "as_json", is_flag=True, help="Print rows as JSON lines.")
+@click.pass_context
+def sql(ctx, query, limit, as_json):
+    """Run QUERY (Spark SQL with three-part names) on the local warehouse."""
+    from .localsql import run_sql
+    from .session import get_spark
+
+    conf = load_conf(ctx.obj.get("target") or "local")
+    spark = get_spark(conf, app_name="dicom-lakehouse:sql")
+    spark.sparkContext.setLogLevel("ERROR")
+    df = run_sql(spark, warehouse_dir(conf, ctx.obj.get("warehouse")), query)
+    if as_json:
+        for row in df.limit(limit).collect():
+            click.echo(json.dumps(row.asDict(recursive=True), default=str))
+    else:
+        df.show(limit, truncate=60)
+    spark.stop()
+
+
+@main.command()
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="Override a job parameter.")
+@click.pass_context
+def demo(ctx, params):
+    """Copy the sample data, run the job on it (overwrite), and print a summary query."""
+    from .sample_data import make_sample
+
+    files = make_sample(repo_root() / DEFAULT_SAMPLE)
+    click.echo(f"{len(files)} sample files in {repo_root() / DEFAULT_SAMPLE}")
+    overrides = {"mode": "overwrite", **_pairs(params, "--param")}
+    try:
+        resolved = resolve("local")
+        code = _local(resolved, True, overrides, ctx.obj.get("warehouse"), None)
+    except (BundleError, ConfigError, ParameterError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    if code:
+        sys.exit(code)
+    v = resolved.variables
+    table = f"{overrides.get('catalog', v['catalog'])}.{overrides.get('schema', v['schema'])}.{overrides.get('table', v['table'])}"
+    click.echo(f"\n{SUMMARY_SQL.format(table=table)}")
+    ctx.invoke(sql, query=SUMMARY_SQL.format(table=table), limit=50, as_json=False)
+
+
+@main.command()
+def validate():
+    """Check bundle.yml and its includes against the Databricks bundle schema."""
+    from .bundle import merged_document, schema_errors
+
+    schema = repo_root().parent / "shared" / "schemas" / "databricks-bundle.schema.json"
+    if not schema.exists():
+        click.echo(f"schema not found at {schema}", err=True)
+        sys.exit(2)
+    errors = schema_errors(merged_document(), schema)
+    for e in errors:
+        click.echo(e, err=True)
+    click.echo("bundle is valid" if not errors else f"{len(errors)} schema errors")
+    sys.exit(1 if errors else 0)

@@ -1,0 +1,194 @@
+"""The local runner: executes the resolved job settings, each task its own `spark-submit`.
+
+It honours depends_on, max_retries, min_retry_interval_millis and timeout_seconds
+from the job spec, and records every attempt (run id, task, attempt, status,
+seconds, log file) in `<build>/runs/<run_id>/run.json`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import secrets
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .bundle import task_order
+from .params import ParameterError, validate
+from .taskmain import RESULT_MARK
+
+PARAM_REF = re.compile(r"\{\{\s*job\.parameters\.([A-Za-z0-9_]+)\s*\}\}")
+RUN_ID_REF = re.compile(r"\{\{\s*job\.run_id\s*\}\}")
+
+
+@dataclass
+class Attempt:
+    task: str
+    attempt: int
+    status: str
+    seconds: float
+    log: str
+    result: dict | None = None
+    exit_code: int | None = None
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    job: str
+    target: str
+    parameters: dict
+    status: str = "RUNNING"
+    started: str = ""
+    seconds: float = 0.0
+    attempts: list = field(default_factory=list)
+    failed_task: str | None = None
+    message: str | None = None
+
+    def save(self, folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        out = folder / "run.json"
+        out.write_text(json.dumps(asdict(self), indent=2, default=str))
+        return out
+
+
+def new_run_id() -> str:
+    return f"local-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def job_parameters(settings: dict, overrides: dict, root: Path) -> dict:
+    """Job parameter defaults from the spec, overridden from the command line, `path` made absolute."""
+    values = {p["name"]: p.get("default", "") for p in settings.get("parameters") or []}
+    for k, v in overrides.items():
+        if k not in values:
+            raise ParameterError(f"unknown job parameter {k!r}: the job declares {', '.join(values)}")
+        values[k] = v
+    path = values.get("path", "")
+    if path and "://" not in path and not path.startswith(("/", "file:", "dbfs:")):
+        values["path"] = str((root / path).resolve())
+    return values
+
+
+def task_argv(task: dict, values: dict, run_id: str) -> list[str]:
+    def sub(s: str) -> str:
+        s = RUN_ID_REF.sub(run_id, s)
+        return PARAM_REF.sub(lambda m: str(values.get(m.group(1), "")), s)
+
+    return [sub(str(a)) for a in task["spark_python_task"].get("parameters") or []]
+
+
+def spark_submit_cmd(conf: dict, master: str, python_file: str, argv: list[str], name: str,
+                     py_files: str | None = None) -> list[str]:
+    import pyspark
+
+    spark_conf = conf.get("spark") or {}
+    cmd = [str(Path(pyspark.__file__).parent / "bin" / "spark-submit"), "--master", master,
+           "--name", f"dicom-lakehouse:{name}", "--driver-memory", str(spark_conf.get("driver_memory", "2g"))]
+    for k, v in (spark_conf.get("conf") or {}).items():
+        cmd += ["--conf", f"{k}={v}"]
+    if py_files:
+        cmd += ["--py-files", py_files]
+    cmd += list((conf.get("runner") or {}).get("spark_submit_extra") or [])
+    return [*cmd, python_file, *argv]
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _result(path: Path) -> dict | None:
+    try:
+        for line in reversed(path.read_text(errors="replace").splitlines()):
+            if line.startswith(RESULT_MARK):
+                return json.loads(line[len(RESULT_MARK):])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def run_job(
+    settings: dict,
+    conf: dict,
+    *,
+    target: str,
+    job_key: str,
+    root: Path,
+    build_dir: Path,
+    overrides: dict | None = None,
+    warehouse: str | None = None,
+    master: str | None = None,
+    echo=print,
+    run_id: str | None = None,
+    py_files: str | None = None,
+) -> RunRecord:
+    values = job_parameters(settings, overrides or {}, root)
+    # Validate before any task starts: a bad parameter must not leave staged output behind.
+    validate({**values, "target": conf.get("target", target)}, (conf.get("listing") or {}).get("allowed_roots"))
+    run_id = run_id or new_run_id()
+    folder = build_dir / "runs" / run_id
+    folder.mkdir(parents=True, exist_ok=True)
+    record = RunRecord(run_id, settings.get("name", job_key), target, values,
+                       started=dt.datetime.now(dt.timezone.utc).isoformat())
+    master = master or (conf.get("spark") or {}).get("master", "local[*]")
+    env = dict(os.environ)
+    env.update(PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable,
+               DICOM_LAKEHOUSE_CONF_DIR=conf["conf_dir"])
+    env.setdefault("SPARK_LOCAL_IP", (conf.get("spark") or {}).get("local_ip", "127.0.0.1"))
+    if warehouse:
+        env["DICOM_LAKEHOUSE_WAREHOUSE"] = str(Path(warehouse).resolve())
+    t_job = time.time()
+    echo(f"run {run_id}: job {record.job} on {master}, parameters {json.dumps(values)}")
+    for task in task_order(settings):
+        key = task["task_key"]
+        argv = task_argv(task, values, run_id)
+        cmd = spark_submit_cmd(conf, master, task["spark_python_task"]["python_file"], argv, key, py_files)
+        retries = int(task.get("max_retries", 0) or 0)
+        timeout = int(task.get("timeout_seconds", 0) or 0) or None
+        pause = int(task.get("min_retry_interval_millis", 0) or 0) / 1000
+        ok = False
+        for attempt in range(1, retries + 2):
+            log_path = folder / f"{key}.{attempt}.log"
+            t0 = time.time()
+            echo(f"  [{key}] attempt {attempt} started")
+            with open(log_path, "wb") as log:
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(root),
+                                        start_new_session=True)
+                try:
+                    code = proc.wait(timeout=timeout)
+                    status = "SUCCESS" if code == 0 else "FAILED"
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, 9)
+                    proc.wait()
+                    code, status = None, "TIMEDOUT"
+            secs = round(time.time() - t0, 2)
+            res = _result(log_path)
+            record.attempts.append(Attempt(key, attempt, status, secs, str(log_path), res, code))
+            record.save(folder)
+            if status == "SUCCESS":
+                summary = ", ".join(f"{k} {res.get(k)}" for k in ("files_in", "rows_out", "errors")) if res else ""
+                echo(f"  [{key}] SUCCESS in {secs:.1f} s ({summary})")
+                ok = True
+                break
+            echo(f"  [{key}] {status} (exit {code}) after {secs:.1f} s; log {log_path}")
+            if code == 2:
+                break  # invalid parameters: a retry cannot help
+            if attempt <= retries:
+                time.sleep(pause)
+        if not ok:
+            record.status, record.failed_task = "FAILED", key
+            record.message = _tail(folder / f"{key}.{record.attempts[-1].attempt}.log")
+            break
+    else:
+        record.status = "SUCCESS"
+    record.seconds = round(time.time() - t_job, 2)
+    record.save(folder)
+    echo(f"run {run_id}: {record.status} in {record.seconds:.1f} s; record {folder / 'run.json'}")
+    return record
