@@ -183,7 +183,39 @@ def read_header(fp):
     ds = read_partial(fp, stop_when=stop, force=not preamble)
     if not preamble and not _looks_like_dicom(ds):
         raise InvalidDicomError("no DICM preamble and the content does not parse as a DICOM data set")
+    if preamble and "TransferSyntaxUID" not in getattr(ds, "file_meta", {}) and not _looks_like_dicom(ds):
+        raise CorruptDicom("DICM preamble present but neither the file meta nor the data set can be parsed")
     return ds, bool(seen)
+
+
+class CorruptDicom(ValueError):
+    """The file says it is DICOM but its content cannot be parsed."""
+
+
+def truncated_elements(ds) -> tuple[list[str], int]:
+    """Top-level elements whose value is shorter than its declared length (the file ends early),
+    and the stream offset where the last complete element ends."""
+    short, end = [], 0
+    for tag in list(ds.keys()):
+        raw = ds.get_item(tag)
+        length = getattr(raw, "length", None)
+        value = getattr(raw, "value", None)
+        tell = getattr(raw, "value_tell", None)
+        if length is not None and length != 0xFFFFFFFF and isinstance(value, bytes) and len(value) < length:
+            short.append(f"{int(tag):08X}")
+        elif tell is not None and length is not None and length != 0xFFFFFFFF:
+            end = max(end, tell + length)
+    return short, end
+
+
+def _trailing_bytes(fp, ds, end: int) -> int:
+    """Bytes left after the last element that pydicom could not read as an element (partial tag)."""
+    ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+    if ts == "1.2.840.10008.1.2.1.99" or end == 0:
+        return 0  # deflated: offsets are in the inflated stream
+    size = fp.seek(0, 2)
+    left = size - end
+    return left if 0 < left < 8 else 0
 
 
 def extract_header(fp, uri: str, bulk_data_threshold: int = 1024) -> HeaderResult:
@@ -192,6 +224,8 @@ def extract_header(fp, uri: str, bulk_data_threshold: int = 1024) -> HeaderResul
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ds, has_pixels = read_header(fp)
+            short, end = truncated_elements(ds)
+            trailing = _trailing_bytes(fp, ds, end) if not has_pixels and not short else 0
             conv = _Converter(uri, bulk_data_threshold)
             model = {}
             fm = getattr(ds, "file_meta", None)
@@ -206,6 +240,11 @@ def extract_header(fp, uri: str, bulk_data_threshold: int = 1024) -> HeaderResul
             cols["transfer_syntax_uid"] = str(ts)
         warns = conv.warnings + [f"pydicom: {_short(w.message)}" for w in caught if _relevant(w)]
         meta = json.dumps(model, separators=(",", ":"), ensure_ascii=False, default=str)
+        if short:
+            return HeaderResult("error", f"file is truncated: element {short[0]} is shorter than its declared length",
+                                meta, cols)
+        if trailing:
+            warns.append(f"{trailing} bytes after the last complete element: the file may be truncated")
         status = "ok_with_warnings" if warns else "ok"
         return HeaderResult(status, "; ".join(dict.fromkeys(warns))[:4000] or None, meta, cols)
     except InvalidDicomError as e:

@@ -1,0 +1,63 @@
+"""Shared fixtures: one SparkSession for the whole test session, real pydicom files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from pydicom.data import get_testdata_file
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMA = ROOT.parent / "shared" / "schemas" / "databricks-bundle.schema.json"
+
+
+def dicom_file(name: str) -> str:
+    path = get_testdata_file(name, download=False)
+    assert path is not None, f"pydicom does not ship {name}"
+    return path
+
+
+@pytest.fixture(scope="session")
+def conf():
+    from dicom_lakehouse.config import load_conf
+
+    c = load_conf("local")
+    c["spark"]["master"] = "local[2]"
+    c["spark"]["conf"]["spark.sql.shuffle.partitions"] = "2"
+    return c
+
+
+@pytest.fixture(scope="session")
+def spark(conf):
+    from dicom_lakehouse.session import get_spark
+
+    s = get_spark(conf, app_name="dicom-lakehouse-tests")
+    s.sparkContext.setLogLevel("ERROR")
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def sample_dir(tmp_path) -> Path:
+    from dicom_lakehouse.sample_data import make_sample
+
+    make_sample(tmp_path / "sample")
+    return tmp_path / "sample"
+
+
+def copy_dicom_files(dest: Path, names: list[str]) -> list[Path]:
+    dest.mkdir(parents=True, exist_ok=True)
+    out = []
+    for n in names:
+        p = dest / n
+        shutil.copyfile(dicom_file(n), p)
+        out.append(p)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _quiet_env(monkeypatch):
+    monkeypatch.setenv("SPARK_LOCAL_IP", "127.0.0.1")
+    os.environ.setdefault("PYARROW_IGNORE_TIMEZONE", "1")
