@@ -1,0 +1,150 @@
+"""The four steps in-process on one shared SparkSession, real files, real Delta tables."""
+
+import os
+import shutil
+import threading
+import time
+
+import pytest
+from conftest import dicom_file
+from deltalake import DeltaTable
+from pyspark.sql import functions as F
+
+from dicom_lakehouse.localsql import rewrite, run_sql
+from dicom_lakehouse.params import validate
+from dicom_lakehouse.pipeline import STEP_FUNCS, StepError, target_ref
+from dicom_lakehouse.tables import DeltaRsStore
+
+
+def params(path, mode, run_id, table="object_catalog"):
+    return validate({"path": str(path), "catalog": "main", "schema": "pixels", "table": table, "mode": mode,
+                     "run_id": run_id, "thumbnail_size": "128"})
+
+
+def run_all(spark, store, conf, p, steps=("catalog", "extract_meta", "thumbnail", "publish")):
+    return {s: STEP_FUNCS[s](spark, store, p, conf) for s in steps}
+
+
+def read(store, p):
+    return DeltaTable(str(store.location(target_ref(p)))).to_pyarrow_table()
+
+
+@pytest.fixture
+def store(spark, tmp_path):
+    return DeltaRsStore(spark, tmp_path / "wh")
+
+
+def test_overwrite_publishes_every_file_once(spark, store, conf, sample_dir):
+    p = params(sample_dir, "overwrite", "run1")
+    stats = run_all(spark, store, conf, p)
+    n_files = sum(1 for _ in sample_dir.rglob("*") if _.is_file())
+    assert stats["catalog"]["rows_out"] == n_files == 13
+    t = read(store, p)
+    assert t.num_rows == n_files
+    rows = {r["relative_path"]: r for r in t.to_pylist()}
+    ct = rows["ct/CT_small.dcm"]
+    assert (ct["modality"], ct["rows"], ct["columns"], ct["status"], ct["thumbnail_status"]) == ("CT", 128, 128, "ok", "ok")
+    assert ct["thumbnail"][:8] == b"\x89PNG\r\n\x1a\n" and max(ct["thumbnail_width"], ct["thumbnail_height"]) <= 128
+    assert rows["notes/README.txt"]["status"] == "not_dicom" and rows["notes/README.txt"]["thumbnail_status"] == "skipped"
+    assert rows["rt/rtplan.dcm"]["thumbnail_status"] == "no_pixels" and rows["rt/rtplan.dcm"]["thumbnail"] is None
+    assert rows["us/examples_ybr_color.dcm"]["number_of_frames"] == 30
+    # staged tables are dropped after a successful publish (stage_retention: drop)
+    assert sorted(os.listdir(store.warehouse / "main" / "pixels")) == [
+        "object_catalog", "object_catalog_series", "object_catalog_studies"]
+    # commit metadata says who wrote what
+    h = DeltaTable(str(store.location(target_ref(p)))).history(1)[0]
+    assert h["dicom_lakehouse.run_id"] == "run1" and '"mode": "overwrite"' in h["dicom_lakehouse.params"]
+    # a second overwrite gives the same rows
+    run_all(spark, store, conf, params(sample_dir, "overwrite", "run2"))
+    t2 = read(store, p)
+    assert sorted(t2.column("path").to_pylist()) == sorted(t.column("path").to_pylist())
+    assert set(t2.column("run_id").to_pylist()) == {"run2"}
+
+
+def test_append_is_incremental_and_upserts(spark, store, conf, sample_dir):
+    p = params(sample_dir, "append", "a1")
+    run_all(spark, store, conf, p)
+    first = read(store, p)
+    assert first.num_rows == 13
+    stats = run_all(spark, store, conf, params(sample_dir, "append", "a2"))
+    assert (stats["catalog"]["new"], stats["catalog"]["changed"], stats["catalog"]["unchanged"]) == (0, 0, 13)
+    assert stats["catalog"]["rows_out"] == 0 and stats["publish"]["rows_out"] == 0
+    assert read(store, p).num_rows == 13
+    # add 3 files, change 1
+    (sample_dir / "new").mkdir()
+    for n in ("MR_small_implicit.dcm", "SC_rgb_rle.dcm", "liver_1frame.dcm"):
+        shutil.copyfile(dicom_file(n), sample_dir / "new" / n)
+    changed = sample_dir / "mr" / "MR_small.dcm"
+    shutil.copyfile(dicom_file("MR_small_padded.dcm"), changed)
+    os.utime(changed, (time.time() + 5, time.time() + 5))
+    stats = run_all(spark, store, conf, params(sample_dir, "append", "a3"))
+    assert (stats["catalog"]["new"], stats["catalog"]["changed"], stats["catalog"]["unchanged"]) == (3, 1, 12)
+    t = read(store, p)
+    assert t.num_rows == 16
+    paths = t.column("path").to_pylist()
+    assert len(paths) == len(set(paths))
+    rows = {r["relative_path"]: r for r in t.to_pylist()}
+    assert rows["mr/MR_small.dcm"]["run_id"] == "a3" and rows["mr/MR_small.dcm"]["length"] == os.path.getsize(changed)
+    assert rows["ct/CT_small.dcm"]["run_id"] == "a1"
+    assert rows["new/SC_rgb_rle.dcm"]["run_id"] == "a3"
+
+
+def test_crash_before_publish_leaves_the_table_unchanged(spark, store, conf, sample_dir):
+    p = params(sample_dir, "overwrite", "c1")
+    run_all(spark, store, conf, p)
+    dt_before = DeltaTable(str(store.location(target_ref(p))))
+    version, rows_before = dt_before.version(), read(store, p).num_rows
+    (sample_dir / "extra.dcm").write_bytes(open(dicom_file("CT_small.dcm"), "rb").read())
+    run_all(spark, store, conf, params(sample_dir, "overwrite", "c2"), steps=("catalog", "extract_meta"))
+    dt_after = DeltaTable(str(store.location(target_ref(p))))
+    assert dt_after.version() == version and read(store, p).num_rows == rows_before
+    # the next task refuses a stage from another run instead of publishing a mix
+    with pytest.raises(StepError, match="run 'c2', not of this run 'c3'"):
+        STEP_FUNCS["thumbnail"](spark, store, params(sample_dir, "overwrite", "c3"), conf)
+    with pytest.raises(StepError, match="missing: run the 'thumbnail' task"):
+        STEP_FUNCS["publish"](spark, store, params(sample_dir, "overwrite", "c2"), conf)
+
+
+def test_derived_tables_and_local_sql(spark, store, conf, sample_dir):
+    p = params(sample_dir, "overwrite", "v1")
+    run_all(spark, store, conf, p)
+    studies = DeltaTable(str(store.location(target_ref(p).derived("studies")))).to_pyarrow_table().to_pylist()
+    series = DeltaTable(str(store.location(target_ref(p).derived("series")))).to_pyarrow_table().to_pylist()
+    by_uid = {s["study_instance_uid"]: s for s in studies}
+    ct = by_uid["1.3.6.1.4.1.5962.1.2.1.20040119072730.12322"]
+    assert (ct["patient_id"], ct["modalities"], ct["instance_count"], ct["series_count"]) == ("1CT1", ["CT"], 1, 1)
+    assert sum(s["instance_count"] for s in series) == 12  # every DICOM file
+    assert all(s["thumbnail"] is None or s["thumbnail"][:4] == b"\x89PNG" for s in series)
+    q = ("SELECT modality, count(*) AS n FROM main.pixels.object_catalog "
+         "WHERE get_json_object(meta, '$.00100010.Value[0].Alphabetic') = 'CompressedSamples^CT1' GROUP BY modality")
+    assert [tuple(r) for r in run_sql(spark, store.warehouse, q).collect()] == [("CT", 1)]
+    q = "SELECT count(*) FROM `main`.`pixels`.`object_catalog_series` WHERE modality = 'MR'"
+    assert run_sql(spark, store.warehouse, q).collect()[0][0] == 1
+    assert rewrite("SELECT * FROM a.b.c JOIN x.y.z", {"a.b.c": "v1"}) == "SELECT * FROM v1 JOIN x.y.z"
+
+
+def test_concurrent_publishes_stay_consistent(spark, store, conf, sample_dir):
+    p = params(sample_dir, "append", "k0")
+    run_all(spark, store, conf, p)
+    ref = target_ref(p)
+    base = store.read(ref).cache()
+    a = base.filter("modality = 'MR'").withColumn("run_id", F.lit("ka"))
+    b = base.filter("modality = 'US'").withColumn("run_id", F.lit("kb"))
+    errors = []
+
+    def upsert(df, rid):
+        try:
+            store.write(df, ref, "upsert", {"dicom_lakehouse.run_id": rid})
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=upsert, args=(a, "ka")), threading.Thread(target=upsert, args=(b, "kb"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    t = read(store, p)
+    assert t.num_rows == 13
+    runs = {r["relative_path"]: r["run_id"] for r in t.to_pylist()}
+    assert runs["mr/MR_small.dcm"] == "ka" and runs["us/examples_palette.dcm"] == "kb" and runs["ct/CT_small.dcm"] == "k0"
