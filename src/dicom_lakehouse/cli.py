@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -28,7 +29,8 @@ def _pairs(items: tuple[str, ...], what: str) -> dict:
 
 
 def _is_local_target(resolved) -> bool:
-    return not (resolved.workspace or {}).get("host") or resolved.target in ("local", "cluster")
+    conf = load_conf(resolved.variables.get("target_conf", resolved.target))
+    return (conf.get("runner") or {}).get("kind", "local") == "local"
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -47,13 +49,15 @@ def main(ctx, target, do_run, params, variables, warehouse, master, profile):
     if ctx.invoked_subcommand is not None:
         return
     try:
-        resolved = resolve(target, variables=_pairs(variables, "--var"))
+        var_values = _pairs(variables, "--var")
+        resolved = resolve(target, variables=var_values)
         if _is_local_target(resolved):
             code = _local(resolved, do_run, _pairs(params, "--param"), warehouse, master)
         else:
             from .deploy import deploy_and_run
 
-            code = deploy_and_run(resolved, do_run, _pairs(params, "--param"), profile, echo=click.echo)
+            code = deploy_and_run(resolved.target, var_values, do_run, _pairs(params, "--param"), profile,
+                                  echo=click.echo, poll_seconds=float(os.environ.get("DICOM_LAKEHOUSE_POLL_SECONDS", 10)))
     except (BundleError, ConfigError, ParameterError) as e:
         click.echo(f"error: {e}", err=True)
         code = 2

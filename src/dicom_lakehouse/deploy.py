@@ -1,0 +1,226 @@
+"""Deploy the resolved bundle to Databricks with databricks-sdk: upload, create-or-reset by name, run.
+
+Authentication is the SDK's own (environment variables, ~/.databrickscfg profiles,
+notebook context). The token is never printed or written anywhere by this module.
+"""
+
+from __future__ import annotations
+
+import base64
+import configparser
+import dataclasses
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .bundle import job_settings_roundtrip, resolve
+
+TERMINAL = {"TERMINATED", "SKIPPED", "INTERNAL_ERROR"}
+CREDENTIAL_VARS = ("DATABRICKS_TOKEN", "DATABRICKS_CLIENT_SECRET", "ARM_CLIENT_SECRET", "GOOGLE_CREDENTIALS",
+                   "DATABRICKS_PASSWORD")
+
+
+class DeployError(RuntimeError):
+    """Deployment cannot go on; the message says which setting is missing or what was refused."""
+
+
+def _profile_exists(profile: str) -> bool:
+    cfg = Path(os.environ.get("DATABRICKS_CONFIG_FILE", "~/.databrickscfg")).expanduser()
+    if not cfg.exists():
+        return False
+    parser = configparser.ConfigParser()
+    parser.read(cfg)
+    return profile in parser or (profile == "DEFAULT" and bool(parser.defaults()))
+
+
+def workspace_client(profile: str | None = None, host: str | None = None):
+    from databricks.sdk import WorkspaceClient
+
+    in_notebook = bool(os.environ.get("DATABRICKS_RUNTIME_VERSION"))
+    name = profile or os.environ.get("DATABRICKS_CONFIG_PROFILE") or "DEFAULT"
+    cfg = os.environ.get("DATABRICKS_CONFIG_FILE", "~/.databrickscfg")
+    has_profile = _profile_exists(name)
+    if not (in_notebook or has_profile):
+        if not (host or os.environ.get("DATABRICKS_HOST")):
+            raise DeployError(
+                f"DATABRICKS_HOST is not set and no profile {name!r} was found in {cfg}: set DATABRICKS_HOST "
+                "and DATABRICKS_TOKEN, or pass --profile NAME, or run `databricks auth login`.")
+        if not any(os.environ.get(v) for v in CREDENTIAL_VARS):
+            raise DeployError(
+                f"DATABRICKS_TOKEN is not set (nor DATABRICKS_CLIENT_ID/DATABRICKS_CLIENT_SECRET) and no profile "
+                f"{name!r} was found in {cfg}: set a token, or pass --profile NAME.")
+    try:
+        if profile:
+            return WorkspaceClient(profile=profile, host=host) if host else WorkspaceClient(profile=profile)
+        return WorkspaceClient(host=host) if host else WorkspaceClient()
+    except ValueError as e:
+        raise DeployError(f"Databricks authentication is not configured: {_scrub(str(e))}") from None
+
+
+def _scrub(text: str) -> str:
+    """Never let a credential reach a message."""
+    for var in ("DATABRICKS_TOKEN", "DATABRICKS_CLIENT_SECRET", "DATABRICKS_PASSWORD"):
+        secret = os.environ.get(var)
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _api_error(e: Exception, what: str) -> DeployError:
+    from databricks.sdk.errors import NotFound, PermissionDenied, Unauthenticated
+
+    if isinstance(e, Unauthenticated):
+        return DeployError(f"{what}: the workspace refused the credentials (401 unauthenticated): check "
+                           "DATABRICKS_TOKEN or the profile's token, and that it has not expired.")
+    if isinstance(e, PermissionDenied):
+        return DeployError(f"{what}: permission denied (403): the user needs CAN_MANAGE on the job and write "
+                           "access to the bundle folder.")
+    if isinstance(e, NotFound):
+        return DeployError(f"{what}: not found (404): {_scrub(str(e))}")
+    return DeployError(f"{what}: {type(e).__name__}: {_scrub(str(e))}")
+
+
+def build_wheel(root: Path, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("dicom_lakehouse-*.whl"):
+        old.unlink()
+    base = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir", str(out_dir), str(root)]
+    r = subprocess.run([*base, "--no-build-isolation"], capture_output=True, text=True)
+    if r.returncode != 0:
+        r = subprocess.run(base, capture_output=True, text=True)
+    wheels = sorted(out_dir.glob("dicom_lakehouse-*.whl"))
+    if r.returncode != 0 or not wheels:
+        raise DeployError(f"building the wheel failed: {r.stderr[-2000:]}")
+    return wheels[-1]
+
+
+def bundle_files(root: Path) -> list[Path]:
+    """What the job needs in the workspace besides the wheel: task scripts and conf."""
+    return sorted([*root.glob("tasks/*.py"), *root.glob("conf/*.yml")])
+
+
+def upload(w, root: Path, file_path: str, artifact_path: str, wheel: Path) -> str:
+    from databricks.sdk.service.workspace import ImportFormat
+
+    dirs = {f"{file_path}/{p.parent.relative_to(root).as_posix()}" for p in bundle_files(root)}
+    for d in sorted(dirs | {f"{artifact_path}/.internal"}):
+        w.workspace.mkdirs(d)
+    for p in bundle_files(root):
+        w.workspace.import_(f"{file_path}/{p.relative_to(root).as_posix()}",
+                            content=base64.b64encode(p.read_bytes()).decode(), format=ImportFormat.AUTO,
+                            overwrite=True)
+    remote_wheel = f"{artifact_path}/.internal/{wheel.name}"
+    w.workspace.import_(remote_wheel, content=base64.b64encode(wheel.read_bytes()).decode(),
+                        format=ImportFormat.AUTO, overwrite=True)
+    return remote_wheel
+
+
+def _set_wheel(settings: dict, remote_wheel: str) -> None:
+    for task in settings.get("tasks") or []:
+        for lib in task.get("libraries") or []:
+            if "whl" in lib:
+                lib["whl"] = remote_wheel
+
+
+def create_or_reset(w, settings: dict) -> tuple[int, str]:
+    """Find the job by name: reset it if it exists, else create it. Returns (job_id, 'created'|'updated')."""
+    js = job_settings_roundtrip(settings)
+    existing = [j for j in w.jobs.list(name=settings["name"]) if j.settings and j.settings.name == settings["name"]]
+    if len(existing) > 1:
+        raise DeployError(f"{len(existing)} jobs are named {settings['name']!r}; delete the extras first "
+                          f"(job ids {[j.job_id for j in existing]})")
+    if existing:
+        w.jobs.reset(existing[0].job_id, new_settings=js)
+        return existing[0].job_id, "updated"
+    kwargs = {f.name: getattr(js, f.name) for f in dataclasses.fields(js) if getattr(js, f.name) is not None}
+    return w.jobs.create(**kwargs).job_id, "created"
+
+
+def follow_run(w, run_id: int, echo, poll_seconds: float = 10.0, timeout_seconds: float = 6 * 3600):
+    """Print each task's state changes until the run ends; returns the final Run."""
+    seen: dict[str, str] = {}
+    deadline = time.time() + timeout_seconds
+    while True:
+        run = w.jobs.get_run(run_id)
+        if not seen and run.run_page_url:
+            echo(f"  run page: {run.run_page_url}")
+        for t in run.tasks or []:
+            st = t.state
+            label = st.life_cycle_state.value if st and st.life_cycle_state else "PENDING"
+            if st and st.result_state:
+                label += f" {st.result_state.value}"
+            if seen.get(t.task_key) != label:
+                seen[t.task_key] = label
+                echo(f"  [{t.task_key}] {label}")
+        life = run.state.life_cycle_state.value if run.state and run.state.life_cycle_state else ""
+        if life in TERMINAL:
+            return run
+        if time.time() > deadline:
+            raise DeployError(f"run {run_id} did not finish within {timeout_seconds} s")
+        time.sleep(poll_seconds)
+
+
+def deploy_and_run(target: str, variables: dict, do_run: bool, params: dict, profile: str | None, echo=print,
+                   poll_seconds: float = 10.0, root: Path | None = None) -> int:
+    """RUNME's Databricks path. Returns the process exit code."""
+    try:
+        resolved = resolve(target, root=root, variables=variables)
+        host = None if os.environ.get("DATABRICKS_HOST") else (resolved.workspace or {}).get("host")
+        w = workspace_client(profile, host)
+        try:
+            user = w.current_user.me().user_name
+        except Exception as e:  # noqa: BLE001
+            raise _api_error(e, "reading the current user") from None
+        root_path = (resolved.workspace or {}).get("root_path") or \
+            f"/Workspace/Users/{user}/.bundle/{resolved.bundle.name}/{resolved.target}"
+        file_path, artifact_path = f"{root_path}/files", f"{root_path}/artifacts"
+        resolved = resolve(target, root=root, variables=variables, user_name=user, file_path=file_path)
+        with tempfile.TemporaryDirectory() as tmp:
+            wheel = build_wheel(resolved.bundle.root, Path(tmp))
+            try:
+                remote_wheel = upload(w, resolved.bundle.root, file_path, artifact_path, wheel)
+            except Exception as e:  # noqa: BLE001
+                raise _api_error(e, f"uploading files to {root_path}") from None
+        url = w.config.host.rstrip("/")
+        code = 0
+        for settings in resolved.jobs.values():
+            _set_wheel(settings, remote_wheel)
+            try:
+                job_id, how = create_or_reset(w, settings)
+            except DeployError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                raise _api_error(e, f"creating or updating job {settings['name']!r}") from None
+            echo(f"job {settings['name']!r} {how}: {url}/jobs/{job_id}")
+            if do_run:
+                code = max(code, _run(w, job_id, params, echo, poll_seconds))
+        return code
+    except DeployError as e:
+        echo(f"error: {e}")
+        return 2
+
+
+def _run(w, job_id: int, params: dict, echo, poll_seconds: float) -> int:
+    try:
+        waiter = w.jobs.run_now(job_id, job_parameters=params or None)
+        run_id = waiter.run_id if hasattr(waiter, "run_id") else waiter.response.run_id
+    except Exception as e:  # noqa: BLE001
+        raise _api_error(e, f"starting job {job_id}") from None
+    echo(f"run {run_id} started")
+    try:
+        run = follow_run(w, run_id, echo, poll_seconds)
+    except DeployError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise _api_error(e, f"following run {run_id}") from None
+    result = run.state.result_state.value if run.state and run.state.result_state else "UNKNOWN"
+    if result == "SUCCESS":
+        echo(f"run {run_id} SUCCESS: {run.run_page_url or ''}")
+        return 0
+    failed = [t.task_key for t in run.tasks or [] if t.state and t.state.result_state
+              and t.state.result_state.value not in ("SUCCESS", "EXCLUDED", "UPSTREAM_FAILED", "UPSTREAM_CANCELED")]
+    echo(f"run {run_id} {result}: task {', '.join(failed) or '?'} failed: {run.run_page_url or ''}")
+    return 1

@@ -1,0 +1,102 @@
+"""RUNME's Databricks path through the real WorkspaceClient against a stand-in on 127.0.0.1."""
+
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+from databricks_standin import StandIn
+
+TOKEN = "dapi-secret-token-0123456789"
+
+
+def runme(standin, *args, tmp_path, extra_env=None):
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "DATABRICKS_HOST": standin.host,
+           "DATABRICKS_TOKEN": TOKEN, "DICOM_LAKEHOUSE_POLL_SECONDS": "0.05", **(extra_env or {})}
+    r = subprocess.run([sys.executable, str(ROOT / "RUNME.py"), "--target", "dev", *args], capture_output=True,
+                       text=True, timeout=300, cwd=ROOT, env=env)
+    return r
+
+
+def no_token_anywhere(*texts):
+    for t in texts:
+        assert TOKEN not in t
+
+
+def test_first_run_creates_second_resets_the_same_job(tmp_path):
+    with StandIn(token=TOKEN) as s:
+        r1 = runme(s, tmp_path=tmp_path)
+        assert r1.returncode == 0, r1.stdout + r1.stderr
+        assert len(s.jobs) == 1
+        job_id = next(iter(s.jobs))
+        assert f"created: {s.host}/jobs/{job_id}" in r1.stdout
+        r2 = runme(s, tmp_path=tmp_path)
+        assert r2.returncode == 0, r2.stdout + r2.stderr
+        assert len(s.jobs) == 1 and f"updated: {s.host}/jobs/{job_id}" in r2.stdout
+        assert [p for m, p, _ in s.requests if p.endswith(("/create", "/reset"))] == [
+            "/api/2.2/jobs/create", "/api/2.2/jobs/reset"]
+        settings = s.jobs[job_id]
+        assert settings["name"] == "[dev ana] dicom-lakehouse-dev"
+        assert settings["schedule"]["pause_status"] == "PAUSED"
+        root = "/Workspace/Users/ana@example.com/.bundle/dicom-lakehouse/dev"
+        assert settings["tasks"][0]["spark_python_task"]["python_file"] == f"{root}/files/tasks/catalog.py"
+        wheel = settings["tasks"][0]["libraries"][0]["whl"]
+        assert wheel.startswith(f"{root}/artifacts/.internal/dicom_lakehouse-") and wheel.endswith(".whl")
+        assert wheel in s.files and s.files[wheel][:2] == b"PK"
+        assert s.files[f"{root}/files/tasks/publish.py"] == (ROOT / "tasks" / "publish.py").read_bytes()
+        assert f"{root}/files/conf/dev.yml" in s.files
+        no_token_anywhere(r1.stdout, r1.stderr, r2.stdout, r2.stderr, *(str(b) for b in s.files.values()),
+                          str(s.jobs))
+
+
+def test_run_passes_parameters_and_follows_the_tasks(tmp_path):
+    with StandIn(token=TOKEN) as s:
+        r = runme(s, "--run", "--param", "mode=overwrite", "--param", "path=/Volumes/main/pixels/x",
+                  tmp_path=tmp_path)
+        assert r.returncode == 0, r.stdout + r.stderr
+        run = next(iter(s.runs.values()))
+        assert run["params"] == {"mode": "overwrite", "path": "/Volumes/main/pixels/x"}
+        assert "[catalog] RUNNING" in r.stdout and "[publish] TERMINATED SUCCESS" in r.stdout
+        assert "SUCCESS: http://127.0.0.1" in r.stdout
+
+
+def test_failed_task_is_a_nonzero_exit_naming_the_task(tmp_path):
+    with StandIn(token=TOKEN, fail_task="thumbnail") as s:
+        r = runme(s, "--run", tmp_path=tmp_path)
+        assert r.returncode == 1
+        assert "task thumbnail failed" in r.stdout
+        assert "[publish] SKIPPED UPSTREAM_FAILED" in r.stdout
+
+
+@pytest.mark.parametrize("status, words", [(401, "401 unauthenticated"), (403, "permission denied (403)")])
+def test_auth_errors_are_clear(tmp_path, status, words):
+    with StandIn(token=TOKEN, auth_status=status) as s:
+        r = runme(s, tmp_path=tmp_path)
+        assert r.returncode == 2
+        assert words in r.stdout + r.stderr
+        assert "Traceback" not in r.stdout + r.stderr
+        no_token_anywhere(r.stdout, r.stderr)
+
+
+@pytest.mark.parametrize("env, message", [
+    ({}, "DATABRICKS_HOST is not set and no profile 'DEFAULT' was found"),
+    ({"DATABRICKS_HOST": "https://adb-1.2.azuredatabricks.net"}, "DATABRICKS_TOKEN is not set"),
+    ({"DATABRICKS_CONFIG_PROFILE": "work"}, "no profile 'work' was found"),
+])
+def test_missing_configuration_names_the_setting(tmp_path, env, message):
+    r = subprocess.run([sys.executable, str(ROOT / "RUNME.py"), "--target", "prod"], capture_output=True, text=True,
+                       timeout=120, cwd=ROOT, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **env})
+    assert r.returncode == 2
+    assert message in r.stdout + r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+
+
+def test_profile_from_databrickscfg(tmp_path):
+    with StandIn(token=TOKEN) as s:
+        (tmp_path / ".databrickscfg").write_text(f"[work]\nhost = {s.host}\ntoken = {TOKEN}\n")
+        r = subprocess.run([sys.executable, str(ROOT / "RUNME.py"), "--target", "dev", "--profile", "work"],
+                           capture_output=True, text=True, timeout=300, cwd=ROOT,
+                           env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert len(s.jobs) == 1
+        no_token_anywhere(r.stdout, r.stderr)
