@@ -92,3 +92,14 @@ def test_runner_substitutes_job_parameters_and_run_id(tmp_path):
     assert argv[argv.index("--table") + 1] == "object_catalog"
     with pytest.raises(Exception, match="unknown job parameter 'colour'"):
         job_parameters(settings, {"colour": "red"}, ROOT)
+
+
+def test_serverless_compute_is_selected_by_a_variable():
+    r = resolve("prod", root=ROOT, variables={"compute": "serverless"}, user_name="u", file_path="/Workspace/b/files")
+    s = r.jobs["dicom_lakehouse"]
+    job_settings_roundtrip(s)
+    assert "job_clusters" not in s
+    assert all(t["environment_key"] == "default" and "job_cluster_key" not in t and "libraries" not in t
+               for t in s["tasks"])
+    assert s["environments"] == [{"environment_key": "default",
+                                  "spec": {"client": "2", "dependencies": ["/Workspace/b/files/dist/*.whl"]}}]

@@ -185,8 +185,23 @@ def resolve(
             if "schedule" in settings:
                 settings["schedule"]["pause_status"] = "PAUSED"
         _place_files(settings, b.job_dirs[key], b.root, file_path)
+        if values.get("compute", "job_cluster") == "serverless":
+            to_serverless(settings)
         jobs[key] = settings
     return Resolved(target, mode, values, jobs, workspace, b)
+
+
+def to_serverless(settings: dict) -> None:
+    """Serverless jobs run tasks in an environment, not on a job cluster; task libraries move into it."""
+    deps = []
+    for task in settings.get("tasks") or []:
+        task.pop("job_cluster_key", None)
+        for lib in task.pop("libraries", None) or []:
+            if "whl" in lib and lib["whl"] not in deps:
+                deps.append(lib["whl"])
+        task["environment_key"] = "default"
+    settings.pop("job_clusters", None)
+    settings["environments"] = [{"environment_key": "default", "spec": {"client": "2", "dependencies": deps}}]
 
 
 def _place_files(settings: dict, job_dir: Path, root: Path, file_path: str | None) -> None:

@@ -161,3 +161,39 @@ def validate():
         click.echo(e, err=True)
     click.echo("bundle is valid" if not errors else f"{len(errors)} schema errors")
     sys.exit(1 if errors else 0)
+
+
+@main.command()
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="Override a job parameter.")
+@click.option("--cron", default=None, help="Quartz cron expression instead of the job spec's schedule.")
+@click.option("--max-runs", type=int, default=None, help="Stop after this many runs.")
+@click.pass_context
+def schedule(ctx, params, cron, max_runs):
+    """Run the job locally at the times of its Quartz schedule (one run at a time) until Ctrl-C."""
+    from .runner import run_job
+    from .scheduler import ScheduleError, run_schedule
+
+    try:
+        resolved = resolve(ctx.obj.get("target") or "local")
+        if not _is_local_target(resolved):
+            raise click.UsageError("schedule runs local targets; Databricks runs the schedule of deployed jobs")
+        conf = load_conf(resolved.variables.get("target_conf", resolved.target))
+        key, settings = next(iter(resolved.jobs.items()))
+        sched = dict(settings.get("schedule") or {})
+        if cron:
+            sched["quartz_cron_expression"] = cron
+        if not sched.get("quartz_cron_expression"):
+            raise click.UsageError("the job spec has no schedule; pass --cron")
+        build = repo_root() / conf.get("build_dir", "build") / resolved.target
+        overrides = _pairs(params, "--param")
+
+        def once(stop):
+            rec = run_job(settings, conf, target=resolved.target, job_key=key, root=resolved.bundle.root,
+                          build_dir=build, overrides=overrides, warehouse=ctx.obj.get("warehouse"), echo=click.echo,
+                          stop=stop)
+            return f"{rec.status} ({rec.run_id})"
+
+        run_schedule(sched, once, echo=click.echo, max_runs=max_runs)
+    except (BundleError, ConfigError, ParameterError, ScheduleError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)

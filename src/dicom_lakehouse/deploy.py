@@ -123,6 +123,9 @@ def _set_wheel(settings: dict, remote_wheel: str) -> None:
         for lib in task.get("libraries") or []:
             if "whl" in lib:
                 lib["whl"] = remote_wheel
+    for env in settings.get("environments") or []:
+        deps = env.get("spec", {}).get("dependencies") or []
+        env["spec"]["dependencies"] = [remote_wheel if d.endswith(".whl") else d for d in deps]
 
 
 def create_or_reset(w, settings: dict) -> tuple[int, str]:

@@ -14,6 +14,7 @@ import re
 import secrets
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -114,6 +115,22 @@ def _result(path: Path) -> dict | None:
     return None
 
 
+def _wait(proc, timeout: int | None, stop: threading.Event | None) -> tuple[int | None, str]:
+    """Wait for a task process; kill its whole process group on timeout or stop."""
+    deadline = time.time() + timeout if timeout else None
+    while True:
+        try:
+            code = proc.wait(timeout=0.5)
+            return code, "SUCCESS" if code == 0 else "FAILED"
+        except subprocess.TimeoutExpired:
+            pass
+        cancel = stop is not None and stop.is_set()
+        if cancel or (deadline and time.time() > deadline):
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            return None, "CANCELED" if cancel else "TIMEDOUT"
+
+
 def run_job(
     settings: dict,
     conf: dict,
@@ -128,6 +145,7 @@ def run_job(
     echo=print,
     run_id: str | None = None,
     py_files: str | None = None,
+    stop: threading.Event | None = None,
 ) -> RunRecord:
     values = job_parameters(settings, overrides or {}, root)
     # Validate before any task starts: a bad parameter must not leave staged output behind.
@@ -161,13 +179,7 @@ def run_job(
             with open(log_path, "wb") as log:
                 proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(root),
                                         start_new_session=True)
-                try:
-                    code = proc.wait(timeout=timeout)
-                    status = "SUCCESS" if code == 0 else "FAILED"
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, 9)
-                    proc.wait()
-                    code, status = None, "TIMEDOUT"
+                code, status = _wait(proc, timeout, stop)
             secs = round(time.time() - t0, 2)
             res = _result(log_path)
             record.attempts.append(Attempt(key, attempt, status, secs, str(log_path), res, code))
@@ -178,8 +190,8 @@ def run_job(
                 ok = True
                 break
             echo(f"  [{key}] {status} (exit {code}) after {secs:.1f} s; log {log_path}")
-            if code == 2:
-                break  # invalid parameters: a retry cannot help
+            if code == 2 or status == "CANCELED":
+                break  # invalid parameters or Ctrl-C: a retry cannot help
             if attempt <= retries:
                 time.sleep(pause)
         if not ok:
