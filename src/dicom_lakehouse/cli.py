@@ -40,9 +40,10 @@ def _is_local_target(resolved) -> bool:
 @click.option("--var", "variables", multiple=True, metavar="NAME=VALUE", help="Override a bundle variable.")
 @click.option("--warehouse", default=None, help="Local warehouse folder (overrides conf/).")
 @click.option("--master", default=None, help="Spark master for the local runner, e.g. spark://127.0.0.1:7077.")
+@click.option("--remote", default=None, help="Run the tasks through Spark Connect, e.g. sc://127.0.0.1:15002.")
 @click.option("--profile", default=None, help="Databricks config profile (~/.databrickscfg).")
 @click.pass_context
-def main(ctx, target, do_run, params, variables, warehouse, master, profile):
+def main(ctx, target, do_run, params, variables, warehouse, master, remote, profile):
     """Create or update the dicom-lakehouse job for TARGET, and run it with --run."""
     ctx.ensure_object(dict)
     ctx.obj.update(target=target, warehouse=warehouse)
@@ -52,7 +53,7 @@ def main(ctx, target, do_run, params, variables, warehouse, master, profile):
         var_values = _pairs(variables, "--var")
         resolved = resolve(target, variables=var_values)
         if _is_local_target(resolved):
-            code = _local(resolved, do_run, _pairs(params, "--param"), warehouse, master)
+            code = _local(resolved, do_run, _pairs(params, "--param"), warehouse, master, remote)
         else:
             from .deploy import deploy_and_run
 
@@ -64,7 +65,8 @@ def main(ctx, target, do_run, params, variables, warehouse, master, profile):
     sys.exit(code)
 
 
-def _local(resolved, do_run: bool, params: dict, warehouse: str | None, master: str | None) -> int:
+def _local(resolved, do_run: bool, params: dict, warehouse: str | None, master: str | None,
+           remote: str | None = None) -> int:
     from .runner import run_job
 
     conf = load_conf(resolved.variables.get("target_conf", resolved.target))
@@ -83,7 +85,7 @@ def _local(resolved, do_run: bool, params: dict, warehouse: str | None, master: 
                 py_files = str(build_py_files(build))
             rec = run_job(settings, conf, target=resolved.target, job_key=key, root=resolved.bundle.root,
                           build_dir=build, overrides=params, warehouse=warehouse, master=master, echo=click.echo,
-                          py_files=py_files)
+                          py_files=py_files, remote=remote)
             if rec.status != "SUCCESS":
                 click.echo(f"task {rec.failed_task} failed; last lines of its log:\n{rec.message}", err=True)
                 code = 1

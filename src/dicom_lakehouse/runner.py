@@ -146,6 +146,7 @@ def run_job(
     run_id: str | None = None,
     py_files: str | None = None,
     stop: threading.Event | None = None,
+    remote: str | None = None,
 ) -> RunRecord:
     values = job_parameters(settings, overrides or {}, root)
     # Validate before any task starts: a bad parameter must not leave staged output behind.
@@ -163,11 +164,15 @@ def run_job(
     if warehouse:
         env["DICOM_LAKEHOUSE_WAREHOUSE"] = str(Path(warehouse).resolve())
     t_job = time.time()
-    echo(f"run {run_id}: job {record.job} on {master}, parameters {json.dumps(values)}")
+    echo(f"run {run_id}: job {record.job} on {remote or master}, parameters {json.dumps(values)}")
     for task in task_order(settings):
         key = task["task_key"]
         argv = task_argv(task, values, run_id)
-        cmd = spark_submit_cmd(conf, master, task["spark_python_task"]["python_file"], argv, key, py_files)
+        python_file = task["spark_python_task"]["python_file"]
+        if remote:  # Spark Connect: the task is a plain Python client, no local JVM
+            cmd = [sys.executable, python_file, *argv, "--remote", remote]
+        else:
+            cmd = spark_submit_cmd(conf, master, python_file, argv, key, py_files)
         retries = int(task.get("max_retries", 0) or 0)
         timeout = int(task.get("timeout_seconds", 0) or 0) or None
         pause = int(task.get("min_retry_interval_millis", 0) or 0) / 1000

@@ -18,7 +18,9 @@ def get_spark(conf: dict, remote: str | None = None, app_name: str | None = None
     remote = remote or spark_conf.get("remote")
     builder = SparkSession.builder.appName(app_name or spark_conf.get("app_name", "dicom-lakehouse"))
     if remote:
-        return builder.remote(remote).getOrCreate()
+        spark = builder.remote(remote).getOrCreate()
+        _ship_library(spark)
+        return spark
     if not _under_launcher():
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         os.environ.setdefault("SPARK_LOCAL_IP", spark_conf.get("local_ip", "127.0.0.1"))
@@ -59,3 +61,13 @@ def has_spark_delta(spark) -> bool:
         return True
     except Exception:  # noqa: BLE001
         return False
+
+
+def _ship_library(spark) -> None:
+    """A Spark Connect server's Python workers get this package as an artifact (it may be remote)."""
+    import tempfile
+
+    from .shipping import build_py_files
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spark.addArtifacts(str(build_py_files(tmp)), pyfile=True)

@@ -1,0 +1,112 @@
+"""The same job on a real Spark standalone cluster on loopback, and through Spark Connect."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pyspark
+import pytest
+from conftest import ROOT
+from deltalake import DeltaTable
+
+pytestmark = pytest.mark.e2e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_table(wh, n):
+    t = DeltaTable(str(wh / "main" / "pixels" / "object_catalog")).to_pyarrow_table()
+    rows = {r["relative_path"]: r for r in t.to_pylist()}
+    assert len(rows) == n == t.num_rows
+    ct = rows["ct/CT_small.dcm"]
+    assert json.loads(ct["meta"])["00100010"]["Value"][0]["Alphabetic"] == "CompressedSamples^CT1"
+    assert (ct["modality"], ct["rows"], ct["columns"], ct["thumbnail_status"]) == ("CT", 128, 128, "ok")
+    assert ct["thumbnail"][:4] == b"\x89PNG"
+    return rows
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    port = free_port()
+    env = {**os.environ, "CLUSTER_DIR": str(tmp_path / "cluster"), "PYTHON": sys.executable}
+    script = ROOT / "scripts" / "local-cluster.sh"
+    r = subprocess.run([str(script), "start", str(port)], capture_output=True, text=True, env=env, timeout=180)
+    try:
+        assert r.returncode == 0, r.stdout + r.stderr
+        yield r.stdout.strip().splitlines()[-1]
+    finally:
+        subprocess.run([str(script), "stop"], env=env, timeout=60)
+
+
+def test_job_on_a_standalone_cluster_runs_on_both_workers(tmp_path, sample_dir, cluster):
+    assert cluster.startswith("spark://127.0.0.1:")
+    events = tmp_path / "events"
+    events.mkdir()
+    sconf = tmp_path / "sparkconf"
+    sconf.mkdir()
+    (sconf / "spark-defaults.conf").write_text(
+        f"spark.eventLog.enabled true\nspark.eventLog.dir {events.as_uri()}\nspark.eventLog.compress false\n"
+        "spark.eventLog.rolling.enabled false\n")
+    wh = tmp_path / "wh"
+    r = subprocess.run([sys.executable, str(ROOT / "RUNME.py"), "--target", "cluster", "--run", "--master", cluster,
+                        "--warehouse", str(wh), "--param", f"path={sample_dir}", "--param", "mode=overwrite"],
+                       capture_output=True, text=True, timeout=900, cwd=ROOT,
+                       env={**os.environ, "SPARK_CONF_DIR": str(sconf)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"on {cluster}" in r.stdout
+    check_table(wh, 13)
+    # every task's application ran tasks on executors of both workers
+    per_app = {}
+    for log in events.rglob("*"):
+        if not log.is_file():
+            continue
+        name, executors = None, Counter()
+        for line in log.read_text().splitlines():
+            e = json.loads(line)
+            if e.get("Event") == "SparkListenerApplicationStart":
+                name = e["App Name"]
+            if e.get("Event") == "SparkListenerTaskEnd":
+                executors[(e["Task Info"]["Executor ID"])] += 1
+        per_app[name] = executors
+    assert set(per_app) == {f"dicom-lakehouse:{t}" for t in ("catalog", "extract_meta", "thumbnail", "publish")}
+    assert "driver" not in per_app["dicom-lakehouse:extract_meta"]
+    assert len(per_app["dicom-lakehouse:extract_meta"]) == 2, per_app
+    assert len(per_app["dicom-lakehouse:thumbnail"]) == 2, per_app
+
+
+def test_job_through_spark_connect(tmp_path, sample_dir):
+    port = free_port()
+    home = os.path.dirname(pyspark.__file__)
+    log = open(tmp_path / "connect.log", "wb")
+    server = subprocess.Popen(
+        [os.path.join(home, "bin", "spark-submit"), "--class", "org.apache.spark.sql.connect.service.SparkConnectServer",
+         "--master", "local[2]", "--conf", f"spark.connect.grpc.binding.port={port}",
+         "--conf", "spark.connect.grpc.binding.address=127.0.0.1", "--conf", "spark.ui.enabled=false",
+         "spark-internal"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"})
+    try:
+        deadline = time.time() + 120
+        while b"Spark Connect server started" not in (tmp_path / "connect.log").read_bytes():
+            assert server.poll() is None and time.time() < deadline, (tmp_path / "connect.log").read_text()[-3000:]
+            time.sleep(0.5)
+        wh = tmp_path / "wh"
+        r = subprocess.run([sys.executable, str(ROOT / "RUNME.py"), "--run", "--remote", f"sc://127.0.0.1:{port}",
+                            "--warehouse", str(wh), "--param", f"path={sample_dir}", "--param", "mode=overwrite"],
+                           capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"on sc://127.0.0.1:{port}" in r.stdout
+        check_table(wh, 13)
+        assert "spark-submit" not in r.stdout  # tasks ran as plain Connect clients
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
