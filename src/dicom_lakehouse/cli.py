@@ -199,3 +199,26 @@ def schedule(ctx, params, cron, max_runs):
     except (BundleError, ConfigError, ParameterError, ScheduleError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+
+
+@main.command()
+@click.option("--table", "table_name", default="main.pixels.object_catalog", show_default=True,
+              help="Published table (three-part name).")
+@click.option("--where", default=None, help="SQL condition, e.g. \"modality = 'CT'\".")
+@click.option("--limit", default=500, show_default=True, help="Most cards to show.")
+@click.option("--out", default="build/gallery.html", show_default=True, help="HTML file to write.")
+@click.pass_context
+def gallery(ctx, table_name, where, limit, out):
+    """Write a self-contained HTML thumbnail gallery of the published table."""
+    from .gallery import gallery_query, write_gallery
+    from .localsql import run_sql
+    from .session import get_spark
+
+    conf = load_conf(ctx.obj.get("target") or "local")
+    spark = get_spark(conf, app_name="dicom-lakehouse:gallery")
+    spark.sparkContext.setLogLevel("ERROR")
+    rows = [r.asDict() for r in run_sql(spark, warehouse_dir(conf, ctx.obj.get("warehouse")),
+                                         gallery_query(table_name, where, limit)).collect()]
+    spark.stop()
+    path = write_gallery(rows, out if Path(out).is_absolute() else repo_root() / out, f"{table_name} gallery", where)
+    click.echo(f"{len(rows)} files in {path}")
