@@ -98,11 +98,14 @@ def test_crash_before_publish_leaves_the_table_unchanged(spark, store, conf, sam
     run_all(spark, store, conf, params(sample_dir, "overwrite", "c2"), steps=("catalog", "extract_meta"))
     dt_after = DeltaTable(str(store.location(target_ref(p))))
     assert dt_after.version() == version and read(store, p).num_rows == rows_before
-    # the next task refuses a stage from another run instead of publishing a mix
-    with pytest.raises(StepError, match="run 'c2', not of this run 'c3'"):
+    # stages belong to one run: another run's task never picks them up
+    with pytest.raises(StepError, match="__meta__c3 is missing: run the 'extract_meta' task of this run first"):
         STEP_FUNCS["thumbnail"](spark, store, params(sample_dir, "overwrite", "c3"), conf)
     with pytest.raises(StepError, match="missing: run the 'thumbnail' task"):
         STEP_FUNCS["publish"](spark, store, params(sample_dir, "overwrite", "c2"), conf)
+    # the crashed run's stages stay until that run is retried (or removed); the table is untouched
+    assert {p.name for p in (store.warehouse / "main" / "pixels").iterdir()} >= {
+        "object_catalog__files__c2", "object_catalog__meta__c2"}
 
 
 def test_derived_tables_and_local_sql(spark, store, conf, sample_dir):

@@ -7,15 +7,22 @@ a warning), not the whole header.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
+import io
 import json
 import math
 import re
 import warnings
+import zlib
 from dataclasses import dataclass, field
 
+import orjson
+from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_partial
+from pydicom.filereader import _read_file_meta_info, read_partial, read_preamble
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import ExplicitVRLittleEndian
 
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
@@ -73,9 +80,9 @@ class _Converter:
     def bulk_uri(self, elem) -> str:
         return f"{self.uri}?tag={elem.tag:08X}"
 
-    def dataset(self, ds, prefix: str = "") -> dict:
+    def dataset(self, ds, prefix: str = "", short: list[str] | None = None) -> dict:
         out = {}
-        for elem in _elements(ds, self.warnings, prefix):
+        for elem in _elements(ds, self.warnings, prefix, short):
             key = f"{elem.tag:08X}"
             try:
                 if elem.VR == "SQ":
@@ -94,9 +101,14 @@ class _Converter:
         return out
 
 
-def _elements(ds, warns: list[str], prefix: str):
-    """Iterate a dataset's elements, converting raw ones one by one."""
+def _elements(ds, warns: list[str], prefix: str, short: list[str] | None = None):
+    """Iterate a dataset's elements, converting raw ones one by one; note values cut short by EOF."""
     for tag in list(ds.keys()):
+        if short is not None:
+            raw = ds.get_item(tag)
+            length, value = getattr(raw, "length", None), getattr(raw, "value", None)
+            if length is not None and length != 0xFFFFFFFF and isinstance(value, bytes) and len(value) < length:
+                short.append(f"{int(tag):08X}")
         try:
             yield ds[tag]
         except Exception as e:  # noqa: BLE001
@@ -164,7 +176,64 @@ def _looks_like_dicom(ds) -> bool:
     return bool(known.intersection(tags))
 
 
-def read_header(fp):
+DEFLATED = "1.2.840.10008.1.2.1.99"
+MAX_INFLATED = 256 * 2**20
+
+
+class TooLarge(ValueError):
+    """Declared or inflated size above the configured budget."""
+
+
+def inflate_capped(fp, cap: int = MAX_INFLATED):
+    """For a deflated data set, an equivalent explicit-VR stream inflated to at most `cap` bytes, and
+    its original file meta; else (None, None). pydicom would inflate a deflate bomb without limit."""
+    start = fp.tell()
+    head = fp.read(4096)
+    fp.seek(start)
+    if len(head) < 132 or head[128:132] != b"DICM":
+        return None, None
+    ts_at = head.find(b"\x02\x00\x10\x00", 132)  # (0002,0010) Transfer Syntax UID, explicit VR LE
+    if ts_at != -1 and ts_at + 40 <= len(head) and DEFLATED.encode() not in head[ts_at:ts_at + 40]:
+        return None, None  # not deflated: skip parsing the file meta twice
+    try:
+        read_preamble(fp, False)
+        meta = _read_file_meta_info(fp)
+    except Exception:  # noqa: BLE001 - let the normal reader report it
+        fp.seek(start)
+        return None, None
+    if str(meta.get("TransferSyntaxUID", "")) != DEFLATED:
+        fp.seek(start)
+        return None, None
+    inflater, out = zlib.decompressobj(-zlib.MAX_WBITS), bytearray()
+    while chunk := fp.read(1 << 20):
+        data = chunk
+        while data:
+            out += inflater.decompress(data, cap + 1 - len(out))
+            if len(out) > cap:
+                raise TooLarge(f"deflated data set expands to more than {cap} bytes")
+            data = inflater.unconsumed_tail
+    buf = io.BytesIO()
+    buf.write(b"\0" * 128 + b"DICM")
+    plain = copy.deepcopy(meta)
+    plain.TransferSyntaxUID = ExplicitVRLittleEndian
+    if "FileMetaInformationGroupLength" in plain:
+        del plain.FileMetaInformationGroupLength
+    write_file_meta_info(buf, plain, enforce_standard=False)
+    buf.write(out)
+    buf.seek(0)
+    return buf, meta
+
+
+def open_dataset(fp, cap: int = MAX_INFLATED):
+    """The whole data set (pixels included), with the deflate cap applied."""
+    stream, meta = inflate_capped(fp, cap)
+    ds = dcmread(stream if stream is not None else fp)
+    if meta is not None:
+        ds.file_meta = meta
+    return ds
+
+
+def read_header(fp, cap: int = MAX_INFLATED):
     """Read up to the pixel data; returns (dataset, has_pixels). Raises InvalidDicomError for non-DICOM."""
     seen = []
 
@@ -180,7 +249,10 @@ def read_header(fp):
         raise InvalidDicomError("empty file")
     fp.seek(start)
     preamble = len(head) >= 132 and head[128:132] == b"DICM"
-    ds = read_partial(fp, stop_when=stop, force=not preamble)
+    stream, meta = inflate_capped(fp, cap) if preamble else (None, None)
+    ds = read_partial(stream if stream is not None else fp, stop_when=stop, force=not preamble)
+    if meta is not None:
+        ds.file_meta = meta
     if not preamble and not _looks_like_dicom(ds):
         raise InvalidDicomError("no DICM preamble and the content does not parse as a DICOM data set")
     if preamble and "TransferSyntaxUID" not in getattr(ds, "file_meta", {}) and not _looks_like_dicom(ds):
@@ -192,20 +264,21 @@ class CorruptDicom(ValueError):
     """The file says it is DICOM but its content cannot be parsed."""
 
 
-def truncated_elements(ds) -> tuple[list[str], int]:
-    """Top-level elements whose value is shorter than its declared length (the file ends early),
-    and the stream offset where the last complete element ends."""
-    short, end = [], 0
-    for tag in list(ds.keys()):
+def _data_end(ds) -> int:
+    """Stream offset where the last top-level element with a defined length ends."""
+    for tag in reversed(list(ds.keys())):
         raw = ds.get_item(tag)
-        length = getattr(raw, "length", None)
-        value = getattr(raw, "value", None)
-        tell = getattr(raw, "value_tell", None)
-        if length is not None and length != 0xFFFFFFFF and isinstance(value, bytes) and len(value) < length:
-            short.append(f"{int(tag):08X}")
-        elif tell is not None and length is not None and length != 0xFFFFFFFF:
-            end = max(end, tell + length)
-    return short, end
+        length, tell = getattr(raw, "length", None), getattr(raw, "value_tell", None)
+        if tell is not None and length is not None and length != 0xFFFFFFFF:
+            return tell + length
+    return 0
+
+
+def _dumps(model: dict) -> str:
+    try:
+        return orjson.dumps(model, default=str).decode()
+    except (TypeError, orjson.JSONEncodeError):  # e.g. an integer beyond 64 bits
+        return json.dumps(model, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
 def _trailing_bytes(fp, ds, end: int) -> int:
@@ -218,20 +291,20 @@ def _trailing_bytes(fp, ds, end: int) -> int:
     return left if 0 < left < 8 else 0
 
 
-def extract_header(fp, uri: str, bulk_data_threshold: int = 1024) -> HeaderResult:
+def extract_header(fp, uri: str, bulk_data_threshold: int = 1024, max_inflated: int = MAX_INFLATED) -> HeaderResult:
     """The per-file work of extract-meta. Never raises for bad input: returns a status instead."""
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ds, has_pixels = read_header(fp)
-            short, end = truncated_elements(ds)
-            trailing = _trailing_bytes(fp, ds, end) if not has_pixels and not short else 0
+            ds, has_pixels = read_header(fp, max_inflated)
+            end = 0 if has_pixels else _data_end(ds)
             conv = _Converter(uri, bulk_data_threshold)
-            model = {}
+            model, short = {}, []
             fm = getattr(ds, "file_meta", None)
             if fm is not None and len(fm):
                 model.update(conv.dataset(fm))
-            model.update(conv.dataset(ds))
+            model.update(conv.dataset(ds, short=short))
+            trailing = _trailing_bytes(fp, ds, end) if not has_pixels and not short else 0
         if not model:
             return HeaderResult("not_dicom", "no DICOM elements could be read")
         cols = _promote(model, has_pixels)
@@ -239,7 +312,7 @@ def extract_header(fp, uri: str, bulk_data_threshold: int = 1024) -> HeaderResul
         if cols.get("transfer_syntax_uid") is None and ts:
             cols["transfer_syntax_uid"] = str(ts)
         warns = conv.warnings + [f"pydicom: {_short(w.message)}" for w in caught if _relevant(w)]
-        meta = json.dumps(model, separators=(",", ":"), ensure_ascii=False, default=str)
+        meta = _dumps(model)
         if short:
             return HeaderResult("error", f"file is truncated: element {short[0]} is shorter than its declared length",
                                 meta, cols)
@@ -249,6 +322,8 @@ def extract_header(fp, uri: str, bulk_data_threshold: int = 1024) -> HeaderResul
         return HeaderResult(status, "; ".join(dict.fromkeys(warns))[:4000] or None, meta, cols)
     except InvalidDicomError as e:
         return HeaderResult("not_dicom", _short(e, 300))
+    except TooLarge as e:
+        return HeaderResult("error", str(e))
     except RecursionError:
         return HeaderResult("error", "data set nesting is too deep to parse")
     except MemoryError:

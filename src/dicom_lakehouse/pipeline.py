@@ -8,8 +8,12 @@ retried step is idempotent and no join is needed until publish.
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
+import re
 import time
+import warnings
 
 import pyarrow as pa
 from pyspark.sql import functions as F
@@ -34,7 +38,17 @@ def target_ref(p: JobParams) -> TableRef:
 
 
 def stage_ref(p: JobParams, step: str) -> TableRef:
-    return target_ref(p).staged(STAGES[step])
+    """Staged tables are per run, so concurrent runs on one table never read each other's stages."""
+    return target_ref(p).staged(f"{STAGES[step]}__{re.sub(r'[^A-Za-z0-9_]', '_', p.run_id)}")
+
+
+def _quiet_worker() -> None:
+    """pydicom warnings quote element values (patient names): keep them out of executor logs.
+    Also move the worker's long-lived objects out of the garbage collector's way: pydicom allocates
+    many small objects per file, and each full collection would rescan pyspark's and pandas' heaps."""
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    gc.freeze()
 
 
 def _status_counts(df) -> dict:
@@ -100,29 +114,57 @@ def run_catalog(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
 
 
 # ------------------------------------------------------------------ extract-meta
-def meta_batches(threshold: int):
+def changed_since_listing(path: str, length: int, mtime) -> str | None:
+    """A local file whose size or mtime differs from the catalog row was changed mid-run."""
+    from .params import local_path_of
+    from .sources import split_member
+
+    archive, _ = split_member(path)
+    if "://" in archive or not archive.startswith(("file:", "/")):
+        return None
+    try:
+        st = os.stat(local_path_of(archive))
+    except OSError:
+        return None
+    listed_us = int(mtime.timestamp() * 1_000_000) if mtime is not None else None
+    if (length is not None and archive == path and st.st_size != length) or (
+            listed_us is not None and st.st_mtime_ns // 1000 != listed_us):
+        return "file changed after it was catalogued; the next append run reads it again"
+    return None
+
+
+def meta_batches(threshold: int, max_inflated: int):
     """mapInArrow function: file rows -> file rows plus header columns."""
 
     def fn(batches):
         from .dicom_meta import PROMOTED_COLUMNS, HeaderResult, extract_header
         from .sources import open_source
 
+        _quiet_worker()
         names = S.column_names("meta")
         out_schema = S.arrow_schema("meta")
         for b in batches:
             paths = b.column("path").to_pylist()
             status_in = b.column("status").to_pylist()
             error_in = b.column("error").to_pylist()
+            lengths = b.column("length").to_pylist()
+            mtimes = b.column("modification_time").to_pylist()
             results = []
-            for path, st, err in zip(paths, status_in, error_in, strict=True):
+            for path, st, err, length, mtime in zip(paths, status_in, error_in, lengths, mtimes, strict=True):
                 if st != "ok":
                     results.append(HeaderResult(st, err))
                     continue
                 try:
                     with open_source(path) as fp:
-                        results.append(extract_header(fp, path, threshold))
+                        r = extract_header(fp, path, threshold, max_inflated)
                 except Exception as e:  # noqa: BLE001 - unreadable, deleted, bad archive member
-                    results.append(HeaderResult("error", f"cannot open: {type(e).__name__}: {getattr(e, 'strerror', None) or e}"))
+                    r = HeaderResult("error", f"cannot open: {type(e).__name__}: {getattr(e, 'strerror', None) or e}")
+                changed = changed_since_listing(path, length, mtime) if r.status != "error" or \
+                    not (r.error or "").startswith("cannot open") else None
+                if changed:
+                    r.status = "ok_with_warnings" if r.status == "ok" else r.status
+                    r.error = f"{r.error}; {changed}" if r.error else changed
+                results.append(r)
             new = {"status": [r.status for r in results], "error": [r.error for r in results],
                    "meta": [r.meta for r in results]}
             for c in PROMOTED_COLUMNS:
@@ -137,8 +179,9 @@ def meta_batches(threshold: int):
 def run_extract_meta(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
     df, rows_in = _read_stage(store, p, "catalog", "files")
     _check_run(df, p, rows_in, stage_ref(p, "catalog").name)
-    threshold = int((conf.get("dicom") or {}).get("bulk_data_threshold", 1024))
-    out = _spread(df, spark, rows_in).mapInArrow(meta_batches(threshold), S.spark_schema("meta"))
+    dconf = conf.get("dicom") or {}
+    fn = meta_batches(int(dconf.get("bulk_data_threshold", 1024)), int(dconf.get("max_deflated_bytes", 256 * 2**20)))
+    out = _spread(df, spark, rows_in).mapInArrow(fn, S.spark_schema("meta"))
     ref = stage_ref(p, "extract_meta")
     rows = store.write(out, ref, "overwrite", commit_metadata(p.run_id, p.as_dict(), "extract_meta"), step="meta")
     if rows != rows_in:
@@ -151,13 +194,14 @@ def run_extract_meta(spark, store: TableStore, p: JobParams, conf: dict) -> dict
 DECLARED = ("rows", "columns", "samples_per_pixel", "bits_allocated", "number_of_frames")
 
 
-def thumbnail_batches(size: int, max_frame_bytes: int, compress_level: int):
+def thumbnail_batches(size: int, max_frame_bytes: int, compress_level: int, max_inflated: int):
     """mapInArrow function: header rows -> header rows plus thumbnail columns."""
 
     def fn(batches):
         from .sources import open_source
         from .thumbnails import Thumbnail, render
 
+        _quiet_worker()
         names = S.column_names("thumbnail")
         out_schema = S.arrow_schema("thumbnail")
         for b in batches:
@@ -172,7 +216,7 @@ def thumbnail_batches(size: int, max_frame_bytes: int, compress_level: int):
                     declared = {c: cols[c][i] for c in DECLARED}
                     try:
                         with open_source(path) as fp:
-                            results.append(render(fp, size, max_frame_bytes, declared, compress_level))
+                            results.append(render(fp, size, max_frame_bytes, declared, compress_level, max_inflated))
                     except Exception as e:  # noqa: BLE001
                         results.append(Thumbnail("error", error=f"cannot open: {type(e).__name__}"))
             new = {
@@ -193,7 +237,8 @@ def run_thumbnail(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
     _check_run(df, p, rows_in, stage_ref(p, "extract_meta").name)
     tconf = conf.get("thumbnail") or {}
     fn = thumbnail_batches(p.thumbnail_size, int(tconf.get("max_frame_bytes", 512 * 2**20)),
-                           int(tconf.get("png_compress_level", 3)))
+                           int(tconf.get("png_compress_level", 3)),
+                           int((conf.get("dicom") or {}).get("max_deflated_bytes", 256 * 2**20)))
     out = _spread(df, spark, rows_in).mapInArrow(fn, S.spark_schema("thumbnail"))
     ref = stage_ref(p, "thumbnail")
     rows = store.write(out, ref, "overwrite", commit_metadata(p.run_id, p.as_dict(), "thumbnail"), step="thumbnail")

@@ -23,6 +23,7 @@ def setup_logging() -> None:
     )
     for noisy in ("py4j", "pyspark"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("pydicom").setLevel(logging.ERROR)  # its warnings quote values, e.g. patient names
 
 
 def run_task(step: str, argv: list[str] | None = None) -> int:

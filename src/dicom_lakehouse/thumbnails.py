@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
-from pydicom import Dataset, dcmread
+from pydicom import Dataset
 from pydicom.pixels import pixel_array
 from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
 
-from .dicom_meta import _short
+from .dicom_meta import MAX_INFLATED, TooLarge, _short, open_dataset
 
 
 @dataclass
@@ -27,10 +27,6 @@ class Thumbnail:
     width: int | None = None
     height: int | None = None
     error: str | None = None
-
-
-class TooLarge(Exception):
-    pass
 
 
 def declared_frame_bytes(rows, columns, samples, bits_allocated) -> int:
@@ -131,19 +127,19 @@ def encode_png(img8: np.ndarray, width: int, height: int, compress_level: int = 
     return buf.getvalue()
 
 
-def decode_frame(fp, index: int | None) -> tuple[Dataset, np.ndarray]:
+def decode_frame(fp, index: int | None, max_inflated: int = MAX_INFLATED) -> tuple[Dataset, np.ndarray]:
     """Decode one frame straight from the file; fall back to a full read where the
     streaming path cannot work (deflated data sets, some odd encapsulations)."""
     start = fp.tell()
     ds = Dataset()
     try:
         return ds, pixel_array(fp, ds_out=ds, index=index)
-    except (MemoryError, TooLarge):
+    except MemoryError:
         raise
     except Exception as first:  # noqa: BLE001
         fp.seek(start)
         try:
-            full = dcmread(fp)
+            full = open_dataset(fp, max_inflated)
             return full, pixel_array(full, index=index)
         except Exception:  # noqa: BLE001 - report the streaming path's reason
             raise first from None
@@ -155,6 +151,7 @@ def render(
     max_frame_bytes: int = 512 * 2**20,
     declared: dict | None = None,
     compress_level: int = 3,
+    max_inflated: int = MAX_INFLATED,
 ) -> Thumbnail:
     """The per-file work of the thumbnail task. Never raises for bad input: returns a status.
 
@@ -174,7 +171,7 @@ def render(
             from .dicom_meta import read_header
 
             pos = fp.tell()
-            hdr, has_pixels = read_header(fp)
+            hdr, has_pixels = read_header(fp, max_inflated)
             fp.seek(pos)
             if not has_pixels:
                 return Thumbnail("no_pixels")
@@ -183,7 +180,7 @@ def render(
             if need > max_frame_bytes:
                 return Thumbnail("skipped_too_large", error=f"frame declares {need} bytes, budget is {max_frame_bytes}")
             frames = int(hdr.get("NumberOfFrames") or 1)
-        ds, arr = decode_frame(fp, max(0, (frames - 1) // 2) if frames > 1 else None)
+        ds, arr = decode_frame(fp, max(0, (frames - 1) // 2) if frames > 1 else None, max_inflated)
         if arr.ndim == 4 or (arr.ndim == 3 and int(ds.get("SamplesPerPixel", 1)) == 1):
             arr = arr[len(arr) // 2]
         img8 = to_uint8(arr, ds)
@@ -192,5 +189,7 @@ def render(
         return Thumbnail("ok", encode_png(img8, width, height, compress_level), width, height)
     except MemoryError:
         return Thumbnail("error", error="pixel data does not fit in memory")
+    except TooLarge as e:
+        return Thumbnail("skipped_too_large", error=str(e))
     except Exception as e:  # noqa: BLE001 - malformed pixel data is a status, never a failed task
         return Thumbnail("error", error=f"{type(e).__name__}: {_short(e, 300)}")

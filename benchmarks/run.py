@@ -1,0 +1,260 @@
+"""Throughput of the job and each step next to a plain-pydicom baseline, measured in the same run.
+
+    python benchmarks/run.py --files 10000 --json benchmarks/results/$(date +%F).json
+
+(a) read all bytes; (b) multiprocessing.Pool(os.cpu_count()) header -> DICOM JSON;
+(c) the same plus a windowed 256 px PNG thumbnail; (d) each task on local Spark in one
+session (start-up reported apart); (e) the whole job through the local runner, each
+task its own spark-submit. Page cache is warmed by (a) first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import io
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+
+# ----------------------------------------------------------------- baselines
+def _files(root: Path) -> list[str]:
+    return sorted(str(p) for p in root.rglob("*") if p.is_file())
+
+
+def read_bytes(paths):
+    n = 0
+    for p in paths:
+        with open(p, "rb") as f:
+            n += len(f.read())
+    return n
+
+
+def baseline_meta(path: str) -> int:
+    """Plain pydicom: header without pixels -> DICOM JSON string."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        uri = "file:" + path
+        d = ds.file_meta.to_json_dict(1024, lambda e: f"{uri}?tag={e.tag:08X}")
+        d.update(ds.to_json_dict(1024, lambda e: f"{uri}?tag={e.tag:08X}", suppress_invalid_tags=True))
+        return len(json.dumps(d))
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def baseline_full(path: str) -> int:
+    """Plain pydicom + Pillow: header -> JSON, middle frame -> LUTs -> 8 bit -> 256 px PNG."""
+    import numpy as np
+    import pydicom
+    from PIL import Image
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
+
+    n = baseline_meta(path)
+    try:
+        ds = pydicom.dcmread(path)
+        if "PixelData" not in ds:
+            return n
+        frames = int(ds.get("NumberOfFrames") or 1)
+        arr = pixel_array(ds, index=(frames - 1) // 2 if frames > 1 else None)
+        if ds.PhotometricInterpretation == "PALETTE COLOR":
+            arr = apply_color_lut(arr, ds)
+        elif arr.ndim == 2:
+            arr = apply_voi_lut(apply_modality_lut(arr, ds), ds)
+        arr = arr.astype(np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        img8 = ((arr - lo) / ((hi - lo) or 1) * 255).astype(np.uint8)
+        im = Image.fromarray(img8)
+        im.thumbnail((256, 256))
+        buf = io.BytesIO()
+        im.save(buf, "PNG", compress_level=3)
+        return n + len(buf.getvalue())
+    except Exception:  # noqa: BLE001
+        return n
+
+
+def pool_run(fn, paths, procs):
+    with Pool(procs) as pool:
+        t0 = time.perf_counter()
+        list(pool.imap_unordered(fn, paths, chunksize=64))
+        return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------- memory sampler
+class RssSampler:
+    """Peak RSS of the Spark JVMs and of the PySpark Python workers, sampled from /proc."""
+
+    def __init__(self, every: float = 0.2):
+        self.every, self.peak = every, {"jvm_mb": 0.0, "python_worker_mb": 0.0}
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+    def _run(self):
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self._stop.wait(self.every):
+            for pid in os.listdir("/proc"):
+                if not pid.isdigit():
+                    continue
+                try:
+                    cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+                    rss = int(open(f"/proc/{pid}/statm").read().split()[1]) * page / 2**20
+                except OSError:
+                    continue
+                if b"pyspark.daemon" in cmd or b"pyspark.worker" in cmd:
+                    key = "python_worker_mb"
+                elif b"java" in cmd and b"pyspark" in cmd:
+                    key = "jvm_mb"
+                else:
+                    continue
+                self.peak[key] = max(self.peak[key], round(rss, 1))
+
+
+# ----------------------------------------------------------------- the job
+def spark_steps(corpus: Path, warehouse: Path) -> dict:
+    from dicom_lakehouse.config import load_conf
+    from dicom_lakehouse.params import validate
+    from dicom_lakehouse.pipeline import STEP_FUNCS
+    from dicom_lakehouse.session import get_spark
+    from dicom_lakehouse.tables import DeltaRsStore
+
+    conf = load_conf("local")
+    t0 = time.perf_counter()
+    spark = get_spark(conf, app_name="dicom-lakehouse-bench")
+    spark.range(1).collect()  # the first action pays JVM class loading
+    out = {"spark_startup_s": round(time.perf_counter() - t0, 2)}
+    spark.sparkContext.setLogLevel("ERROR")
+    store = DeltaRsStore(spark, warehouse)
+    p = validate({"path": str(corpus), "catalog": "bench", "schema": "b", "table": "t", "mode": "overwrite",
+                  "run_id": "bench"})
+    for step in ("catalog", "extract_meta", "thumbnail", "publish"):
+        t = time.perf_counter()
+        STEP_FUNCS[step](spark, store, p, conf)
+        out[f"{step}_s"] = round(time.perf_counter() - t, 2)
+    spark.stop()
+    return out
+
+
+def runner_job(corpus: Path, warehouse: Path) -> tuple[float, dict]:
+    import subprocess
+
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, str(ROOT / "RUNME.py"), "--run", "--warehouse", str(warehouse),
+                        "--param", f"path={corpus}", "--param", "mode=overwrite", "--param", "table=bench_job"],
+                       capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - t
+    if r.returncode != 0:
+        raise RuntimeError(r.stdout[-3000:] + r.stderr[-3000:])
+    per_task = {}
+    for line in r.stdout.splitlines():
+        line = line.strip()
+        if line.startswith("[") and "SUCCESS in" in line:
+            per_task[line[1:line.index("]")]] = float(line.split("SUCCESS in ")[1].split(" s")[0])
+    return wall, per_task
+
+
+def measure(files: int, corpus: Path, skip_job: bool = False) -> dict:
+    from make_corpus import build
+
+    if not corpus.exists() or not any(corpus.iterdir()):
+        print(f"building corpus of {files} files in {corpus}", file=sys.stderr)
+        build(files, corpus)
+    paths = _files(corpus)
+    n = len(paths)
+    procs = os.cpu_count() or 1
+    res = {"files": n, "cores": procs, "date": dt.date.today().isoformat()}
+    t = time.perf_counter()
+    nbytes = read_bytes(paths)
+    res["bytes"] = nbytes
+    res["read_bytes_s"] = round(time.perf_counter() - t, 3)
+    print(f"(a) read all bytes: {res['read_bytes_s']} s", file=sys.stderr)
+    res["baseline_meta_s"] = round(pool_run(baseline_meta, paths, procs), 2)
+    print(f"(b) baseline header->JSON: {res['baseline_meta_s']} s", file=sys.stderr)
+    res["baseline_full_wall_s"] = round(pool_run(baseline_full, paths, procs), 2)
+    print(f"(c) baseline header->JSON + thumbnail: {res['baseline_full_wall_s']} s", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp, RssSampler() as rss:
+        res.update(spark_steps(corpus, Path(tmp) / "wh"))
+    res["peak_rss_steps"] = rss.peak
+    print(f"(d) steps: { {k: v for k, v in res.items() if k.endswith('_s')} }", file=sys.stderr)
+    if not skip_job:
+        with tempfile.TemporaryDirectory() as tmp, RssSampler() as rss:
+            res["job_wall_s"], res["job_tasks_s"] = runner_job(corpus, Path(tmp) / "wh")
+        res["peak_rss_job"] = rss.peak
+        print(f"(e) job through runner: {res['job_wall_s']:.1f} s", file=sys.stderr)
+    fps = lambda s: round(n / s, 1) if s else None  # noqa: E731
+    res.update(
+        read_fps=fps(res["read_bytes_s"]), baseline_meta_fps=fps(res["baseline_meta_s"]),
+        baseline_full_fps=fps(res["baseline_full_wall_s"]), catalog_fps=fps(res["catalog_s"]),
+        meta_fps=fps(res["extract_meta_s"]), thumbnail_fps=fps(res["thumbnail_s"]), publish_fps=fps(res["publish_s"]),
+    )
+    res["meta_vs_baseline"] = round(res["meta_fps"] / res["baseline_meta_fps"], 2)
+    res["thumbnail_vs_baseline_full"] = round(res["thumbnail_fps"] / res["baseline_full_fps"], 2)
+    if "job_wall_s" in res:
+        res["job_vs_baseline_full"] = round(res["job_wall_s"] / res["baseline_full_wall_s"], 2)
+        res["job_fixed_overhead_s"] = round(res["job_wall_s"] - sum(
+            res[k] for k in ("catalog_s", "extract_meta_s", "thumbnail_s", "publish_s")), 1)
+    return res
+
+
+def table(res: dict) -> str:
+    mb = res["bytes"] / 2**20
+    rows = [("(a) read all bytes", res["read_bytes_s"]), ("(b) baseline header->JSON, Pool", res["baseline_meta_s"]),
+            ("(c) baseline header->JSON + thumbnail, Pool", res["baseline_full_wall_s"]),
+            ("(d) Spark start-up", res["spark_startup_s"]), ("(d) catalog", res["catalog_s"]),
+            ("(d) extract_meta", res["extract_meta_s"]), ("(d) thumbnail", res["thumbnail_s"]),
+            ("(d) publish", res["publish_s"])]
+    if "job_wall_s" in res:
+        rows.append(("(e) whole job, runner + spark-submit", res["job_wall_s"]))
+    out = [f"{res['files']} files, {mb:.0f} MB, {res['cores']} cores, {res['date']}", "",
+           "| step | seconds | files/s | MB/s |", "|---|---:|---:|---:|"]
+    for name, s in rows:
+        fps = "" if "start-up" in name else f"{res['files'] / s:,.0f}"
+        mbs = "" if "start-up" in name else f"{mb / s:,.1f}"
+        out.append(f"| {name} | {s:.2f} | {fps} | {mbs} |")
+    out += ["", f"extract_meta / baseline (d)/(b): **{res['meta_vs_baseline']}x**",
+            f"thumbnail / baseline with thumbnails (d)/(c): **{res['thumbnail_vs_baseline_full']}x**"]
+    if "job_wall_s" in res:
+        out.append(f"whole job wall / baseline (e)/(c): **{res['job_vs_baseline_full']}x** "
+                   f"(fixed overhead of four spark-submit processes: {res['job_fixed_overhead_s']} s)")
+    out.append(f"peak RSS, steps in one session: {res['peak_rss_steps']}")
+    if "peak_rss_job" in res:
+        out.append(f"peak RSS, job through the runner: {res['peak_rss_job']}")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--files", type=int, default=10_000)
+    ap.add_argument("--corpus", type=Path, default=None)
+    ap.add_argument("--json", type=Path, default=None, help="write the figures here too")
+    ap.add_argument("--skip-job", action="store_true", help="skip (e), the whole job through the runner")
+    a = ap.parse_args(argv)
+    corpus = a.corpus or HERE / "corpus" / str(a.files)
+    res = measure(a.files, corpus, a.skip_job)
+    print(table(res))
+    out = a.json or HERE / "results" / f"{res['date']}-{res['files']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    print(f"\nfigures in {out}")
+
+
+if __name__ == "__main__":
+    main()
