@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-import io
 import json
 import math
 import re
+import tempfile
 import warnings
 import zlib
 from dataclasses import dataclass, field
@@ -204,22 +204,25 @@ def inflate_capped(fp, cap: int = MAX_INFLATED):
     if str(meta.get("TransferSyntaxUID", "")) != DEFLATED:
         fp.seek(start)
         return None, None
-    inflater, out = zlib.decompressobj(-zlib.MAX_WBITS), bytearray()
-    while chunk := fp.read(1 << 20):
-        data = chunk
-        while data:
-            out += inflater.decompress(data, cap + 1 - len(out))
-            if len(out) > cap:
-                raise TooLarge(f"deflated data set expands to more than {cap} bytes")
-            data = inflater.unconsumed_tail
-    buf = io.BytesIO()
+    # Inflate into a spooled file: memory stays flat, and the cap bounds the disk it may use.
+    buf = tempfile.SpooledTemporaryFile(max_size=16 * 2**20)
     buf.write(b"\0" * 128 + b"DICM")
     plain = copy.deepcopy(meta)
     plain.TransferSyntaxUID = ExplicitVRLittleEndian
     if "FileMetaInformationGroupLength" in plain:
         del plain.FileMetaInformationGroupLength
     write_file_meta_info(buf, plain, enforce_standard=False)
-    buf.write(out)
+    inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
+    while chunk := fp.read(1 << 20):
+        data = chunk
+        while data:
+            piece = inflater.decompress(data, min(1 << 22, cap + 1 - total))
+            total += len(piece)
+            if total > cap:
+                buf.close()
+                raise TooLarge(f"deflated data set expands to more than {cap} bytes")
+            buf.write(piece)
+            data = inflater.unconsumed_tail
     buf.seek(0)
     return buf, meta
 
@@ -239,7 +242,7 @@ def read_header(fp, cap: int = MAX_INFLATED):
 
     def stop(tag, vr, length):
         if tag in PIXEL_TAGS:
-            seen.append(tag)
+            seen.append((tag, vr, length))
             return True
         return False
 
@@ -257,7 +260,23 @@ def read_header(fp, cap: int = MAX_INFLATED):
         raise InvalidDicomError("no DICM preamble and the content does not parse as a DICOM data set")
     if preamble and "TransferSyntaxUID" not in getattr(ds, "file_meta", {}) and not _looks_like_dicom(ds):
         raise CorruptDicom("DICM preamble present but neither the file meta nor the data set can be parsed")
+    if seen and stream is None:
+        ds._pixel_shortfall = _pixel_shortfall(fp, ds, *seen[0])
     return ds, bool(seen)
+
+
+def _pixel_shortfall(fp, ds, tag, vr, length) -> int:
+    """Bytes of native pixel data missing at the end of the file (0 when complete or encapsulated)."""
+    if length == 0xFFFFFFFF:
+        return 0
+    here = fp.tell()  # pydicom rewinds to the start of the pixel data element
+    implicit = getattr(ds, "is_implicit_VR", None)
+    if implicit is None:
+        implicit = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "")) == "1.2.840.10008.1.2"
+    header = 8 if implicit else 12
+    size = fp.seek(0, 2)
+    fp.seek(here)
+    return max(0, here + header + length - size)
 
 
 class CorruptDicom(ValueError):
@@ -318,6 +337,9 @@ def extract_header(fp, uri: str, bulk_data_threshold: int = 1024, max_inflated: 
                                 meta, cols)
         if trailing:
             warns.append(f"{trailing} bytes after the last complete element: the file may be truncated")
+        missing = getattr(ds, "_pixel_shortfall", 0)
+        if missing:
+            warns.append(f"pixel data is truncated: {missing} bytes missing at the end of the file")
         status = "ok_with_warnings" if warns else "ok"
         return HeaderResult(status, "; ".join(dict.fromkeys(warns))[:4000] or None, meta, cols)
     except InvalidDicomError as e:
