@@ -26,6 +26,20 @@ def setup_logging() -> None:
     logging.getLogger("pydicom").setLevel(logging.ERROR)  # its warnings quote values, e.g. patient names
 
 
+KNOWN_CAUSES = ("No space left on device", "Read-only file system", "Operation not permitted", "Permission denied",
+                "Disk quota exceeded")
+
+
+def root_cause(e: BaseException) -> str:
+    """The line a person needs: disk full, read-only, permissions; else the exception's first line."""
+    text = str(e)
+    for cause in KNOWN_CAUSES:
+        if cause in text:
+            return f"{cause} (writing to the warehouse or the staged tables)"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(e).__name__}: {first[:500]}"
+
+
 def run_task(step: str, argv: list[str] | None = None) -> int:
     from .pipeline import STEP_FUNCS, StepError
 
@@ -51,6 +65,10 @@ def run_task(step: str, argv: list[str] | None = None) -> int:
         stats = STEP_FUNCS[step](spark, store, params, conf)
     except StepError as e:
         log.error("%s failed: %s", step, e)
+        return 1
+    except Exception as e:  # noqa: BLE001 - one clear line for the run record, the traceback for the log
+        log.exception("%s failed", step)
+        log.error("%s failed: %s", step, root_cause(e))
         return 1
     stats.update(step=step, run_id=params.run_id, seconds=round(time.time() - t1, 2),
                  spark_startup_seconds=round(startup, 2), engine=store.engine)
