@@ -352,6 +352,15 @@ def extract_header(fp, uri: str, bulk_data_threshold: int = 1024, max_inflated: 
         return HeaderResult("error", "header does not fit in memory")
     except Exception as e:  # noqa: BLE001 - a corrupt file is a status, never a failed task
         return HeaderResult("error", f"{type(e).__name__}: {_short(e, 300)}")
+    except BaseException as e:
+        if not is_decoder_panic(e):
+            raise
+        return HeaderResult("error", f"parser crashed: {_short(e, 300)}")
+
+
+def is_decoder_panic(e: BaseException) -> bool:
+    """Rust decoders (pylibjpeg-rle, via PyO3) raise PanicException, a BaseException, on bad input."""
+    return type(e).__name__ == "PanicException"
 
 
 def _relevant(w) -> bool:

@@ -17,7 +17,7 @@ from pydicom import Dataset
 from pydicom.pixels import pixel_array
 from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
 
-from .dicom_meta import MAX_INFLATED, TooLarge, _short, open_dataset
+from .dicom_meta import MAX_INFLATED, TooLarge, _short, is_decoder_panic, open_dataset
 
 
 @dataclass
@@ -193,3 +193,7 @@ def render(
         return Thumbnail("skipped_too_large", error=str(e))
     except Exception as e:  # noqa: BLE001 - malformed pixel data is a status, never a failed task
         return Thumbnail("error", error=f"{type(e).__name__}: {_short(e, 300)}")
+    except BaseException as e:
+        if not is_decoder_panic(e):
+            raise
+        return Thumbnail("error", error=f"decoder crashed: {_short(e, 300)}")

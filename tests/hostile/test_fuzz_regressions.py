@@ -1,0 +1,27 @@
+"""Inputs that atheris found to crash the per-file functions, kept as regression tests."""
+
+import io
+from pathlib import Path
+
+import pytest
+
+from dicom_lakehouse.dicom_meta import extract_header
+from dicom_lakehouse.thumbnails import render
+
+CRASHES = sorted((Path(__file__).parent / "crashes").glob("*"))
+
+
+@pytest.mark.parametrize("path", CRASHES, ids=[p.name for p in CRASHES])
+def test_crash_input_gets_a_status(path):
+    data = path.read_bytes()
+    h = extract_header(io.BytesIO(data), "file:/x", 1024, max_inflated=16 * 2**20)
+    t = render(io.BytesIO(data), 64, max_frame_bytes=16 * 2**20, max_inflated=16 * 2**20)
+    assert h.status in ("ok", "ok_with_warnings", "not_dicom", "error")
+    assert t.status in ("ok", "no_pixels", "skipped_too_large", "error")
+    if t.status == "error":
+        assert t.error
+
+
+def test_rle_decoder_panic_is_an_error_status():
+    t = render(io.BytesIO((Path(__file__).parent / "crashes" / "rle_decoder_panic.dcm").read_bytes()), 64)
+    assert t.status == "error" and "decoder crashed" in t.error
