@@ -122,3 +122,19 @@ def test_too_many_members(tmp_path):
 def test_path_tags_tokens():
     assert path_tags("PAT_001/2020-01-01 CT/series.3/IM-0001.dcm") == [
         "PAT_001", "2020-01-01 CT", "series.3", "IM", "0001", "dcm"]
+
+
+def test_hadoop_filesystem_listing_matches_the_local_walk(tmp_path, spark):
+    """The path taken for s3://, abfss://, dbfs:/ URIs, exercised on file: URIs."""
+    from dicom_lakehouse.listing import _walk_hadoop, _walk_local
+
+    root = tmp_path / "h"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "b" / "IM1").write_bytes(b"x" * 10)
+    (root / ".hidden").write_bytes(b"")
+    (root / "sp ace é.dcm").write_bytes(b"yy")
+    local = {(e.relative_path, e.length, e.mtime_us // 1000) for e in _walk_local(str(root), False)}
+    for uri in (root.as_uri(), f"file:{root}"):
+        hadoop = {(e.relative_path, e.length, e.mtime_us // 1000) for e in _walk_hadoop(spark, uri)}
+        assert hadoop == local
+    assert {r for r, _, _ in local} == {"a/b/IM1", ".hidden", "sp ace é.dcm"}

@@ -171,7 +171,8 @@ def _walk_hadoop(spark, path: str) -> Iterator[Entry]:
     hpath = jvm.org.apache.hadoop.fs.Path(path)
     fs = hpath.getFileSystem(hconf)
     roots = fs.globStatus(hpath) if has_glob(path) else [fs.getFileStatus(hpath)]
-    base = path.split("*")[0].rsplit("/", 1)[0] if has_glob(path) else path
+    qualified = fs.makeQualified(hpath).toString()  # file:///x and file:/x both list as file:/x/...
+    base = qualified.split("*")[0].rsplit("/", 1)[0] if has_glob(path) else qualified
     for st in roots or []:
         if st.isFile():
             p = st.getPath().toString()
