@@ -120,7 +120,7 @@ def _wait(proc, timeout: int | None, stop: threading.Event | None) -> tuple[int 
     deadline = time.time() + timeout if timeout else None
     while True:
         try:
-            code = proc.wait(timeout=0.5)
+            code = proc.wait(timeout=0.1)
             return code, "SUCCESS" if code == 0 else "FAILED"
         except subprocess.TimeoutExpired:
             pass

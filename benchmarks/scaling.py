@@ -1,0 +1,71 @@
+"""Scaling run: the benchmark at several corpus sizes, and a plot of files against seconds.
+
+    python benchmarks/scaling.py --sizes 1000 10000 50000
+
+Writes benchmarks/results/scaling-<date>.json and benchmarks/results/scaling.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+SERIES = [("baseline_meta_s", "baseline (b): header->JSON, Pool"),
+          ("baseline_full_wall_s", "baseline (c): + thumbnail, Pool"),
+          ("catalog_s", "catalog"), ("extract_meta_s", "extract_meta"), ("thumbnail_s", "thumbnail"),
+          ("publish_s", "publish"), ("job_wall_s", "whole job via runner (e)")]
+
+
+def plot(results: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    xs = [r["files"] for r in results]
+    for key, label in SERIES:
+        ys = [r.get(key) for r in results]
+        if all(y is not None for y in ys):
+            style = "--" if key.startswith("baseline") else "-"
+            ax.plot(xs, ys, style, marker="o", label=label)
+    ax.set_xlabel("files")
+    ax.set_ylabel("seconds")
+    ax.set_title(f"dicom-lakehouse scaling, {results[0]['cores']} cores")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out)
+
+
+def main(argv=None):
+    from run import measure
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 50000])
+    ap.add_argument("--replot", type=Path, default=None, help="only redraw from a scaling JSON")
+    a = ap.parse_args(argv)
+    out_dir = HERE / "results"
+    out_dir.mkdir(exist_ok=True)
+    if a.replot:
+        results = json.loads(a.replot.read_text())
+    else:
+        results = []
+        for n in a.sizes:
+            results.append(measure(n, HERE / "corpus" / str(n)))
+            (out_dir / f"scaling-{dt.date.today().isoformat()}.json").write_text(json.dumps(results, indent=2))
+            print(json.dumps({k: results[-1].get(k) for k in ("files", "baseline_meta_s", "baseline_full_wall_s",
+                                                               "extract_meta_s", "thumbnail_s", "job_wall_s")}),
+                  file=sys.stderr)
+    plot(results, out_dir / "scaling.png")
+    print(f"plot in {out_dir / 'scaling.png'}")
+
+
+if __name__ == "__main__":
+    main()
