@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 from collections import Counter
@@ -55,7 +54,7 @@ def build(files: int, out: Path, seed: int = 1, bad_fraction: float = 0.01) -> d
                         break
                     path = folder / f"IM{inst:04d}.dcm"
                     if i < n_bad:  # 1%: half not DICOM, half truncated
-                        data = os.urandom(2048) if i % 2 else raw[name][: len(raw[name]) // 3]
+                        data = rng.randbytes(2048) if i % 2 else raw[name][: len(raw[name]) // 3]
                         path.write_bytes(data)
                         mix["(non-dicom)" if i % 2 else "(truncated)"] += 1
                     else:

@@ -170,24 +170,38 @@ def meta_batches(threshold: int, max_inflated: int):
             for c in PROMOTED_COLUMNS:
                 if c != "meta":
                     new[c] = [r.columns.get(c) for r in results]
-            arrays = [pa.array(new[n], out_schema.field(n).type) if n in new else b.column(n) for n in names]
-            yield pa.RecordBatch.from_arrays(arrays, schema=out_schema)
+            yield _with_columns(b, new, names, out_schema)
 
     return fn
 
 
+def _with_columns(batch, new: dict, names: list[str], out_schema) -> pa.RecordBatch:
+    """The input batch passed through, with the step's own columns added or replaced."""
+    arrays = [pa.array(new[n], out_schema.field(n).type) if n in new else batch.column(n) for n in names]
+    return pa.RecordBatch.from_arrays(arrays, schema=out_schema)
+
+
+def _map_step(spark, store: TableStore, p: JobParams, src: str, dst: str, fn, status_col: str) -> dict:
+    """Read the previous step's stage, map every row through `fn` on the executors, write this step's
+    stage in one commit, and fail loudly if a row was lost or duplicated."""
+    schema_in = {"catalog": "files", "extract_meta": "meta"}[src]
+    schema_out = {"extract_meta": "meta", "thumbnail": "thumbnail"}[dst]
+    df, rows_in = _read_stage(store, p, src, schema_in)
+    _check_run(df, p, rows_in, stage_ref(p, src).name)
+    out = _spread(df, spark, rows_in).mapInArrow(fn, S.spark_schema(schema_out))
+    ref = stage_ref(p, dst)
+    rows = store.write(out, ref, "overwrite", commit_metadata(p.run_id, p.as_dict(), dst), step=schema_out)
+    if rows != rows_in:
+        raise StepError(f"{dst} read {rows_in} rows but wrote {rows}: a row was lost or duplicated")
+    counts = {r[status_col]: r["count"] for r in
+              store.read(ref, schema_out).groupBy(status_col).count().collect()}
+    return {"files_in": rows_in, "rows_out": rows, "errors": counts.get("error", 0), status_col: counts}
+
+
 def run_extract_meta(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
-    df, rows_in = _read_stage(store, p, "catalog", "files")
-    _check_run(df, p, rows_in, stage_ref(p, "catalog").name)
     dconf = conf.get("dicom") or {}
     fn = meta_batches(int(dconf.get("bulk_data_threshold", 1024)), int(dconf.get("max_deflated_bytes", 256 * 2**20)))
-    out = _spread(df, spark, rows_in).mapInArrow(fn, S.spark_schema("meta"))
-    ref = stage_ref(p, "extract_meta")
-    rows = store.write(out, ref, "overwrite", commit_metadata(p.run_id, p.as_dict(), "extract_meta"), step="meta")
-    if rows != rows_in:
-        raise StepError(f"extract-meta read {rows_in} rows but wrote {rows}: a row was lost or duplicated")
-    counts = _status_counts(store.read(ref, "meta").select("status"))
-    return {"files_in": rows_in, "rows_out": rows, "errors": counts.get("error", 0), "status": counts}
+    return _map_step(spark, store, p, "catalog", "extract_meta", fn, "status")
 
 
 # ------------------------------------------------------------------ thumbnail
@@ -226,27 +240,17 @@ def thumbnail_batches(size: int, max_frame_bytes: int, compress_level: int, max_
                 "thumbnail_status": [r.status for r in results],
                 "thumbnail_error": [r.error for r in results],
             }
-            arrays = [pa.array(new[n], out_schema.field(n).type) if n in new else b.column(n) for n in names]
-            yield pa.RecordBatch.from_arrays(arrays, schema=out_schema)
+            yield _with_columns(b, new, names, out_schema)
 
     return fn
 
 
 def run_thumbnail(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
-    df, rows_in = _read_stage(store, p, "extract_meta", "meta")
-    _check_run(df, p, rows_in, stage_ref(p, "extract_meta").name)
     tconf = conf.get("thumbnail") or {}
     fn = thumbnail_batches(p.thumbnail_size, int(tconf.get("max_frame_bytes", 512 * 2**20)),
                            int(tconf.get("png_compress_level", 3)),
                            int((conf.get("dicom") or {}).get("max_deflated_bytes", 256 * 2**20)))
-    out = _spread(df, spark, rows_in).mapInArrow(fn, S.spark_schema("thumbnail"))
-    ref = stage_ref(p, "thumbnail")
-    rows = store.write(out, ref, "overwrite", commit_metadata(p.run_id, p.as_dict(), "thumbnail"), step="thumbnail")
-    if rows != rows_in:
-        raise StepError(f"thumbnail read {rows_in} rows but wrote {rows}: a row was lost or duplicated")
-    counts = {r["thumbnail_status"]: r["count"] for r in
-              store.read(ref, "thumbnail").groupBy("thumbnail_status").count().collect()}
-    return {"files_in": rows_in, "rows_out": rows, "errors": counts.get("error", 0), "thumbnail_status": counts}
+    return _map_step(spark, store, p, "extract_meta", "thumbnail", fn, "thumbnail_status")
 
 
 # ------------------------------------------------------------------ publish
