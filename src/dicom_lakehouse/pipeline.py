@@ -104,6 +104,8 @@ def run_catalog(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
         df = joined.filter(F.col("_change") != "unchanged").select(*S.column_names("files"))
     else:
         stats.update({"new": listed, "changed": 0, "unchanged": 0})
+    log.info("catalog: %d files listed in %.1f s: %d new, %d changed, %d unchanged (%s mode)", listed, t_list,
+             stats["new"], stats["changed"], stats["unchanged"], p.mode)
     rows = store.write(df, stage_ref(p, "catalog"), "overwrite", commit_metadata(p.run_id, p.as_dict(), "catalog"),
                        step="files")
     expected = listed - stats["unchanged"]
