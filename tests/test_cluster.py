@@ -2,14 +2,11 @@
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from collections import Counter
 
-import pyspark
 import pytest
 from conftest import ROOT
 from deltalake import DeltaTable
@@ -84,29 +81,19 @@ def test_job_on_a_standalone_cluster_runs_on_both_workers(tmp_path, sample_dir, 
 
 
 def test_job_through_spark_connect(tmp_path, sample_dir):
-    port = free_port()
-    home = os.path.dirname(pyspark.__file__)
-    log = open(tmp_path / "connect.log", "wb")
-    server = subprocess.Popen(
-        [os.path.join(home, "bin", "spark-submit"), "--class", "org.apache.spark.sql.connect.service.SparkConnectServer",
-         "--master", "local[2]", "--conf", f"spark.connect.grpc.binding.port={port}",
-         "--conf", "spark.connect.grpc.binding.address=127.0.0.1", "--conf", "spark.ui.enabled=false",
-         "spark-internal"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"})
-    try:
-        deadline = time.time() + 120
-        while b"Spark Connect server started" not in (tmp_path / "connect.log").read_bytes():
-            assert server.poll() is None and time.time() < deadline, (tmp_path / "connect.log").read_text()[-3000:]
-            time.sleep(0.5)
-        wh = tmp_path / "wh"
-        r = subprocess.run([sys.executable, str(ROOT / "RUNME.py"), "--run", "--remote", f"sc://127.0.0.1:{port}",
-                            "--warehouse", str(wh), "--param", f"path={sample_dir}", "--param", "mode=overwrite"],
-                           capture_output=True, text=True, timeout=600, cwd=ROOT)
-        assert r.returncode == 0, r.stdout + r.stderr
-        assert f"on sc://127.0.0.1:{port}" in r.stdout
-        check_table(wh, 13)
-        assert "spark-submit" not in r.stdout  # tasks ran as plain Connect clients
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
+    """--connect-server starts a Spark Connect server from pyspark; each task is a client (--remote)."""
+    wh = tmp_path / "wh"
+    r = subprocess.run([sys.executable, str(ROOT / "RUNME.py"), "--run", "--connect-server", "--warehouse", str(wh),
+                        "--param", f"path={sample_dir}", "--param", "mode=overwrite"],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    remote = r.stdout.split("Spark Connect server at ")[1].split()[0]
+    assert remote.startswith("sc://127.0.0.1:") and f"on {remote}" in r.stdout
+    check_table(wh, 13)
+    run_dir = ROOT / "build" / "local" / "runs" / r.stdout.split("run ")[1].split(":")[0]
+    assert "--remote" not in (run_dir / "catalog.1.log").read_text()  # no spark-submit banner...
+    assert "engine delta-rs" in (run_dir / "catalog.1.log").read_text()
+    # the server is gone after the run
+    port = int(remote.rsplit(":", 1)[1])
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0

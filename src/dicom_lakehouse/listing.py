@@ -165,24 +165,50 @@ def _glob_local(pattern: str, follow_symlinks: bool) -> Iterator[Entry]:
 
 
 # ---------------------------------------------------------------- hadoop walk
+_STATUS = re.compile(r"\w+\{path=(.*?); isDirectory=(true|false)(?:; length=(\d+))?.*?; modification_time=(\d+);")
+
+
+def _hadoop_statuses(jvm, statuses) -> list[tuple[str, bool, int, int]]:
+    """(path, is_dir, length, mtime_ms) of a FileStatus array in ONE Py4J call: per-entry calls
+    cost about 3 ms a file (300 files/s); `Arrays.toString` returns them all as one string."""
+    if statuses is None:
+        return []
+    if hasattr(statuses, "__len__"):
+        # Py4J cannot pass a FileStatus[] where Object[] is expected: copy it into an Object[] first.
+        from pyspark import SparkContext
+
+        n = len(statuses)
+        objs = SparkContext._gateway.new_array(jvm.java.lang.Object, n)
+        jvm.java.lang.System.arraycopy(statuses, 0, objs, 0, n)
+        text = jvm.java.util.Arrays.toString(objs)
+    else:
+        text = statuses.toString()
+    return [(m.group(1), m.group(2) == "true", int(m.group(3) or 0), int(m.group(4)))
+            for m in _STATUS.finditer(text)]
+
+
 def _walk_hadoop(spark, path: str) -> Iterator[Entry]:
+    """List through the session's Hadoop FileSystem (s3a://, abfss://, dbfs:/, hdfs://, file:)."""
     jvm = spark._jvm
     hconf = spark._jsc.hadoopConfiguration()
     hpath = jvm.org.apache.hadoop.fs.Path(path)
     fs = hpath.getFileSystem(hconf)
-    roots = fs.globStatus(hpath) if has_glob(path) else [fs.getFileStatus(hpath)]
     qualified = fs.makeQualified(hpath).toString()  # file:///x and file:/x both list as file:/x/...
     base = qualified.split("*")[0].rsplit("/", 1)[0] if has_glob(path) else qualified
-    for st in roots or []:
-        if st.isFile():
-            p = st.getPath().toString()
-            yield Entry(p, p[len(base):].lstrip("/") or p.rsplit("/", 1)[-1], st.getLen(), st.getModificationTime() * 1000)
-            continue
-        it = fs.listFiles(st.getPath(), True)
-        while it.hasNext():
-            f = it.next()
-            p = f.getPath().toString()
-            yield Entry(p, p[len(base):].lstrip("/"), f.getLen(), f.getModificationTime() * 1000)
+    roots = _hadoop_statuses(jvm, fs.globStatus(hpath) if has_glob(path) else fs.getFileStatus(hpath))
+    stack = []
+    for p, is_dir, length, mtime in roots:
+        if is_dir:
+            stack.append(p)
+        else:
+            yield Entry(p, p[len(base):].lstrip("/") or p.rsplit("/", 1)[-1], length, mtime * 1000)
+    while stack:
+        d = stack.pop()
+        for p, is_dir, length, mtime in _hadoop_statuses(jvm, fs.listStatus(jvm.org.apache.hadoop.fs.Path(d))):
+            if is_dir:
+                stack.append(p)
+            else:
+                yield Entry(p, p[len(base):].lstrip("/"), length, mtime * 1000)
 
 
 # ---------------------------------------------------------------- zip archives
