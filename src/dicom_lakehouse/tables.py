@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 import uuid
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,35 +61,44 @@ class TableRef:
         return f"`{self.catalog}`.`{self.schema}`.`{self.table}`"
 
 
-class TableStore:
+class TableStore(ABC):
+    """Where staged and published tables live; one implementation per engine."""
+
     engine = "abstract"
 
     def __init__(self, spark):
         self.spark = spark
 
+    @abstractmethod
     def exists(self, ref: TableRef) -> bool:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def read(self, ref: TableRef, step: str = "publish"):
         """The table as a Spark DataFrame."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def write(self, df, ref: TableRef, mode: str, metadata: dict, step: str = "publish") -> int:
         """Write in one commit. mode: overwrite | upsert (on `path`). Returns rows written."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def drop(self, ref: TableRef) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def history(self, ref: TableRef) -> list[dict]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def count(self, ref: TableRef) -> int:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def write_derived(self, ref: TableRef, select_sql: str, metadata: dict) -> str:
         """Create or refresh a derived view/table over the published table; returns its kind."""
-        raise NotImplementedError
+        ...
 
 
 def commit_metadata(run_id: str, params: dict, step: str) -> dict:
