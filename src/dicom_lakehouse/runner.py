@@ -86,14 +86,33 @@ def task_argv(task: dict, values: dict, run_id: str) -> list[str]:
     return [sub(str(a)) for a in task["spark_python_task"].get("parameters") or []]
 
 
+def class_data_archive(conf: dict) -> Path | None:
+    """Where the task JVMs' class-data-sharing archive lives (None when disabled in conf/).
+
+    Loading Spark's classes from a CDS archive cuts about 4 s off each task's JVM start; the first
+    task that runs without one writes it at exit (once, about 150 MB, 20 s)."""
+    import platform
+
+    import pyspark
+
+    if not (conf.get("runner") or {}).get("class_data_sharing", False):
+        return None
+    build = Path(conf.get("conf_dir", ".")).parent / conf.get("build_dir", "build")
+    return build / f"spark-cds-{pyspark.__version__}-{platform.machine()}.jsa"
+
+
 def spark_submit_cmd(conf: dict, master: str, python_file: str, argv: list[str], name: str,
-                     py_files: str | None = None) -> list[str]:
+                     py_files: str | None = None, java_options: str = "") -> list[str]:
     import pyspark
 
     spark_conf = conf.get("spark") or {}
     cmd = [str(Path(pyspark.__file__).parent / "bin" / "spark-submit"), "--master", master,
            "--name", f"dicom-lakehouse:{name}", "--driver-memory", str(spark_conf.get("driver_memory", "2g"))]
-    for k, v in (spark_conf.get("conf") or {}).items():
+    settings = dict(spark_conf.get("conf") or {})
+    if java_options:
+        key = "spark.driver.extraJavaOptions"
+        settings[key] = f"{settings.get(key, '')} {java_options}".strip()
+    for k, v in settings.items():
         cmd += ["--conf", f"{k}={v}"]
     if py_files:
         cmd += ["--py-files", py_files]
@@ -204,16 +223,26 @@ def run_job(
     env.setdefault("SPARK_LOCAL_IP", (conf.get("spark") or {}).get("local_ip", "127.0.0.1"))
     if warehouse:
         env["DICOM_LAKEHOUSE_WAREHOUSE"] = str(Path(warehouse).resolve())
+    cds = class_data_archive(conf)
+    if cds is not None:
+        cds.parent.mkdir(parents=True, exist_ok=True)
     t_job = time.time()
     echo(f"run {run_id}: job {record.job} on {remote or master}, parameters {json.dumps(values)}")
     for task in task_order(settings):
         key = task["task_key"]
         argv = task_argv(task, values, run_id)
         python_file = task["spark_python_task"]["python_file"]
+        dump = None
         if remote:  # Spark Connect: the task is a plain Python client, no local JVM
             cmd = [sys.executable, python_file, *argv, "--remote", remote]
         else:
-            cmd = spark_submit_cmd(conf, master, python_file, argv, key, py_files)
+            java = ""
+            if cds is not None and cds.exists():
+                java = f"-XX:SharedArchiveFile={cds}"
+            elif cds is not None:
+                dump = cds.with_name(f"{cds.stem}.{run_id}.tmp")
+                java = f"-XX:ArchiveClassesAtExit={dump}"
+            cmd = spark_submit_cmd(conf, master, python_file, argv, key, py_files, java)
         retries = int(task.get("max_retries", 0) or 0)
         timeout = int(task.get("timeout_seconds", 0) or 0) or None
         pause = int(task.get("min_retry_interval_millis", 0) or 0) / 1000
@@ -230,6 +259,13 @@ def run_job(
             res = _result(log_path)
             record.attempts.append(Attempt(key, attempt, status, secs, str(log_path), res, code))
             record.save(folder)
+            if dump is not None:
+                if status == "SUCCESS" and dump.exists():
+                    os.replace(dump, cds)  # later tasks start from the archive
+                dump.unlink(missing_ok=True)
+                cmd = [c.replace(f"-XX:ArchiveClassesAtExit={dump}", f"-XX:SharedArchiveFile={cds}")
+                       if cds.exists() else c for c in cmd]
+                dump = None
             if status == "SUCCESS":
                 summary = ", ".join(f"{k} {res.get(k)}" for k in ("files_in", "rows_out", "errors")) if res else ""
                 echo(f"  [{key}] SUCCESS in {secs:.1f} s ({summary})")
