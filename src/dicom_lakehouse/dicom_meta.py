@@ -19,10 +19,14 @@ from dataclasses import dataclass, field
 
 import orjson
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_partial, read_preamble
 from pydicom.filewriter import write_file_meta_info
+from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian
+
+from .json_model import plain_codec, raw_to_json
 
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
@@ -72,8 +76,9 @@ def _is_overlay_data(tag: int) -> bool:
 class _Converter:
     """Element-wise DICOM JSON conversion that records what it had to drop."""
 
-    def __init__(self, uri: str, threshold: int):
+    def __init__(self, uri: str, threshold: int, fast: bool = True):
         self.uri = uri
+        self.fast = fast
         self.threshold = threshold
         self.warnings: list[str] = []
 
@@ -82,8 +87,29 @@ class _Converter:
 
     def dataset(self, ds, prefix: str = "", short: list[str] | None = None) -> dict:
         out = {}
-        for elem in _elements(ds, self.warnings, prefix, short):
-            key = f"{elem.tag:08X}"
+        codec = plain_codec(ds.original_character_set or ds._character_set) if self.fast else None
+        for tag in list(ds.keys()):
+            key = f"{int(tag):08X}"
+            raw = ds.get_item(tag)
+            if short is not None:
+                length, value = getattr(raw, "length", None), getattr(raw, "value", None)
+                if length is not None and length != 0xFFFFFFFF and isinstance(value, bytes) and len(value) < length:
+                    short.append(key)
+            if self.fast and type(raw) is RawDataElement and tag not in PIXEL_TAGS and not _is_overlay_data(tag):
+                try:
+                    if tag.group & 1:  # pydicom reads a private element's creator first
+                        _private_creator(ds, tag)
+                    fast = raw_to_json(raw, codec, self.bulk_uri, self.threshold)
+                except Exception:  # noqa: BLE001 - pydicom's path below reports it
+                    fast = None
+                if fast is not None:
+                    out[key] = fast
+                    continue
+            try:
+                elem = ds[tag]
+            except Exception as e:  # noqa: BLE001
+                self.warnings.append(f"{prefix}{key} unreadable: {type(e).__name__}: {_short(e)}")
+                continue
             try:
                 if elem.VR == "SQ":
                     out[key] = {
@@ -101,18 +127,10 @@ class _Converter:
         return out
 
 
-def _elements(ds, warns: list[str], prefix: str, short: list[str] | None = None):
-    """Iterate a dataset's elements, converting raw ones one by one; note values cut short by EOF."""
-    for tag in list(ds.keys()):
-        if short is not None:
-            raw = ds.get_item(tag)
-            length, value = getattr(raw, "length", None), getattr(raw, "value", None)
-            if length is not None and length != 0xFFFFFFFF and isinstance(value, bytes) and len(value) < length:
-                short.append(f"{int(tag):08X}")
-        try:
-            yield ds[tag]
-        except Exception as e:  # noqa: BLE001
-            warns.append(f"{prefix}{int(tag):08X} unreadable: {type(e).__name__}: {_short(e)}")
+def _private_creator(ds, tag) -> None:
+    creator = Tag(tag.group, tag.element >> 8)
+    if creator != tag and creator in ds:
+        ds[creator].value  # noqa: B018 - raises where pydicom's conversion would
 
 
 def _short(e: Exception, n: int = 160) -> str:
@@ -310,14 +328,17 @@ def _trailing_bytes(fp, ds, end: int) -> int:
     return left if 0 < left < 8 else 0
 
 
-def extract_header(fp, uri: str, bulk_data_threshold: int = 1024, max_inflated: int = MAX_INFLATED) -> HeaderResult:
-    """The per-file work of extract-meta. Never raises for bad input: returns a status instead."""
+def extract_header(fp, uri: str, bulk_data_threshold: int = 1024, max_inflated: int = MAX_INFLATED,
+                   fast: bool = True) -> HeaderResult:
+    """The per-file work of extract-meta. Never raises for bad input: returns a status instead.
+
+    `fast=False` converts every element through pydicom (the reference the fast path is tested against)."""
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ds, has_pixels = read_header(fp, max_inflated)
             end = 0 if has_pixels else _data_end(ds)
-            conv = _Converter(uri, bulk_data_threshold)
+            conv = _Converter(uri, bulk_data_threshold, fast)
             model, short = {}, []
             fm = getattr(ds, "file_meta", None)
             if fm is not None and len(fm):
