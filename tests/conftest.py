@@ -19,6 +19,14 @@ def dicom_file(name: str) -> str:
     return path
 
 
+def real_dicom_files() -> list[str]:
+    """Every .dcm file pydicom ships (test and character-set files), found on disk: no download attempts."""
+    import pydicom.data
+
+    root = Path(pydicom.data.__file__).parent
+    return sorted(str(p) for d in ("test_files", "charset_files") for p in (root / d).rglob("*.dcm"))
+
+
 @pytest.fixture(scope="session")
 def conf():
     from dicom_lakehouse.config import load_conf

@@ -6,14 +6,14 @@ import random
 import struct
 
 import pytest
-from pydicom.data import get_charset_files, get_testdata_files
+from conftest import real_dicom_files
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 
 from dicom_lakehouse.dicom_meta import extract_header
 from dicom_lakehouse.json_model import plain_codec, raw_to_json
 
-REAL = sorted(f for f in set(get_testdata_files("*")) | set(get_charset_files("*")) if os.path.isfile(f))
+REAL = real_dicom_files()
 
 
 def _both(data: bytes):

@@ -6,11 +6,11 @@ import tracemalloc
 import numpy as np
 import pydicom
 import pytest
-from conftest import dicom_file
+from conftest import dicom_file, real_dicom_files
 from PIL import Image
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
-from dicom_lakehouse.thumbnails import render
+from dicom_lakehouse.thumbnails import _percentiles, decode_frame, grey_to_uint8, render, render_grey
 
 
 def thumb(path_or_bytes, size=256, **kw):
@@ -167,3 +167,41 @@ def test_no_pixels_and_malformed_pixels(name, status):
     assert t.status == status
     assert (t.error is None) == (status == "no_pixels")
     assert t.png is None
+
+
+def _grey_frames():
+    import os
+
+    out = []
+    for f in real_dicom_files():
+        try:
+            with open(f, "rb") as fp:
+                frames = int(pydicom.dcmread(fp, stop_before_pixels=True).get("NumberOfFrames") or 1)
+                fp.seek(0)
+                ds, arr = decode_frame(fp, (frames - 1) // 2 if frames > 1 else None)
+        except Exception:  # noqa: BLE001 - files without (decodable) pixels
+            continue
+        if arr.ndim == 3 and int(ds.get("SamplesPerPixel", 1)) == 1:
+            arr = arr[len(arr) // 2]
+        if arr.ndim == 2 and ds.get("PhotometricInterpretation") != "PALETTE COLOR":
+            out.append((os.path.basename(f), ds, arr))
+    return out
+
+
+def test_lookup_table_path_equals_the_per_pixel_pipeline():
+    """grey_to_uint8 evaluates the display curve per distinct value; it must give the same pixels."""
+    frames = _grey_frames()
+    assert len(frames) >= 20
+    looked_up = 0
+    for name, ds, arr in frames:
+        direct = np.clip(render_grey(arr, ds) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        assert np.array_equal(grey_to_uint8(arr, ds), direct), name
+        looked_up += arr.dtype.kind in "iu" and arr.size > 4096
+    assert looked_up >= 8
+
+
+def test_weighted_percentiles_match_numpy():
+    rng = np.random.default_rng(3)
+    x = rng.integers(-1000, 3000, size=50_000)
+    values, counts = np.unique(x, return_counts=True)
+    assert np.allclose(_percentiles(values.astype(float), counts), np.percentile(x, [0.5, 99.5]))

@@ -52,19 +52,42 @@ def window(arr: np.ndarray, center: float, width: float, function: str = "LINEAR
     return np.clip((x - (center - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0)
 
 
-def robust_range(arr: np.ndarray) -> np.ndarray:
-    """Min-max scaling that ignores the outer 0.5% at each end."""
+def _percentiles(x: np.ndarray, weights: np.ndarray | None) -> tuple[float, float]:
+    """np.percentile(x, [0.5, 99.5]) (linear method), also for values given with repeat counts."""
+    if weights is None:
+        lo, hi = np.percentile(x, [0.5, 99.5])
+        return float(lo), float(hi)
+    order = np.argsort(x, kind="stable")
+    xs, cc = x[order], np.cumsum(weights[order])
+    n = int(cc[-1])
+    out = []
+    for q in (0.005, 0.995):
+        pos = q * (n - 1)
+        k = int(pos)
+        a = float(xs[np.searchsorted(cc, k, side="right")])
+        b = float(xs[np.searchsorted(cc, min(k + 1, n - 1), side="right")])
+        out.append(a + (b - a) * (pos - k))
+    return out[0], out[1]
+
+
+def robust_range(arr: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Min-max scaling that ignores the outer 0.5% at each end. `weights`: how often each value occurs."""
     x = arr.astype(np.float64, copy=False)
-    lo, hi = np.percentile(x, [0.5, 99.5]) if x.size > 64 else (x.min(), x.max())
+    present = x if weights is None else x[weights > 0]
+    size = x.size if weights is None else int(weights.sum())
+    lo, hi = _percentiles(x, weights) if size > 64 else (present.min(), present.max())
     if hi <= lo:
-        lo, hi = float(x.min()), float(x.max())
+        lo, hi = float(present.min()), float(present.max())
     if hi <= lo:
         return np.zeros_like(x)
     return np.clip((x - lo) / (hi - lo), 0.0, 1.0)
 
 
-def render_grey(arr: np.ndarray, ds: Dataset) -> np.ndarray:
-    """Monochrome frame -> [0, 1] floats: Modality LUT, VOI (sequence, window, or robust range), MONOCHROME1."""
+def render_grey(arr: np.ndarray, ds: Dataset, weights: np.ndarray | None = None) -> np.ndarray:
+    """Monochrome values -> [0, 1] floats: Modality LUT, VOI (sequence, window, or robust range), MONOCHROME1.
+
+    Every step maps each stored value on its own, so `arr` may be the image or the distinct values
+    in it (with `weights`, their counts, for the robust range)."""
     x = apply_modality_lut(arr, ds)
     voi_seq = ds.get("VOILUTSequence")
     center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
@@ -72,15 +95,32 @@ def render_grey(arr: np.ndarray, ds: Dataset) -> np.ndarray:
         y = apply_voi_lut(x, ds, index=0, prefer_lut=True).astype(np.float64)
         bits = int(voi_seq[0].LUTDescriptor[2]) if "LUTDescriptor" in voi_seq[0] else 16
         top = float(2**bits - 1)
-        out = np.clip(y / top, 0.0, 1.0) if top > 0 else robust_range(y)
+        out = np.clip(y / top, 0.0, 1.0) if top > 0 else robust_range(y, weights)
     elif center is not None and width is not None and width >= 1:
         func = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
         out = window(x, center, width, func)
     else:
-        out = robust_range(x)
+        out = robust_range(x, weights)
     if ds.get("PhotometricInterpretation") == "MONOCHROME1":
         out = 1.0 - out
     return out
+
+
+MAX_LUT_VALUES = 1 << 17
+
+
+def grey_to_uint8(arr: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Integer images: compute the display curve once per distinct stored value, then look it up
+    (a 512 x 512 CT has at most a few thousand values; the float pipeline per pixel costs more)."""
+    if arr.dtype.kind in "iu" and arr.size > 4096:
+        lo, hi = int(arr.min()), int(arr.max())
+        if hi - lo < MAX_LUT_VALUES:
+            idx = arr.astype(np.int64) - lo if lo else arr
+            counts = np.bincount(idx.ravel(), minlength=hi - lo + 1)
+            values = np.arange(lo, hi + 1, dtype=np.int64).astype(arr.dtype)
+            curve = render_grey(values, ds, counts)
+            return np.clip(curve * 255.0 + 0.5, 0, 255).astype(np.uint8)[idx]
+    return np.clip(render_grey(arr, ds) * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
 def to_uint8(arr: np.ndarray, ds: Dataset) -> np.ndarray:
@@ -97,7 +137,7 @@ def to_uint8(arr: np.ndarray, ds: Dataset) -> np.ndarray:
             return arr
         bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 8)
         return np.clip(arr.astype(np.float64) / (2**bits - 1) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    return np.clip(render_grey(arr, ds) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return grey_to_uint8(arr, ds)
 
 
 def display_size(rows: int, columns: int, ds: Dataset, size: int) -> tuple[int, int]:
