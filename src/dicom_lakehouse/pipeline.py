@@ -8,12 +8,14 @@ retried step is idempotent and no join is needed until publish.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
 import re
 import time
 import warnings
+from contextlib import contextmanager
 
 import pyarrow as pa
 from pyspark.sql import functions as F
@@ -55,10 +57,25 @@ def _status_counts(df) -> dict:
     return {r["status"]: r["count"] for r in df.groupBy("status").count().collect()}
 
 
-def _spread(df, spark, rows: int):
-    """Spread rows over all cores: small files are otherwise packed into one partition."""
-    n = max(1, min(rows, max(default_parallelism(spark) * 4, rows // 1000)))
-    return df.repartition(n)
+def _partitions(spark, rows: int) -> int:
+    """About 1,000 files per partition, and at least 4 per core so that slow files even out."""
+    return max(1, min(rows, max(default_parallelism(spark) * 4, rows // 1000)))
+
+
+@contextmanager
+def _file_per_partition(spark):
+    """Read each file of a stage as its own partition: Spark otherwise packs small files together.
+    (With an open cost this large, no two files fit in one split.)"""
+    key = "spark.sql.files.openCostInBytes"
+    old = spark.conf.get(key, None)
+    spark.conf.set(key, str(1 << 40))
+    try:
+        yield
+    finally:
+        if old is None:
+            spark.conf.unset(key)
+        else:
+            spark.conf.set(key, old)
 
 
 def _read_stage(store: TableStore, p: JobParams, step: str, schema_step: str):
@@ -179,9 +196,13 @@ def _map_step(spark, store: TableStore, p: JobParams, src: str, dst: str, fn, st
     schema_in = {"catalog": "files", "extract_meta": "meta"}[src]
     schema_out = {"extract_meta": "meta", "thumbnail": "thumbnail"}[dst]
     df, rows_in = _read_stage(store, p, src, schema_in)
-    out = _spread(df, spark, rows_in).mapInArrow(fn, S.spark_schema(schema_out))
+    n = _partitions(spark, rows_in)
+    # A stage written by a previous step already has one file per partition: no shuffle needed.
+    enough_files = store.file_count(stage_ref(p, src)) >= n
     ref = stage_ref(p, dst)
-    rows = store.write(out, ref, "overwrite", commit_metadata(p.run_id, p.as_dict(), dst), step=schema_out)
+    with _file_per_partition(spark) if enough_files else contextlib.nullcontext():
+        out = (df if enough_files else df.repartition(n)).mapInArrow(fn, S.spark_schema(schema_out))
+        rows = store.write(out, ref, "overwrite", commit_metadata(p.run_id, p.as_dict(), dst), step=schema_out)
     if rows != rows_in:
         raise StepError(f"{dst} read {rows_in} rows but wrote {rows}: a row was lost or duplicated")
     counts = {r[status_col]: r["count"] for r in

@@ -2,7 +2,9 @@
 
 It honours depends_on, max_retries, min_retry_interval_millis and timeout_seconds
 from the job spec, and records every attempt (run id, task, attempt, status,
-seconds, log file) in `<build>/runs/<run_id>/run.json`.
+seconds, log file) in `<build>/runs/<run_id>/run.json`. On local masters it starts each
+task's process while the task before it runs (conf `runner.prewarm`), so that JVM and session
+start-up overlap with work; the process waits at a gate file until its upstream task succeeded.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 
 from .bundle import task_order
 from .params import ParameterError, validate
-from .taskmain import RESULT_MARK
+from .taskmain import GATE_ENV, RESULT_MARK, RUNNER_PID_ENV
 
 PARAM_REF = re.compile(r"\{\{\s*job\.parameters\.([A-Za-z0-9_]+)\s*\}\}")
 RUN_ID_REF = re.compile(r"\{\{\s*job\.run_id\s*\}\}")
@@ -158,6 +160,45 @@ def local_connect_server(conf: dict, master: str, log_path: Path, timeout: float
             proc.wait()
 
 
+@dataclass
+class _Launched:
+    """A task process, possibly started ahead of time and waiting at its gate file."""
+
+    key: str
+    proc: subprocess.Popen
+    gate: Path | None = None
+
+    @classmethod
+    def start(cls, key: str, cmd: list[str], log_path: Path, env: dict, root: Path, gate: Path | None = None):
+        if gate is not None:
+            gate.unlink(missing_ok=True)
+            env = {**env, GATE_ENV: str(gate), RUNNER_PID_ENV: str(os.getpid())}
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(root),
+                                    start_new_session=True)
+        return cls(key, proc, gate)
+
+    def open(self, word: str) -> None:
+        if self.gate is not None:
+            tmp = self.gate.with_name(self.gate.name + ".tmp")
+            tmp.write_text(word)
+            os.replace(tmp, self.gate)
+
+    def cancel(self, grace: float = 15) -> None:
+        """Tell a waiting task not to start; it stops its Spark session and exits. Kill it if it hangs."""
+        self.open("cancel")
+        try:
+            self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, 9)
+            self.proc.wait()
+        if self.gate is not None:
+            self.gate.unlink(missing_ok=True)
+            log = self.gate.with_name(f"{self.key}.1.log")
+            log.unlink(missing_ok=True)  # it never started: no attempt, no log
+
+
 def _tail(path: Path, lines: int = 40) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -226,62 +267,83 @@ def run_job(
     cds = class_data_archive(conf)
     if cds is not None:
         cds.parent.mkdir(parents=True, exist_ok=True)
-    t_job = time.time()
-    echo(f"run {run_id}: job {record.job} on {remote or master}, parameters {json.dumps(values)}")
-    for task in task_order(settings):
+    tasks = task_order(settings)
+    commands, dump = {}, None
+    for task in tasks:
         key = task["task_key"]
         argv = task_argv(task, values, run_id)
         python_file = task["spark_python_task"]["python_file"]
-        dump = None
         if remote:  # Spark Connect: the task is a plain Python client, no local JVM
-            cmd = [sys.executable, python_file, *argv, "--remote", remote]
-        else:
-            java = ""
-            if cds is not None and cds.exists():
-                java = f"-XX:SharedArchiveFile={cds}"
-            elif cds is not None:
-                dump = cds.with_name(f"{cds.stem}.{run_id}.tmp")
-                java = f"-XX:ArchiveClassesAtExit={dump}"
-            cmd = spark_submit_cmd(conf, master, python_file, argv, key, py_files, java)
-        retries = int(task.get("max_retries", 0) or 0)
-        timeout = int(task.get("timeout_seconds", 0) or 0) or None
-        pause = int(task.get("min_retry_interval_millis", 0) or 0) / 1000
-        ok = False
-        for attempt in range(1, retries + 2):
-            log_path = folder / f"{key}.{attempt}.log"
-            t0 = time.time()
-            echo(f"  [{key}] attempt {attempt} started")
-            with open(log_path, "wb") as log:
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(root),
-                                        start_new_session=True)
-                code, status = _wait(proc, timeout, stop)
-            secs = round(time.time() - t0, 2)
-            res = _result(log_path)
-            record.attempts.append(Attempt(key, attempt, status, secs, str(log_path), res, code))
-            record.save(folder)
-            if dump is not None:
-                if status == "SUCCESS" and dump.exists():
-                    os.replace(dump, cds)  # later tasks start from the archive
-                dump.unlink(missing_ok=True)
-                cmd = [c.replace(f"-XX:ArchiveClassesAtExit={dump}", f"-XX:SharedArchiveFile={cds}")
-                       if cds.exists() else c for c in cmd]
-                dump = None
-            if status == "SUCCESS":
-                summary = ", ".join(f"{k} {res.get(k)}" for k in ("files_in", "rows_out", "errors")) if res else ""
-                echo(f"  [{key}] SUCCESS in {secs:.1f} s ({summary})")
-                ok = True
+            commands[key] = [sys.executable, python_file, *argv, "--remote", remote]
+            continue
+        java = ""
+        if cds is not None and cds.exists():
+            java = f"-XX:SharedArchiveFile={cds}"
+        elif cds is not None:
+            dump = cds.with_name(f"{cds.stem}.{run_id}.tmp")
+            java = f"-XX:ArchiveClassesAtExit={dump}"
+        commands[key] = spark_submit_cmd(conf, master, python_file, argv, key, py_files, java)
+    # Start each task's process while its upstream task runs; it waits at a gate with its JVM and
+    # Spark session up. Local masters only (on a cluster a waiting driver would hold executors),
+    # not on the run that writes the class archive, and not for Spark Connect clients.
+    prewarm = bool((conf.get("runner") or {}).get("prewarm", False)) and master.startswith("local") \
+        and not remote and dump is None
+    warm: _Launched | None = None
+    t_job = time.time()
+    echo(f"run {run_id}: job {record.job} on {remote or master}, parameters {json.dumps(values)}")
+    try:
+        for idx, task in enumerate(tasks):
+            key = task["task_key"]
+            retries = int(task.get("max_retries", 0) or 0)
+            timeout = int(task.get("timeout_seconds", 0) or 0) or None
+            pause = int(task.get("min_retry_interval_millis", 0) or 0) / 1000
+            ok = False
+            for attempt in range(1, retries + 2):
+                log_path = folder / f"{key}.{attempt}.log"
+                echo(f"  [{key}] attempt {attempt} started")
+                t0 = time.time()
+                if warm is not None and warm.key == key and attempt == 1:
+                    launched, warm = warm, None
+                    launched.open("go")
+                else:
+                    launched = _Launched.start(key, commands[key], log_path, env, root)
+                if prewarm and warm is None and idx + 1 < len(tasks):
+                    nxt = tasks[idx + 1]["task_key"]
+                    warm = _Launched.start(nxt, commands[nxt], folder / f"{nxt}.1.log", env, root,
+                                           gate=folder / f"{nxt}.gate")
+                code, status = _wait(launched.proc, timeout, stop)
+                if launched.gate is not None:
+                    launched.gate.unlink(missing_ok=True)
+                secs = round(time.time() - t0, 2)
+                res = _result(log_path)
+                record.attempts.append(Attempt(key, attempt, status, secs, str(log_path), res, code))
+                record.save(folder)
+                if dump is not None:
+                    if status == "SUCCESS" and dump.exists():
+                        os.replace(dump, cds)  # later tasks start from the archive
+                    dump.unlink(missing_ok=True)
+                    commands = {k: [c.replace(f"-XX:ArchiveClassesAtExit={dump}", f"-XX:SharedArchiveFile={cds}")
+                                    if cds.exists() else c for c in cmd] for k, cmd in commands.items()}
+                    dump = None
+                if status == "SUCCESS":
+                    summary = ", ".join(f"{k} {res.get(k)}" for k in ("files_in", "rows_out", "errors")) if res else ""
+                    echo(f"  [{key}] SUCCESS in {secs:.1f} s ({summary})")
+                    ok = True
+                    break
+                echo(f"  [{key}] {status} (exit {code}) after {secs:.1f} s; log {log_path}")
+                if code == 2 or status == "CANCELED":
+                    break  # invalid parameters or Ctrl-C: a retry cannot help
+                if attempt <= retries:
+                    time.sleep(pause)
+            if not ok:
+                record.status, record.failed_task = "FAILED", key
+                record.message = _tail(folder / f"{key}.{record.attempts[-1].attempt}.log")
                 break
-            echo(f"  [{key}] {status} (exit {code}) after {secs:.1f} s; log {log_path}")
-            if code == 2 or status == "CANCELED":
-                break  # invalid parameters or Ctrl-C: a retry cannot help
-            if attempt <= retries:
-                time.sleep(pause)
-        if not ok:
-            record.status, record.failed_task = "FAILED", key
-            record.message = _tail(folder / f"{key}.{record.attempts[-1].attempt}.log")
-            break
-    else:
-        record.status = "SUCCESS"
+        else:
+            record.status = "SUCCESS"
+    finally:
+        if warm is not None:
+            warm.cancel()
     record.seconds = round(time.time() - t_job, 2)
     record.save(folder)
     echo(f"run {run_id}: {record.status} in {record.seconds:.1f} s; record {folder / 'run.json'}")

@@ -96,6 +96,10 @@ class TableStore(ABC):
         ...
 
     @abstractmethod
+    def file_count(self, ref: TableRef) -> int:
+        """Data files in the current version (a step reads each as one partition when there are enough)."""
+
+    @abstractmethod
     def write_derived(self, ref: TableRef, select_sql: str, metadata: dict) -> str:
         """Create or refresh a derived view/table over the published table; returns its kind."""
         ...
@@ -154,6 +158,9 @@ class DeltaRsStore(TableStore):
 
     def count(self, ref: TableRef) -> int:
         return int(self._table(ref).count())
+
+    def file_count(self, ref: TableRef) -> int:
+        return len(self._table(ref).file_uris())
 
     def _spark_write(self, df, folder: Path) -> list[Path]:
         df.write.mode("overwrite").parquet(folder.as_uri())
@@ -269,6 +276,9 @@ class SparkDeltaStore(TableStore):
 
     def count(self, ref: TableRef) -> int:
         return int(self.spark.table(ref.quoted).count())
+
+    def file_count(self, ref: TableRef) -> int:
+        return int(self.spark.sql(f"DESCRIBE DETAIL {ref.quoted}").first()["numFiles"])
 
     def _with_metadata(self, metadata: dict, fn):
         key = "spark.databricks.delta.commitInfo.userMetadata"

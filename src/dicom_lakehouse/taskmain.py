@@ -7,12 +7,43 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 from .config import ConfigError, load_conf
 from .params import ParameterError, parse_args, validate
 
 log = logging.getLogger("dicom_lakehouse")
 RESULT_MARK = "DICOM_LAKEHOUSE_RESULT "
+# Set by the local runner when it starts a task ahead of time (see runner.run_job).
+GATE_ENV = "DICOM_LAKEHOUSE_START_GATE"
+RUNNER_PID_ENV = "DICOM_LAKEHOUSE_RUNNER_PID"
+CANCELED_BEFORE_START = 3
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def wait_for_gate(path: str, runner_pid: int | None, poll: float = 0.05) -> bool:
+    """A task started ahead of time waits here, its Spark session up, until the runner writes
+    `go` (its upstream task succeeded) or `cancel`; a vanished runner counts as cancel."""
+    gate = Path(path)
+    while True:
+        try:
+            word = gate.read_text().strip()
+        except FileNotFoundError:
+            word = ""
+        if word:
+            return word == "go"
+        if runner_pid and not _alive(runner_pid):
+            return False
+        time.sleep(poll)
 
 
 def setup_logging() -> None:
@@ -58,6 +89,13 @@ def run_task(step: str, argv: list[str] | None = None) -> int:
     spark = get_spark(conf, params.remote, app_name=f"dicom-lakehouse:{step}")
     startup = time.time() - t0
     store = open_store(spark, conf, params.warehouse)
+    gate = os.environ.get(GATE_ENV)
+    if gate:
+        spark.range(1).collect()  # the first action's JIT and class loading, while upstream still runs
+        if not wait_for_gate(gate, int(os.environ.get(RUNNER_PID_ENV) or 0) or None):
+            log.info("%s: canceled before it started (its upstream task did not succeed)", step)
+            spark.stop()
+            return CANCELED_BEFORE_START
     log.info("%s: run %s on %s -> %s (engine %s, mode %s)", step, params.run_id, params.path, params.full_name,
              store.engine, params.mode)
     t1 = time.time()

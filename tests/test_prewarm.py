@@ -1,0 +1,104 @@
+"""The local runner starts each task's spark-submit while its upstream task runs (conf runner.prewarm)."""
+
+import copy
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from dicom_lakehouse.taskmain import wait_for_gate
+
+STEPS = ["catalog", "extract_meta", "thumbnail", "publish"]
+STAMP = re.compile(r"^(\d\d/\d\d/\d\d \d\d:\d\d:\d\d)")
+
+
+def test_gate_opens_on_go_and_refuses_on_cancel(tmp_path):
+    gate = tmp_path / "g"
+    threading.Timer(0.3, lambda: gate.write_text("go")).start()
+    t0 = time.time()
+    assert wait_for_gate(str(gate), os.getpid()) is True
+    assert time.time() - t0 >= 0.25
+    gate.write_text("cancel")
+    assert wait_for_gate(str(gate), os.getpid()) is False
+
+
+def test_gate_gives_up_when_the_runner_is_gone(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    assert wait_for_gate(str(tmp_path / "never-written"), dead.pid) is False
+
+
+def _job(conf):
+    from dicom_lakehouse.bundle import resolve
+
+    settings = resolve("local", root=ROOT).jobs["dicom_lakehouse"]
+    c = copy.deepcopy(conf)
+    c["runner"] = {**c.get("runner", {}), "prewarm": True, "class_data_sharing": False}
+    return settings, c
+
+
+def _first_spark_line(log: Path) -> str:
+    for line in log.read_text(errors="replace").splitlines():
+        m = STAMP.match(line)
+        if m and "Running Spark version" in line:
+            return m.group(1)
+    raise AssertionError(f"no Spark start in {log}")
+
+
+def _done_line(log: Path, step: str) -> str:
+    for line in log.read_text(errors="replace").splitlines():
+        if f"{step} done:" in line:
+            return line[:19]
+    raise AssertionError(f"{step} never finished in {log}")
+
+
+@pytest.mark.e2e
+def test_next_task_starts_its_session_before_the_previous_task_ends(tmp_path, sample_dir, conf):
+    from dicom_lakehouse.runner import run_job
+
+    settings, c = _job(conf)
+    build = tmp_path / "build"
+    rec = run_job(settings, c, target="local", job_key="dicom_lakehouse", root=ROOT, build_dir=build,
+                  overrides={"path": str(sample_dir), "mode": "overwrite"}, warehouse=str(tmp_path / "wh"),
+                  echo=lambda _: None, run_id="warm-run")
+    assert rec.status == "SUCCESS", rec.message
+    assert [(a.task, a.attempt, a.status) for a in rec.attempts] == [(s, 1, "SUCCESS") for s in STEPS]
+    logs = build / "runs" / "warm-run"
+    overlapped = []
+    for prev, step in zip(STEPS, STEPS[1:], strict=False):
+        text = (logs / f"{step}.1.log").read_text(errors="replace")
+        # it ran its warm-up action and then waited at the gate before the step itself began
+        assert text.index("taskmain.py") < text.index(f"{step}: run warm-run"), step
+        started = time.strptime(_first_spark_line(logs / f"{step}.1.log"), "%y/%m/%d %H:%M:%S")
+        prev_done = time.strptime(_done_line(logs / f"{prev}.1.log", prev), "%Y-%m-%d %H:%M:%S")
+        overlapped.append(started <= prev_done)
+    assert any(overlapped), "no task started its Spark session while its upstream task was running"
+    assert not list(logs.glob("*.gate*"))
+    assert rec.attempts[1].result["rows_out"] == rec.attempts[0].result["rows_out"] == 13
+
+
+@pytest.mark.e2e
+def test_waiting_task_is_canceled_when_its_upstream_fails(tmp_path, sample_dir, conf):
+    from dicom_lakehouse.runner import run_job
+
+    settings, c = _job(conf)
+    for t in settings["tasks"]:
+        t["max_retries"] = 0
+    blocker = tmp_path / "wh"
+    blocker.write_text("a file where the warehouse folder should be")
+    build = tmp_path / "build"
+    rec = run_job(settings, c, target="local", job_key="dicom_lakehouse", root=ROOT, build_dir=build,
+                  overrides={"path": str(sample_dir), "mode": "overwrite"}, warehouse=str(blocker),
+                  echo=lambda _: None, run_id="warm-fail")
+    assert rec.status == "FAILED" and rec.failed_task == "catalog"
+    assert [a.task for a in rec.attempts] == ["catalog"]
+    logs = build / "runs" / "warm-fail"
+    assert sorted(p.name for p in logs.iterdir()) == ["catalog.1.log", "run.json"]
+    left = subprocess.run(["pgrep", "-f", "--run_id warm-fail"], capture_output=True, text=True).stdout.split()
+    assert left == []
