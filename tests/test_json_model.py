@@ -1,6 +1,7 @@
 """The fast raw-element JSON path must give exactly what pydicom's own conversion gives."""
 
 import io
+import json
 import os
 import random
 import struct
@@ -100,3 +101,26 @@ def test_plain_codecs_only():
     assert plain_codec(["UTF8"]) == "UTF8"
     assert plain_codec(["iso8859", "iso2022_jp"]) is None
     assert plain_codec(["shift_jis"]) is None
+
+
+def test_invalid_values_give_pydicom_s_warnings(tmp_path):
+    """An over-long LO and a malformed UID: the fast path reports exactly what pydicom reports."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3"
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.StudyInstanceUID = "1.2.03.x"
+    ds.StudyDescription = "D" * 70
+    ds.Modality = "OT"
+    path = tmp_path / "bad.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    fast, slow = _both(path.read_bytes())
+    assert fast == slow
+    assert fast[0] == "ok_with_warnings"
+    assert "Invalid value for VR UI" in fast[1]
+    assert json.loads(fast[2])["00081030"]["Value"] == ["D" * 70]  # kept; over-length is not reported as a warning

@@ -88,9 +88,10 @@ class _Converter:
     def dataset(self, ds, prefix: str = "", short: list[str] | None = None) -> dict:
         out = {}
         codec = plain_codec(ds.original_character_set or ds._character_set) if self.fast else None
-        for tag in list(ds.keys()):
+        elements = ds._dict  # pydicom 3 (pinned): tag -> raw or converted element; get_item() per tag costs more
+        for tag in list(elements):
             key = f"{int(tag):08X}"
-            raw = ds.get_item(tag)
+            raw = elements[tag]
             if short is not None:
                 length, value = getattr(raw, "length", None), getattr(raw, "value", None)
                 if length is not None and length != 0xFFFFFFFF and isinstance(value, bytes) and len(value) < length:

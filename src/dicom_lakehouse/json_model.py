@@ -18,7 +18,7 @@ import struct
 
 from pydicom import config
 from pydicom.datadict import DicomDictionary
-from pydicom.valuerep import is_valid_ds, validate_value
+from pydicom.valuerep import MAX_VALUE_LEN, VR_REGEXES, is_valid_ds, validate_value
 
 _NUMBERS = {"US": ("H", 2), "SS": ("h", 2), "UL": ("L", 4), "SL": ("l", 4),
             "FL": ("f", 4), "FD": ("d", 8), "SV": ("q", 8), "UV": ("Q", 8)}
@@ -43,10 +43,15 @@ def plain_codec(encodings) -> str | None:
     return codec if codec in _PLAIN_CODECS else None
 
 
+_UI = re.compile(VR_REGEXES["UI"])
+
+
 def _validate(vr: str, values) -> None:
-    mode = config.settings.reading_validation_mode
+    """pydicom's validator, called only for values that fail its length or UID rule (most pass)."""
+    limit = MAX_VALUE_LEN.get(vr, 0)
     for v in values:
-        validate_value(vr, v, mode)
+        if (limit and len(v) > limit) or (vr == "UI" and not _UI.match(v)):
+            validate_value(vr, v, config.settings.reading_validation_mode)
 
 
 def _split(text: str) -> list[str] | None:

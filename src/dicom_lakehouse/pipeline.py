@@ -260,7 +260,7 @@ def thumbnail_batches(size: int, max_frame_bytes: int, compress_level: int, max_
 def run_thumbnail(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
     tconf = conf.get("thumbnail") or {}
     fn = thumbnail_batches(p.thumbnail_size, int(tconf.get("max_frame_bytes", 512 * 2**20)),
-                           int(tconf.get("png_compress_level", 3)),
+                           int(tconf.get("png_compress_level", 1)),
                            int((conf.get("dicom") or {}).get("max_deflated_bytes", 256 * 2**20)))
     return _map_step(spark, store, p, "extract_meta", "thumbnail", fn, "thumbnail_status")
 
