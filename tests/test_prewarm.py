@@ -102,3 +102,21 @@ def test_waiting_task_is_canceled_when_its_upstream_fails(tmp_path, sample_dir, 
     assert sorted(p.name for p in logs.iterdir()) == ["catalog.1.log", "run.json"]
     left = subprocess.run(["pgrep", "-f", "--run_id warm-fail"], capture_output=True, text=True).stdout.split()
     assert left == []
+
+
+def test_waiting_task_runs_at_lowest_priority_until_go(tmp_path):
+    """A pre-started task only takes idle CPU; when its gate opens it gets the runner's priority back."""
+    from dicom_lakehouse.runner import _Launched
+
+    log = tmp_path / "t.log"
+    code = ("import os; from dicom_lakehouse.taskmain import wait_for_gate; "
+            "ok = wait_for_gate(os.environ['DICOM_LAKEHOUSE_START_GATE'], None); print(os.nice(0), ok)")
+    task = _Launched.start("t", [sys.executable, "-c", code], log, dict(os.environ), ROOT, gate=tmp_path / "t.gate")
+    time.sleep(0.5)
+    assert os.getpriority(os.PRIO_PROCESS, task.proc.pid) == 19
+    task.open("go")
+    assert task.proc.wait(timeout=30) == 0
+    nice, ok = log.read_text().split()[-2:]
+    assert ok == "True"
+    if os.geteuid() == 0:  # raising priority back needs CAP_SYS_NICE
+        assert int(nice) == os.getpriority(os.PRIO_PROCESS, 0)

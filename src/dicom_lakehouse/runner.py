@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import logging
 import os
 import re
 import secrets
@@ -28,6 +29,7 @@ from .bundle import task_order
 from .params import ParameterError, validate
 from .taskmain import GATE_ENV, RESULT_MARK, RUNNER_PID_ENV
 
+log = logging.getLogger(__name__)
 PARAM_REF = re.compile(r"\{\{\s*job\.parameters\.([A-Za-z0-9_]+)\s*\}\}")
 RUN_ID_REF = re.compile(r"\{\{\s*job\.run_id\s*\}\}")
 
@@ -160,6 +162,20 @@ def local_connect_server(conf: dict, master: str, log_path: Path, timeout: float
             proc.wait()
 
 
+def _lowest_priority() -> None:
+    """A pre-started task only takes CPU the running task leaves idle (nice 19)."""
+    os.nice(19)
+
+
+def _normal_priority(pgid: int) -> None:
+    """Back to the runner's own priority once the task may start (needs CAP_SYS_NICE; without it the
+    task keeps nice 19, which only matters while something else competes for the CPU)."""
+    try:
+        os.setpriority(os.PRIO_PGRP, pgid, os.getpriority(os.PRIO_PROCESS, 0))
+    except OSError as e:
+        log.debug("cannot restore the priority of task process group %d: %s", pgid, e)
+
+
 @dataclass
 class _Launched:
     """A task process, possibly started ahead of time and waiting at its gate file."""
@@ -175,10 +191,12 @@ class _Launched:
             env = {**env, GATE_ENV: str(gate), RUNNER_PID_ENV: str(os.getpid())}
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(root),
-                                    start_new_session=True)
+                                    start_new_session=True, preexec_fn=_lowest_priority if gate else None)
         return cls(key, proc, gate)
 
     def open(self, word: str) -> None:
+        if word == "go":
+            _normal_priority(self.proc.pid)
         if self.gate is not None:
             tmp = self.gate.with_name(self.gate.name + ".tmp")
             tmp.write_text(word)
