@@ -3,6 +3,7 @@
     python tests/hostile/fuzz.py -max_total_time=300 -rss_limit_mb=2048 tests/hostile/seeds
 
 Both functions promise to return a status for any input; any exception that escapes is a bug.
+The fast DICOM JSON path must also give exactly what pydicom's own conversion gives (fast=False).
 Crash inputs go into tests/hostile/crashes/ and become regression tests (test_fuzz_regressions.py).
 """
 
@@ -20,7 +21,10 @@ with atheris.instrument_imports(include=["dicom_lakehouse", "pydicom"]):
 def one_input(data: bytes) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        extract_header(io.BytesIO(data), "file:/fuzz", 1024, max_inflated=16 * 2**20)
+        fast = extract_header(io.BytesIO(data), "file:/fuzz", 1024, max_inflated=16 * 2**20)
+        slow = extract_header(io.BytesIO(data), "file:/fuzz", 1024, max_inflated=16 * 2**20, fast=False)
+        if (fast.status, fast.error, fast.meta, fast.columns) != (slow.status, slow.error, slow.meta, slow.columns):
+            raise AssertionError(f"fast JSON path differs from pydicom's: {fast.status}/{slow.status}")
         render(io.BytesIO(data), 64, max_frame_bytes=16 * 2**20, max_inflated=16 * 2**20)
 
 
