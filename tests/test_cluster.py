@@ -9,7 +9,8 @@ from collections import Counter
 
 import pytest
 from conftest import ROOT
-from deltalake import DeltaTable
+
+from dicom_lakehouse.tables import read_delta
 
 pytestmark = pytest.mark.e2e
 
@@ -21,7 +22,7 @@ def free_port() -> int:
 
 
 def check_table(wh, n):
-    t = DeltaTable(str(wh / "main" / "pixels" / "object_catalog")).to_pyarrow_table()
+    t = read_delta(str(wh / "main" / "pixels" / "object_catalog"))
     rows = {r["relative_path"]: r for r in t.to_pylist()}
     assert len(rows) == n == t.num_rows
     ct = rows["ct/CT_small.dcm"]

@@ -26,7 +26,7 @@ def test_demo_command_then_overwrite_again(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     n_files = sum(1 for p in (ROOT / "sample_data").rglob("*") if p.is_file())
     dt = table(wh)
-    rows = {x["relative_path"]: x for x in dt.to_pyarrow_table().to_pylist()}
+    rows = {x["relative_path"]: x for x in dt.to_pyarrow_dataset().to_table(use_threads=False).to_pylist()}
     assert len(rows) == n_files == 13
     ct = rows["ct/CT_small.dcm"]
     meta = json.loads(ct["meta"])
@@ -50,7 +50,7 @@ def test_demo_command_then_overwrite_again(tmp_path):
     r = runme("--run", "--warehouse", str(wh), "--param", f"path={ROOT / 'sample_data'}", "--param", "mode=overwrite")
     assert r.returncode == 0, r.stdout + r.stderr
     dt = table(wh)
-    assert dt.version() == v + 1 and dt.to_pyarrow_table().num_rows == 13
+    assert dt.version() == v + 1 and dt.to_pyarrow_dataset().to_table(use_threads=False).num_rows == 13
     # local SQL with a three-part name answers from the published table
     r = runme("--warehouse", str(wh), "sql", "--json",
               "SELECT modality, count(*) AS n FROM main.pixels.object_catalog WHERE modality = 'MR' GROUP BY modality")

@@ -1,5 +1,6 @@
 """The four steps in-process on one shared SparkSession, real files, real Delta tables."""
 
+import json
 import os
 import shutil
 import threading
@@ -13,7 +14,7 @@ from pyspark.sql import functions as F
 from dicom_lakehouse.localsql import rewrite, run_sql
 from dicom_lakehouse.params import validate
 from dicom_lakehouse.pipeline import STEP_FUNCS, StepError, target_ref
-from dicom_lakehouse.tables import DeltaRsStore
+from dicom_lakehouse.tables import DeltaRsStore, SparkDeltaStore, read_delta
 
 
 def params(path, mode, run_id, table="object_catalog"):
@@ -26,11 +27,14 @@ def run_all(spark, store, conf, p, steps=("catalog", "extract_meta", "thumbnail"
 
 
 def read(store, p):
-    return DeltaTable(str(store.location(target_ref(p)))).to_pyarrow_table()
+    return read_delta(str(store.location(target_ref(p))))
 
 
-@pytest.fixture
-def store(spark, tmp_path):
+@pytest.fixture(params=["spark", "delta-rs"])
+def store(request, spark, tmp_path):
+    """Each test runs on both engines: Spark's own Delta and delta-rs, on Delta folders under one warehouse."""
+    if request.param == "spark":
+        return SparkDeltaStore(spark, tmp_path / "wh")
     return DeltaRsStore(spark, tmp_path / "wh")
 
 
@@ -52,8 +56,9 @@ def test_overwrite_publishes_every_file_once(spark, store, conf, sample_dir):
     assert sorted(os.listdir(store.warehouse / "main" / "pixels")) == [
         "object_catalog", "object_catalog_series", "object_catalog_studies"]
     # commit metadata says who wrote what
-    h = DeltaTable(str(store.location(target_ref(p)))).history(1)[0]
-    assert h["dicom_lakehouse.run_id"] == "run1" and '"mode": "overwrite"' in h["dicom_lakehouse.params"]
+    h = json.loads(DeltaTable(str(store.location(target_ref(p)))).history(1)[0]["userMetadata"])
+    assert (h["dicom_lakehouse.run_id"], h["dicom_lakehouse.step"]) == ("run1", "publish")
+    assert json.loads(h["dicom_lakehouse.params"])["mode"] == "overwrite"
     # a second overwrite gives the same rows
     run_all(spark, store, conf, params(sample_dir, "overwrite", "run2"))
     t2 = read(store, p)
@@ -111,8 +116,8 @@ def test_crash_before_publish_leaves_the_table_unchanged(spark, store, conf, sam
 def test_derived_tables_and_local_sql(spark, store, conf, sample_dir):
     p = params(sample_dir, "overwrite", "v1")
     run_all(spark, store, conf, p)
-    studies = DeltaTable(str(store.location(target_ref(p).derived("studies")))).to_pyarrow_table().to_pylist()
-    series = DeltaTable(str(store.location(target_ref(p).derived("series")))).to_pyarrow_table().to_pylist()
+    studies = read_delta(str(store.location(target_ref(p).derived("studies")))).to_pylist()
+    series = read_delta(str(store.location(target_ref(p).derived("series")))).to_pylist()
     by_uid = {s["study_instance_uid"]: s for s in studies}
     ct = by_uid["1.3.6.1.4.1.5962.1.2.1.20040119072730.12322"]
     assert (ct["patient_id"], ct["modalities"], ct["instance_count"], ct["series_count"]) == ("1CT1", ["CT"], 1, 1)

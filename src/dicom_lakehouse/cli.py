@@ -71,7 +71,7 @@ def main(ctx, target, do_run, params, variables, warehouse, master, remote, conn
 
 def _local(resolved, do_run: bool, params: dict, warehouse: str | None, master: str | None,
            remote: str | None = None, connect_server: bool = False) -> int:
-    from .runner import local_connect_server, run_job
+    from .runner import local_connect_server, run_job, with_delta
 
     conf = load_conf(resolved.variables.get("target_conf", resolved.target))
     build = repo_root() / conf.get("build_dir", "build") / resolved.target
@@ -91,7 +91,7 @@ def _local(resolved, do_run: bool, params: dict, warehouse: str | None, master: 
                 if connect_server and not remote:
                     t0 = time.time()
                     remote = stack.enter_context(local_connect_server(
-                        conf, master or conf["spark"].get("master", "local[*]"), build / "connect-server.log"))
+                        with_delta(conf), master or conf["spark"].get("master", "local[*]"), build / "connect-server.log"))
                     click.echo(f"Spark Connect server at {remote} started in {time.time() - t0:.1f} s")
                 rec = run_job(settings, conf, target=resolved.target, job_key=key, root=resolved.bundle.root,
                               build_dir=build, overrides=params, warehouse=warehouse, master=master,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import yaml
@@ -22,8 +23,18 @@ def repo_root() -> Path:
     return Path.cwd()
 
 
+def _script_dir() -> Path | None:
+    main = sys.modules.get("__main__")
+    f = getattr(main, "__file__", None)
+    return Path(f).resolve().parent if f else None
+
+
 def find_conf_dir(explicit: str | os.PathLike | None = None) -> Path:
-    candidates = [explicit, os.environ.get(ENV_CONF_DIR), repo_root() / "conf", Path.cwd() / "conf"]
+    """conf/ beside the bundle. A Databricks `spark_python_task` runs in its script's folder
+    (`<bundle>/files/tasks`) from an installed wheel, so the bundle root is the script's parent."""
+    script = _script_dir()
+    candidates = [explicit, os.environ.get(ENV_CONF_DIR), repo_root() / "conf", Path.cwd() / "conf",
+                  script and script.parent / "conf", Path.cwd().parent / "conf"]
     for c in candidates:
         if c and (Path(c) / "defaults.yml").exists():
             return Path(c).resolve()

@@ -1,17 +1,17 @@
-"""SQL on three-part names over the local delta-rs warehouse.
+r"""SQL on three-part names over the local warehouse, as on Unity Catalog.
 
-Spark's session catalog has no `catalog.schema.table` for plain folders, so each
-Delta table found under the warehouse is registered as a temporary view, and the
-three-part names in the query text are mapped to those views. The same query
-then runs unchanged locally and on Databricks.
+Locally, table `c.s.t` is the Delta folder `<warehouse>/c/s/t`. Spark's session catalog
+has no third level for plain folders (and Unity Catalog OSS has no connector for this Spark
+on Maven Central), so the three-part names in the query text are mapped to the folders:
+to `delta.\`<folder>\`` when the session has Spark's Delta engine, else to temporary views
+over the files of each table's current version. The same query then runs unchanged locally
+and on Databricks.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-
-from deltalake import DeltaTable
 
 from .params import IDENTIFIER
 
@@ -32,8 +32,16 @@ def view_name(full: str) -> str:
 
 
 def register(spark, warehouse: str | Path) -> dict[str, str]:
+    """`c.s.t` -> how this session names that table."""
+    from .session import has_spark_delta
+
+    tables = warehouse_tables(warehouse)
+    if has_spark_delta(spark):
+        return {full: f"delta.`{folder.resolve()}`" for full, folder in tables.items() if "`" not in str(folder)}
     views = {}
-    for full, folder in warehouse_tables(warehouse).items():
+    for full, folder in tables.items():
+        from deltalake import DeltaTable
+
         files = DeltaTable(str(folder)).file_uris()
         if files:
             df = spark.read.parquet(*files)

@@ -297,13 +297,8 @@ def run_publish(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
         raise StepError(f"publish read {rows_in} rows but wrote {rows}")
     total = store.count(target)
     derived = {}
-    view = f"dl_published_{p.run_id.replace('-', '_').replace('.', '_')}"
-    store.read(target).createOrReplaceTempView(view)
-    try:
-        for suffix, sql in (("studies", studies_sql), ("series", series_sql)):
-            derived[target.derived(suffix).name] = store.write_derived(target.derived(suffix), sql(view), meta)
-    finally:
-        spark.catalog.dropTempView(view)
+    for suffix, sql in (("studies", studies_sql), ("series", series_sql)):
+        derived[target.derived(suffix).name] = store.write_derived(target.derived(suffix), target, sql, meta)
     if (conf.get("stage_retention") or "drop") == "drop":
         for step in STAGES:
             store.drop(stage_ref(p, step))

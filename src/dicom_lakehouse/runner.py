@@ -162,6 +162,19 @@ def local_connect_server(conf: dict, master: str, log_path: Path, timeout: float
             proc.wait()
 
 
+def with_delta(conf: dict) -> dict:
+    """conf with the Delta jars and settings added to the task JVMs' Spark settings (when wanted and
+    available; else unchanged, and the tasks fall back to delta-rs)."""
+    from .session import session_delta_settings
+
+    delta = session_delta_settings(conf)
+    if not delta:
+        return conf
+    spark_conf = dict(conf.get("spark") or {})
+    spark_conf["conf"] = {**(spark_conf.get("conf") or {}), **delta}
+    return {**conf, "spark": spark_conf}
+
+
 def _lowest_priority() -> None:
     """A pre-started task only takes CPU the running task leaves idle (nice 19)."""
     os.nice(19)
@@ -270,6 +283,8 @@ def run_job(
     values = job_parameters(settings, overrides or {}, root)
     # Validate before any task starts: a bad parameter must not leave staged output behind.
     validate({**values, "target": conf.get("target", target)}, (conf.get("listing") or {}).get("allowed_roots"))
+    if not remote:
+        conf = with_delta(conf)
     run_id = run_id or new_run_id()
     folder = build_dir / "runs" / run_id
     folder.mkdir(parents=True, exist_ok=True)

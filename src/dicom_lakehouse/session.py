@@ -21,14 +21,26 @@ def get_spark(conf: dict, remote: str | None = None, app_name: str | None = None
         spark = builder.remote(remote).getOrCreate()
         _ship_library(spark)
         return spark
+    settings = dict(spark_conf.get("conf") or {})
     if not _under_launcher():
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         os.environ.setdefault("SPARK_LOCAL_IP", spark_conf.get("local_ip", "127.0.0.1"))
         builder = builder.master(spark_conf.get("master", "local[*]"))
         builder = builder.config("spark.driver.memory", spark_conf.get("driver_memory", "2g"))
-    for key, value in (spark_conf.get("conf") or {}).items():
+        settings.update(session_delta_settings(conf))
+    elif os.environ.get("DATABRICKS_RUNTIME_VERSION"):
+        # Attach to the session Databricks made; its cluster settings are not ours to change.
+        return builder.getOrCreate()
+    for key, value in settings.items():
         builder = builder.config(key, str(value))
     return builder.getOrCreate()
+
+
+def session_delta_settings(conf: dict) -> dict:
+    """Delta jars and settings for a JVM this project starts (conf `table_engine`; Databricks has its own)."""
+    from .delta_jars import delta_settings
+
+    return delta_settings(conf)
 
 
 def is_connect(spark) -> bool:
@@ -57,7 +69,10 @@ def has_spark_delta(spark) -> bool:
     if is_connect(spark):
         return True
     try:
-        spark._jvm.java.lang.Class.forName("io.delta.tables.DeltaTable")
+        jvm = spark._jvm
+        # spark.jars live in the context class loader, not the system one.
+        jvm.java.lang.Class.forName("io.delta.tables.DeltaTable", False,
+                                    jvm.java.lang.Thread.currentThread().getContextClassLoader())
         return True
     except Exception:  # noqa: BLE001
         return False

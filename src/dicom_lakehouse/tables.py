@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -100,9 +101,14 @@ class TableStore(ABC):
         """Data files in the current version (a step reads each as one partition when there are enough)."""
 
     @abstractmethod
-    def write_derived(self, ref: TableRef, select_sql: str, metadata: dict) -> str:
-        """Create or refresh a derived view/table over the published table; returns its kind."""
+    def write_derived(self, ref: TableRef, source: TableRef, select, metadata: dict) -> str:
+        """Create or refresh `ref` as `select(name of source)`, a view or a table; returns its kind."""
         ...
+
+
+def user_metadata(metadata: dict) -> str:
+    """The commit's `userMetadata` (what DESCRIBE HISTORY shows), the same on both engines."""
+    return json.dumps({k: v for k, v in metadata.items() if k != "userMetadata"}, sort_keys=True)
 
 
 def commit_metadata(run_id: str, params: dict, step: str) -> dict:
@@ -197,7 +203,7 @@ class DeltaRsStore(TableStore):
         df = df.select(*cols)
         arrow_schema = S.arrow_schema(step)
         delta_schema = Schema.from_arrow(arrow_schema)
-        props = CommitProperties(custom_metadata=metadata)
+        props = CommitProperties(custom_metadata={**metadata, "userMetadata": user_metadata(metadata)})
         if mode == "upsert" and self.exists(ref):
             incoming = root / "_incoming" / uuid.uuid4().hex
             try:
@@ -207,7 +213,7 @@ class DeltaRsStore(TableStore):
                 rows = sum(pq.read_metadata(f).num_rows for f in files)
 
                 def merge():
-                    source = pads.dataset([str(f) for f in files], schema=arrow_schema).to_batches()
+                    source = pads.dataset([str(f) for f in files], schema=arrow_schema).to_batches(use_threads=False)
                     import pyarrow as pa
 
                     reader = pa.RecordBatchReader.from_batches(arrow_schema, source)
@@ -250,93 +256,161 @@ class DeltaRsStore(TableStore):
     def history(self, ref: TableRef) -> list[dict]:
         return self._table(ref).history()
 
-    def write_derived(self, ref: TableRef, select_sql: str, metadata: dict) -> str:
+    def write_derived(self, ref: TableRef, source: TableRef, select, metadata: dict) -> str:
         """delta-rs has no views: a small table, refreshed by each publish."""
         from deltalake import CommitProperties, write_deltalake
 
-        arrow = self.spark.sql(select_sql).toArrow()
+        view = f"dl_src_{uuid.uuid4().hex[:12]}"
+        self.read(source).createOrReplaceTempView(view)
+        try:
+            arrow = self.spark.sql(select(view)).toArrow()
+        finally:
+            self.spark.catalog.dropTempView(view)
+        props = CommitProperties(custom_metadata={**metadata, "userMetadata": user_metadata(metadata)})
         _retry(
             f"refresh {ref.name}",
-            lambda: write_deltalake(
-                str(self.location(ref)), arrow, mode="overwrite", schema_mode="overwrite",
-                commit_properties=CommitProperties(custom_metadata=metadata),
-            ),
+            lambda: write_deltalake(str(self.location(ref)), arrow, mode="overwrite", schema_mode="overwrite",
+                                    commit_properties=props),
         )
         return "table"
 
 
 class SparkDeltaStore(TableStore):
+    r"""Spark's own Delta, the engine Databricks uses.
+
+    With a `warehouse` (local and cluster targets) table c.s.t is the Delta folder
+    <warehouse>/c/s/t, named `delta.\`path\``: Spark's in-memory catalog forgets names when a
+    task's process ends, a path does not, and any Delta reader can open the folder. Without one
+    (Databricks), c.s.t is a name in the session's catalog (Unity Catalog)."""
+
     engine = "spark"
 
+    def __init__(self, spark, warehouse: str | os.PathLike | None = None):
+        super().__init__(spark)
+        self.warehouse = Path(warehouse).resolve() if warehouse else None
+
+    def location(self, ref: TableRef) -> Path:
+        if self.warehouse is None:
+            raise ValueError("tables are catalog names here, not folders")
+        return self.warehouse / ref.catalog / ref.schema / ref.table
+
+    def ident(self, ref: TableRef) -> str:
+        """How Spark SQL names the table."""
+        if self.warehouse is None:
+            return ref.quoted
+        loc = str(self.location(ref))
+        if "`" in loc:
+            raise ValueError(f"warehouse path {loc!r} contains a backtick")
+        return f"delta.`{loc}`"
+
     def exists(self, ref: TableRef) -> bool:
+        if self.warehouse is not None:
+            return (self.location(ref) / "_delta_log").is_dir()
         return bool(self.spark.catalog.tableExists(ref.name))
 
     def read(self, ref: TableRef, step: str = "publish"):
-        return self.spark.table(ref.quoted)
+        return self.spark.table(self.ident(ref))
 
     def count(self, ref: TableRef) -> int:
-        return int(self.spark.table(ref.quoted).count())
+        return int(self.spark.sql(f"SELECT count(*) FROM {self.ident(ref)}").first()[0])
 
     def file_count(self, ref: TableRef) -> int:
-        return int(self.spark.sql(f"DESCRIBE DETAIL {ref.quoted}").first()["numFiles"])
+        return int(self.spark.sql(f"DESCRIBE DETAIL {self.ident(ref)}").first()["numFiles"])
+
+    _commit_lock = threading.Lock()
 
     def _with_metadata(self, metadata: dict, fn):
+        """The commit metadata is a session setting: writers of one process take turns."""
         key = "spark.databricks.delta.commitInfo.userMetadata"
-        self.spark.conf.set(key, json.dumps(metadata, sort_keys=True))
-        try:
-            return fn()
-        finally:
-            self.spark.conf.unset(key)
+        with self._commit_lock:
+            self.spark.conf.set(key, user_metadata(metadata))
+            try:
+                return fn()
+            finally:
+                self.spark.conf.unset(key)
+
+    def _ensure_schema(self, ref: TableRef) -> None:
+        """Unity Catalog schemas may be missing on a first run; creating one needs the privilege, checking does not."""
+        if self.warehouse is None and not self.spark.catalog.databaseExists(f"{ref.catalog}.{ref.schema}"):
+            self.spark.sql(f"CREATE SCHEMA IF NOT EXISTS `{ref.catalog}`.`{ref.schema}`")
 
     def write(self, df, ref: TableRef, mode: str, metadata: dict, step: str = "publish") -> int:
         cols = S.column_names(step)
         df = df.select(*cols)
-        self.spark.sql(create_table_sql(ref, step))
+        self._ensure_schema(ref)
+        target = self.ident(ref)
+        self.spark.sql(create_table_sql(target, step))
         view = f"dl_src_{uuid.uuid4().hex[:12]}"
+        # A nonce in the commit's metadata finds this commit's row count among concurrent writers'.
+        metadata = {**metadata, "dicom_lakehouse.commit": uuid.uuid4().hex}
         df.createOrReplaceTempView(view)
         try:
-            if mode == "upsert":
-                stmt = merge_sql(ref, view, cols)
-            else:
-                stmt = insert_overwrite_sql(ref, view, cols)
+            stmt = merge_sql(target, view, cols) if mode == "upsert" else insert_overwrite_sql(target, view, cols)
             self._with_metadata(metadata, lambda: _retry(f"{mode} {ref.name}", lambda: self.spark.sql(stmt)))
-            return int(self.spark.table(view).count())
         finally:
             self.spark.catalog.dropTempView(view)
+        return self._committed_rows(ref, metadata["dicom_lakehouse.commit"], mode)
+
+    def _committed_rows(self, ref: TableRef, nonce: str, mode: str) -> int:
+        """Rows the commit took in, from Delta's own operation metrics: counting the source again
+        would run the whole step a second time."""
+        key = "numSourceRows" if mode == "upsert" else "numOutputRows"
+        for r in self.spark.sql(f"DESCRIBE HISTORY {self.ident(ref)} LIMIT 100").select(
+                "userMetadata", "operationMetrics").collect():
+            if r["userMetadata"] and nonce in r["userMetadata"]:
+                return int((r["operationMetrics"] or {}).get(key, 0))
+        # Delta makes no commit when there is nothing to change: an empty source (MERGE), or an
+        # empty source overwriting an empty table.
+        if mode == "upsert" or self.count(ref) == 0:
+            return 0
+        raise RuntimeError(f"the {mode} of {ref.name} left no commit in its history")
 
     def drop(self, ref: TableRef) -> None:
-        self.spark.sql(f"DROP TABLE IF EXISTS {ref.quoted}")
+        if self.warehouse is not None:
+            shutil.rmtree(self.location(ref), ignore_errors=True)
+        else:
+            self.spark.sql(f"DROP TABLE IF EXISTS {ref.quoted}")
 
     def history(self, ref: TableRef) -> list[dict]:
-        return [r.asDict() for r in self.spark.sql(f"DESCRIBE HISTORY {ref.quoted}").collect()]
+        return [r.asDict() for r in self.spark.sql(f"DESCRIBE HISTORY {self.ident(ref)}").collect()]
 
-    def write_derived(self, ref: TableRef, select_sql: str, metadata: dict) -> str:
-        self.spark.sql(f"CREATE OR REPLACE VIEW {ref.quoted} AS {select_sql}")
-        return "view"
+    def write_derived(self, ref: TableRef, source: TableRef, select, metadata: dict) -> str:
+        """A view on a catalog (defined on the source table by name, never on a temporary view);
+        a table refreshed by each publish on path-named tables, which views cannot name."""
+        if self.warehouse is None:
+            self.spark.sql(f"CREATE OR REPLACE VIEW {ref.quoted} AS {select(source.quoted)}")
+            return "view"
+        stmt = f"CREATE OR REPLACE TABLE {self.ident(ref)} USING DELTA AS {select(self.ident(source))}"
+        self._with_metadata(metadata, lambda: _retry(f"refresh {ref.name}", lambda: self.spark.sql(stmt)))
+        return "table"
 
 
-def create_table_sql(ref: TableRef, step: str = "publish") -> str:
+def _name(table: TableRef | str) -> str:
+    return table.quoted if isinstance(table, TableRef) else table
+
+
+def create_table_sql(table: TableRef | str, step: str = "publish") -> str:
     props = ", ".join(f"{S.sql_string(k)} = {S.sql_string(v)}" for k, v in S.TABLE_PROPERTIES.items())
     return (
-        f"CREATE TABLE IF NOT EXISTS {ref.quoted} (\n  {S.ddl(step)}\n) USING DELTA\n"
+        f"CREATE TABLE IF NOT EXISTS {_name(table)} (\n  {S.ddl(step)}\n) USING DELTA\n"
         f"COMMENT {S.sql_string(S.TABLE_COMMENT)}\nTBLPROPERTIES ({props})"
     )
 
 
-def merge_sql(ref: TableRef, source_view: str, columns: list[str]) -> str:
+def merge_sql(table: TableRef | str, source_view: str, columns: list[str]) -> str:
     sets = ", ".join(f"t.`{c}` = s.`{c}`" for c in columns)
     names = ", ".join(f"`{c}`" for c in columns)
     values = ", ".join(f"s.`{c}`" for c in columns)
     return (
-        f"MERGE INTO {ref.quoted} AS t USING `{source_view}` AS s ON t.`{KEY}` = s.`{KEY}`\n"
+        f"MERGE INTO {_name(table)} AS t USING `{source_view}` AS s ON t.`{KEY}` = s.`{KEY}`\n"
         f"WHEN MATCHED THEN UPDATE SET {sets}\n"
         f"WHEN NOT MATCHED THEN INSERT ({names}) VALUES ({values})"
     )
 
 
-def insert_overwrite_sql(ref: TableRef, source_view: str, columns: list[str]) -> str:
+def insert_overwrite_sql(table: TableRef | str, source_view: str, columns: list[str]) -> str:
     names = ", ".join(f"`{c}`" for c in columns)
-    return f"INSERT OVERWRITE TABLE {ref.quoted} ({names}) SELECT {names} FROM `{source_view}`"
+    return f"INSERT OVERWRITE TABLE {_name(table)} ({names}) SELECT {names} FROM `{source_view}`"
 
 
 def open_store(spark, conf: dict, warehouse: str | None = None) -> TableStore:
@@ -346,8 +420,24 @@ def open_store(spark, conf: dict, warehouse: str | None = None) -> TableStore:
     engine = conf.get("table_engine", "auto")
     if engine == "auto":
         engine = "spark" if has_spark_delta(spark) else "delta-rs"
+        if engine == "delta-rs":
+            log.info("this Spark session has no Delta engine (no Delta jars): tables are written with delta-rs")
     if engine == "spark":
-        return SparkDeltaStore(spark)
+        if (conf.get("table_names") or "warehouse") == "catalog":
+            return SparkDeltaStore(spark)
+        return SparkDeltaStore(spark, warehouse_dir(conf, warehouse))
     if engine == "delta-rs":
         return DeltaRsStore(spark, warehouse_dir(conf, warehouse))
     raise ValueError(f"table_engine {engine!r} in conf/ is not one of auto, spark, delta-rs")
+
+
+def read_delta(path: str | os.PathLike):
+    """A Delta folder's current version as an Arrow table, scanned on the calling thread.
+
+    `DeltaTable(...).to_pyarrow_table()` scans with Arrow's thread pools, and with deltalake 1.6
+    and pyarrow 26 a short process that did so aborted at exit in 8 of 20 runs ("terminate called
+    without an active exception", exit 134; the class of apache/arrow#34314). A single-threaded
+    scan leaves no pool thread running at exit."""
+    from deltalake import DeltaTable
+
+    return DeltaTable(str(path)).to_pyarrow_dataset().to_table(use_threads=False)

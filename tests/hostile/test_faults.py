@@ -19,7 +19,7 @@ from conftest import dicom_file  # noqa: E402
 
 from dicom_lakehouse.params import validate  # noqa: E402
 from dicom_lakehouse.pipeline import STEP_FUNCS, target_ref  # noqa: E402
-from dicom_lakehouse.tables import DeltaRsStore  # noqa: E402
+from dicom_lakehouse.tables import DeltaRsStore, read_delta  # noqa: E402
 
 STEPS = ("catalog", "extract_meta", "thumbnail", "publish")
 COMPARE = ("path", "status", "error", "modality", "rows", "columns", "meta", "thumbnail_status", "thumbnail")
@@ -31,7 +31,7 @@ def params(path, run_id, mode="overwrite", table="object_catalog"):
 
 
 def content(wh: Path, table="object_catalog") -> dict:
-    t = DeltaTable(str(wh / "main" / "pixels" / table)).to_pyarrow_table()
+    t = read_delta(str(wh / "main" / "pixels" / table))
     paths = t.column("path").to_pylist()
     assert len(paths) == len(set(paths)), "duplicate rows"
     return {r["path"]: tuple(r[c] for c in COMPARE) for r in t.select(list(COMPARE)).to_pylist()}
@@ -202,7 +202,7 @@ def test_files_deleted_or_changed_between_catalog_and_extract(tmp_path, spark, c
     for s in STEPS[1:]:
         STEP_FUNCS[s](spark, store, p, conf)
     rows = {r["relative_path"]: r for r in
-            DeltaTable(str(store.location(target_ref(p)))).to_pyarrow_table().to_pylist()}
+            read_delta(str(store.location(target_ref(p)))).to_pylist()}
     assert rows["CT_small.dcm"]["status"] == "error"
     assert rows["CT_small.dcm"]["error"].startswith("cannot open: FileNotFoundError")
     assert rows["MR_small.dcm"]["status"] == "ok_with_warnings"

@@ -1,0 +1,1 @@
+"""dicom-lakehouse: a folder or bucket of DICOM files as a Delta Lake object catalog (one row per file)."""
