@@ -38,9 +38,11 @@ def conf():
 
 
 @pytest.fixture(scope="session")
-def spark(conf):
+def spark(conf, tmp_path_factory):
+    """One JVM for the in-process tests, with Spark's Delta (jars from the cache, fetched by .ci/run)."""
     from dicom_lakehouse.session import get_spark
 
+    conf["spark"]["conf"]["spark.sql.warehouse.dir"] = str(tmp_path_factory.mktemp("spark-warehouse"))
     s = get_spark(conf, app_name="dicom-lakehouse-tests")
     s.sparkContext.setLogLevel("ERROR")
     yield s

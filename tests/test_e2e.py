@@ -78,7 +78,7 @@ def test_bad_parameters_stop_before_any_task(tmp_path, param, message):
 def test_failing_task_stops_the_run_with_its_log_tail(tmp_path, sample_dir):
     blocker = tmp_path / "wh"
     blocker.write_text("a file where the warehouse folder should be")
-    r = runme("--run", "--warehouse", str(blocker), "--param", f"path={sample_dir}")
+    r = runme("--engine", "delta-rs", "--run", "--warehouse", str(blocker), "--param", f"path={sample_dir}")
     assert r.returncode == 1
     assert "task catalog failed; last lines of its log" in r.stderr
     assert "[catalog] attempt 2 started" in r.stdout  # max_retries: 1

@@ -40,6 +40,7 @@ def _job(conf):
     settings = resolve("local", root=ROOT).jobs["dicom_lakehouse"]
     c = copy.deepcopy(conf)
     c["runner"] = {**c.get("runner", {}), "prewarm": True, "class_data_sharing": False}
+    c["table_engine"] = "delta-rs"
     return settings, c
 
 
@@ -59,9 +60,11 @@ def _done_line(log: Path, step: str) -> str:
 
 
 @pytest.mark.e2e
-def test_next_task_starts_its_session_before_the_previous_task_ends(tmp_path, sample_dir, conf):
+def test_next_task_starts_its_session_before_the_previous_task_ends(tmp_path, sample_dir, conf, monkeypatch):
+    """Runner mechanics, on the faster delta-rs engine (the Spark engine's runs are in test_e2e and test_faults)."""
     from dicom_lakehouse.runner import run_job
 
+    monkeypatch.setenv("DICOM_LAKEHOUSE_TABLE_ENGINE", "delta-rs")
     settings, c = _job(conf)
     build = tmp_path / "build"
     rec = run_job(settings, c, target="local", job_key="dicom_lakehouse", root=ROOT, build_dir=build,
@@ -84,9 +87,10 @@ def test_next_task_starts_its_session_before_the_previous_task_ends(tmp_path, sa
 
 
 @pytest.mark.e2e
-def test_waiting_task_is_canceled_when_its_upstream_fails(tmp_path, sample_dir, conf):
+def test_waiting_task_is_canceled_when_its_upstream_fails(tmp_path, sample_dir, conf, monkeypatch):
     from dicom_lakehouse.runner import run_job
 
+    monkeypatch.setenv("DICOM_LAKEHOUSE_TABLE_ENGINE", "delta-rs")
     settings, c = _job(conf)
     for t in settings["tasks"]:
         t["max_retries"] = 0

@@ -70,7 +70,7 @@ def test_stop_event_ends_the_wait():
 @pytest.mark.e2e
 def test_schedule_command_runs_the_job_and_stops_on_ctrl_c(tmp_path, sample_dir):
     wh = tmp_path / "wh"
-    p = subprocess.Popen([sys.executable, str(ROOT / "RUNME.py"), "--warehouse", str(wh), "schedule",
+    p = subprocess.Popen([sys.executable, str(ROOT / "RUNME.py"), "--engine", "delta-rs", "--warehouse", str(wh), "schedule",
                           "--cron", "*/5 * * * * ?", "--param", f"path={sample_dir}", "--param", "mode=overwrite"],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     lines = []

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from .bundle import BundleError, resolve
-from .config import ConfigError, load_conf, repo_root, warehouse_dir
+from .config import ENV_TABLE_ENGINE, ConfigError, load_conf, repo_root, warehouse_dir
 from .params import ParameterError
 
 DEFAULT_SAMPLE = "sample_data"
@@ -46,11 +46,15 @@ def _is_local_target(resolved) -> bool:
 @click.option("--connect-server", "connect_server", is_flag=True,
               help="Start a local Spark Connect server for the run; every task runs as its client (one JVM).")
 @click.option("--profile", default=None, help="Databricks config profile (~/.databrickscfg).")
+@click.option("--engine", type=click.Choice(["auto", "spark", "delta-rs"]), default=None,
+              help="Table engine for local runs and queries (overrides conf table_engine).")
 @click.pass_context
-def main(ctx, target, do_run, params, variables, warehouse, master, remote, connect_server, profile):
+def main(ctx, target, do_run, params, variables, warehouse, master, remote, connect_server, profile, engine):
     """Create or update the dicom-lakehouse job for TARGET, and run it with --run."""
     ctx.ensure_object(dict)
-    ctx.obj.update(target=target, warehouse=warehouse)
+    if engine:
+        os.environ[ENV_TABLE_ENGINE] = engine  # the runner's task processes inherit it
+    ctx.obj.update(target=target, warehouse=warehouse, remote=remote)
     if ctx.invoked_subcommand is not None:
         return
     try:
@@ -113,6 +117,15 @@ def sample(dest):
     click.echo(f"{len(files)} sample files in {dest_path}")
 
 
+def _query_session(conf: dict, remote: str | None, name: str):
+    from .session import get_spark, is_connect
+
+    spark = get_spark(conf, remote, app_name=f"dicom-lakehouse:{name}")
+    if not is_connect(spark):
+        spark.sparkContext.setLogLevel("ERROR")
+    return spark
+
+
 @main.command()
 @click.argument("query")
 @click.option("--limit", default=50, show_default=True, help="Rows to show.")
@@ -121,11 +134,9 @@ def sample(dest):
 def sql(ctx, query, limit, as_json):
     """Run QUERY (Spark SQL with three-part names) on the local warehouse."""
     from .localsql import run_sql
-    from .session import get_spark
 
     conf = load_conf(ctx.obj.get("target") or "local")
-    spark = get_spark(conf, app_name="dicom-lakehouse:sql")
-    spark.sparkContext.setLogLevel("ERROR")
+    spark = _query_session(conf, ctx.obj.get("remote"), "sql")
     df = run_sql(spark, warehouse_dir(conf, ctx.obj.get("warehouse")), query)
     if as_json:
         for row in df.limit(limit).collect():
@@ -222,11 +233,9 @@ def gallery(ctx, table_name, where, limit, out):
     """Write a self-contained HTML thumbnail gallery of the published table."""
     from .gallery import gallery_query, write_gallery
     from .localsql import run_sql
-    from .session import get_spark
 
     conf = load_conf(ctx.obj.get("target") or "local")
-    spark = get_spark(conf, app_name="dicom-lakehouse:gallery")
-    spark.sparkContext.setLogLevel("ERROR")
+    spark = _query_session(conf, ctx.obj.get("remote"), "gallery")
     rows = [r.asDict() for r in run_sql(spark, warehouse_dir(conf, ctx.obj.get("warehouse")),
                                          gallery_query(table_name, where, limit)).collect()]
     spark.stop()

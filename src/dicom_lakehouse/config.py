@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 ENV_CONF_DIR = "DICOM_LAKEHOUSE_CONF_DIR"
+ENV_TABLE_ENGINE = "DICOM_LAKEHOUSE_TABLE_ENGINE"
 
 
 class ConfigError(RuntimeError):
@@ -59,6 +60,8 @@ def load_conf(target: str = "local", conf_dir: str | os.PathLike | None = None) 
     if tfile.exists():
         with open(tfile) as f:
             conf = deep_merge(conf, yaml.safe_load(f) or {})
+    if os.environ.get(ENV_TABLE_ENGINE):
+        conf["table_engine"] = os.environ[ENV_TABLE_ENGINE]
     conf["target"] = target
     conf["conf_dir"] = str(d)
     return conf

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -104,8 +105,8 @@ def test_sigkill_in_each_task_then_retry_equals_a_clean_run(tmp_path, reference,
     assert [(a.task, a.attempt, a.status) for a in rec.attempts] == [
         (s, n, "FAILED" if n == 1 else "SUCCESS") for s in STEPS for n in (1, 2)]
     assert content(wh) == expected
-    commits = [h for h in DeltaTable(str(wh / "main" / "pixels" / "object_catalog")).history()
-               if h.get("dicom_lakehouse.run_id") == run_id]
+    commits = [json.loads(h["userMetadata"]) for h in DeltaTable(str(wh / "main" / "pixels" / "object_catalog")).history()
+               if h.get("userMetadata") and json.loads(h["userMetadata"]).get("dicom_lakehouse.run_id") == run_id]
     assert len(commits) == 1 and commits[0]["dicom_lakehouse.step"] == "publish"
 
 

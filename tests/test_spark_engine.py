@@ -1,0 +1,128 @@
+"""Spark's own Delta engine on real Delta tables, and its agreement with delta-rs."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pyarrow as pa
+from deltalake import DeltaTable
+
+from dicom_lakehouse import schema as S
+from dicom_lakehouse.config import find_conf_dir
+from dicom_lakehouse.params import validate
+from dicom_lakehouse.pipeline import STEP_FUNCS
+from dicom_lakehouse.tables import DeltaRsStore, SparkDeltaStore, TableRef, read_delta
+
+IGNORE = ("run_id", "ingested_at")
+
+
+def params(path, run_id, catalog="main", schema="pixels", mode="overwrite"):
+    return validate({"path": str(path), "catalog": catalog, "schema": schema, "table": "object_catalog",
+                     "mode": mode, "run_id": run_id, "thumbnail_size": "128"})
+
+
+def test_a_write_runs_its_step_once_per_row(spark, tmp_path):
+    """The row count comes from Delta's commit metrics: counting the source again would rerun the step."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+
+    def fn(batches):
+        for b in batches:
+            for p in b.column("path").to_pylist():
+                (marks / p).write_text("x") if not (marks / p).exists() else (marks / f"{p}.again").write_text("x")
+            yield b
+
+    names = [f"f{i}" for i in range(7)]
+    files_schema = S.spark_schema("files")
+    rows = [{c: None for c in files_schema.names} | {"path": n, "status": "ok"} for n in names]
+    df = spark.createDataFrame(rows, files_schema).repartition(3).mapInArrow(fn, files_schema)
+    store = SparkDeltaStore(spark, tmp_path / "wh")
+    written = store.write(df, TableRef("main", "pixels", "once"), "overwrite", {"k": "v"}, step="files")
+    assert written == 7
+    assert sorted(os.listdir(marks)) == names  # no "<path>.again": each row went through the step once
+    upserted = store.write(df, TableRef("main", "pixels", "once"), "upsert", {"k": "w"}, step="files")
+    assert upserted == 7 and len(os.listdir(marks)) == 14
+
+
+def test_publish_defines_views_on_the_table_by_name(spark, conf, sample_dir):
+    """On a catalog (Unity Catalog on Databricks) the derived objects are views over the table's name;
+    a permanent view over a temporary view is refused by Spark (INVALID_TEMP_OBJ_REFERENCE)."""
+    store = SparkDeltaStore(spark)  # names in the session's catalog, as on Databricks
+    p = params(sample_dir, "v1", catalog="spark_catalog", schema="views_by_name")
+    stats = {s: STEP_FUNCS[s](spark, store, p, conf) for s in STEP_FUNCS}
+    assert stats["publish"]["derived"] == {"spark_catalog.views_by_name.object_catalog_studies": "view",
+                                           "spark_catalog.views_by_name.object_catalog_series": "view"}
+    text = spark.sql("SHOW CREATE TABLE spark_catalog.views_by_name.object_catalog_series").first()[0]
+    assert "`spark_catalog`.`views_by_name`.`object_catalog`" in text and "dl_" not in text
+    n = spark.sql("SELECT sum(instance_count) FROM spark_catalog.views_by_name.object_catalog_series").first()[0]
+    assert n == 12  # every DICOM file of the sample
+    assert spark.catalog.databaseExists("spark_catalog.views_by_name")  # the catalog task made the schema
+
+
+def test_conf_is_found_from_a_task_folder_of_an_installed_wheel(tmp_path, monkeypatch):
+    """Databricks runs a spark_python_task in <bundle>/files/tasks with the library from a wheel."""
+    import dicom_lakehouse.config as config
+
+    bundle = tmp_path / "files"
+    (bundle / "tasks").mkdir(parents=True)
+    (bundle / "conf").mkdir()
+    (bundle / "conf" / "defaults.yml").write_text("table_engine: spark\n")
+    monkeypatch.chdir(bundle / "tasks")
+    monkeypatch.delenv(config.ENV_CONF_DIR, raising=False)
+    monkeypatch.setattr(config, "repo_root", lambda: bundle / "tasks")  # installed: no checkout around
+    assert find_conf_dir() == (bundle / "conf").resolve()
+
+
+def _log_metadata(path) -> dict:
+    """The table's current metaData action, read from its log."""
+    meta = None
+    for f in sorted((path / "_delta_log").glob("*.json")):
+        for line in f.read_text().splitlines():
+            action = json.loads(line)
+            if "metaData" in action:
+                meta = action["metaData"]
+    return meta
+
+
+def test_both_engines_write_the_same_table(spark, conf, sample_dir, tmp_path):
+    """Rows, schema (with column comments), table comment and properties, and commit metadata."""
+    out = {}
+    for engine, store in (("spark", SparkDeltaStore(spark, tmp_path / "spark")),
+                          ("delta-rs", DeltaRsStore(spark, tmp_path / "delta-rs"))):
+        p = params(sample_dir, f"diff-{engine}")
+        for s in STEP_FUNCS:
+            STEP_FUNCS[s](spark, store, p, conf)
+        out[engine] = tmp_path / engine / "main" / "pixels" / "object_catalog"
+    a, b = read_delta(out["spark"]), read_delta(out["delta-rs"])
+    assert a.schema == b.schema and a.num_rows == b.num_rows == 13
+    keep = [n for n in a.schema.names if n not in IGNORE]
+
+    def rows(t: pa.Table):
+        return sorted(tuple(r[c] for c in keep) for r in t.select(keep).to_pylist())
+
+    assert rows(a) == rows(b)
+    ma, mb = _log_metadata(out["spark"]), _log_metadata(out["delta-rs"])
+    fields_a = json.loads(ma["schemaString"])["fields"]
+    fields_b = json.loads(mb["schemaString"])["fields"]
+    assert fields_a == fields_b
+    assert fields_a[0]["metadata"]["comment"] == S.COLUMNS[0][2]
+    assert ma["description"] == mb["description"] == S.TABLE_COMMENT
+    for k, v in S.TABLE_PROPERTIES.items():
+        assert ma["configuration"][k] == mb["configuration"][k] == v
+    ha = json.loads(DeltaTable(str(out["spark"])).history(1)[0]["userMetadata"])
+    hb = json.loads(DeltaTable(str(out["delta-rs"])).history(1)[0]["userMetadata"])
+    assert {k: v for k, v in ha.items() if k != "dicom_lakehouse.commit"} == {
+        **hb, "dicom_lakehouse.run_id": "diff-spark",
+        "dicom_lakehouse.params": hb["dicom_lakehouse.params"].replace("diff-delta-rs", "diff-spark")}
+    # the same, as Spark SQL shows it
+    ident = SparkDeltaStore(spark, tmp_path / "spark").ident(TableRef("main", "pixels", "object_catalog"))
+    comments = {r["col_name"]: r["comment"] for r in spark.sql(f"DESCRIBE TABLE {ident}").collect()}
+    assert comments["study_date"] == "(0008,0020) Study Date"
+    props = dict(spark.sql(f"SHOW TBLPROPERTIES {ident}").select("key", "value").collect())
+    assert props["delta.logRetentionDuration"] == "interval 30 days"
+    for suffix in ("studies", "series"):
+        da = read_delta(out["spark"].with_name(f"object_catalog_{suffix}"))
+        db = read_delta(out["delta-rs"].with_name(f"object_catalog_{suffix}"))
+        assert da.num_rows == db.num_rows > 0
+        assert sorted(map(str, da.to_pylist())) == sorted(map(str, db.to_pylist()))
