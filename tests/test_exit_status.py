@@ -81,7 +81,7 @@ def test_gallery_command(warehouse, connect_url, tmp_path):
     out = tmp_path / "g.html"
 
     def check(stdout):
-        assert stdout.strip().endswith(f"9 files in {out}")
+        assert stdout.strip().endswith(f"10 files in {out}")
 
     _repeat([sys.executable, str(ROOT / "RUNME.py"), "--warehouse", str(warehouse), "--remote", connect_url,
              "gallery", "--where", "thumbnail_status = 'ok'", "--out", str(out)], check)

@@ -6,6 +6,7 @@ import json
 import os
 
 import pyarrow as pa
+import pytest
 from deltalake import DeltaTable
 
 from dicom_lakehouse import schema as S
@@ -126,3 +127,24 @@ def test_both_engines_write_the_same_table(spark, conf, sample_dir, tmp_path):
         db = read_delta(out["delta-rs"].with_name(f"object_catalog_{suffix}"))
         assert da.num_rows == db.num_rows > 0
         assert sorted(map(str, da.to_pylist())) == sorted(map(str, db.to_pylist()))
+
+
+def test_unresolvable_jars_fall_back_to_delta_rs_or_stop(tmp_path, monkeypatch, caplog):
+    """Offline (or a coordinate Maven Central does not serve): `auto` says so and uses delta-rs;
+    `table_engine: spark` stops with the reason."""
+    from dicom_lakehouse import delta_jars
+
+    monkeypatch.setenv(delta_jars.ENV_CACHE, str(tmp_path / "cache"))
+    missing = {"delta": {"package": "io.delta:delta-spark_0.0_2.13:0.0.0"}}
+    with caplog.at_level("WARNING"):
+        assert delta_jars.delta_settings({"table_engine": "auto", **missing}) == {}
+    assert "Spark's Delta engine is unavailable (io.delta:delta-spark_0.0_2.13:0.0.0 did not resolve" in caplog.text
+    assert "tables are written with delta-rs instead" in caplog.text
+    with pytest.raises(delta_jars.DeltaJarsUnavailable, match="did not resolve"):
+        delta_jars.delta_settings({"table_engine": "spark", **missing})
+    assert delta_jars.delta_settings({"table_engine": "delta-rs", **missing}) == {}
+    # the real coordinate is cached by .ci/run: no network, and Delta's settings
+    monkeypatch.delenv(delta_jars.ENV_CACHE)
+    settings = delta_jars.delta_settings({"table_engine": "auto"})
+    assert settings["spark.sql.extensions"] == delta_jars.EXTENSION
+    assert any("io.delta_delta-spark_4.2_2.13-4.4.0.jar" in j for j in settings["spark.jars"].split(","))

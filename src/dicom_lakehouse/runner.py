@@ -133,12 +133,20 @@ def local_connect_server(conf: dict, master: str, log_path: Path, timeout: float
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    from .session import LOG4J2_PROPERTIES
+
     spark_conf = conf.get("spark") or {}
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log4j = log_path.with_name("connect-server-log4j2.properties")
+    log4j.write_text(LOG4J2_PROPERTIES)
     cmd = [str(Path(pyspark.__file__).parent / "bin" / "spark-submit"), "--class",
            "org.apache.spark.sql.connect.service.SparkConnectServer", "--master", master,
            "--driver-memory", str(spark_conf.get("driver_memory", "2g")),
            "--conf", f"spark.connect.grpc.binding.port={port}", "--conf", "spark.connect.grpc.binding.address=127.0.0.1"]
-    for k, v in (spark_conf.get("conf") or {}).items():
+    settings = dict(spark_conf.get("conf") or {})
+    java = "spark.driver.extraJavaOptions"
+    settings[java] = f"{settings.get(java, '')} -Dlog4j2.configurationFile={log4j}".strip()
+    for k, v in settings.items():
         cmd += ["--conf", f"{k}={v}"]
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
     log_path.parent.mkdir(parents=True, exist_ok=True)

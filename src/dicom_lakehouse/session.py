@@ -33,7 +33,40 @@ def get_spark(conf: dict, remote: str | None = None, app_name: str | None = None
         return builder.getOrCreate()
     for key, value in settings.items():
         builder = builder.config(key, str(value))
-    return builder.getOrCreate()
+    spark = builder.getOrCreate()
+    quiet_delta_logs(spark)
+    return spark
+
+
+DELTA_LOGGERS = ("org.apache.spark.sql.delta", "io.delta")
+# For JVMs started without a Python driver (the Spark Connect server): Spark's default console
+# logging, with Delta's loggers at WARN.
+LOG4J2_PROPERTIES = """rootLogger.level = info
+rootLogger.appenderRef.stdout.ref = console
+appender.console.type = Console
+appender.console.name = console
+appender.console.target = SYSTEM_ERR
+appender.console.layout.type = PatternLayout
+appender.console.layout.pattern = %d{yy/MM/dd HH:mm:ss} %p %c{1}: %m%n%ex
+logger.delta.name = org.apache.spark.sql.delta
+logger.delta.level = warn
+logger.iodelta.name = io.delta
+logger.iodelta.level = warn
+"""
+
+
+def quiet_delta_logs(spark) -> None:
+    """Delta's INFO lines print each new data file's column statistics, min and max values included:
+    patient IDs and names. Keep them out of the task logs (Databricks' own logging is not ours)."""
+    if is_connect(spark) or os.environ.get("DATABRICKS_RUNTIME_VERSION"):
+        return
+    try:
+        jvm = spark._jvm
+        for name in DELTA_LOGGERS:
+            jvm.org.apache.logging.log4j.core.config.Configurator.setLevel(
+                name, jvm.org.apache.logging.log4j.Level.WARN)
+    except Exception:  # noqa: BLE001 - a session without log4j 2
+        pass
 
 
 def session_delta_settings(conf: dict) -> dict:
