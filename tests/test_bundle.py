@@ -102,4 +102,5 @@ def test_serverless_compute_is_selected_by_a_variable():
     assert all(t["environment_key"] == "default" and "job_cluster_key" not in t and "libraries" not in t
                for t in s["tasks"])
     assert s["environments"] == [{"environment_key": "default",
-                                  "spec": {"client": "2", "dependencies": ["/Workspace/b/files/dist/*.whl"]}}]
+                                  "spec": {"environment_version": "4",
+                                           "dependencies": ["/Workspace/b/files/dist/*.whl"]}}]

@@ -186,13 +186,14 @@ def resolve(
                 settings["schedule"]["pause_status"] = "PAUSED"
         _place_files(settings, b.job_dirs[key], b.root, file_path)
         if values.get("compute", "job_cluster") == "serverless":
-            to_serverless(settings)
+            to_serverless(settings, str(values.get("serverless_environment_version") or "4"))
         jobs[key] = settings
     return Resolved(target, mode, values, jobs, workspace, b)
 
 
-def to_serverless(settings: dict) -> None:
-    """Serverless jobs run tasks in an environment, not on a job cluster; task libraries move into it."""
+def to_serverless(settings: dict, environment_version: str = "4") -> None:
+    """Serverless jobs run tasks in an environment, not on a job cluster; task libraries move into it.
+    The environment is named by `environment_version`; the older `client` field is deprecated."""
     deps = []
     for task in settings.get("tasks") or []:
         task.pop("job_cluster_key", None)
@@ -201,7 +202,8 @@ def to_serverless(settings: dict) -> None:
                 deps.append(lib["whl"])
         task["environment_key"] = "default"
     settings.pop("job_clusters", None)
-    settings["environments"] = [{"environment_key": "default", "spec": {"client": "2", "dependencies": deps}}]
+    settings["environments"] = [{"environment_key": "default",
+                                 "spec": {"environment_version": environment_version, "dependencies": deps}}]
 
 
 def _place_files(settings: dict, job_dir: Path, root: Path, file_path: str | None) -> None:
