@@ -66,6 +66,11 @@ def test_failed_task_is_a_nonzero_exit_naming_the_task(tmp_path):
         assert r.returncode == 1
         assert "task thumbnail failed" in r.stdout
         assert "[publish] SKIPPED UPSTREAM_FAILED" in r.stdout
+        # the failed task's error, trace and log tail, from jobs.get_run_output of that task's run
+        assert "[thumbnail] error: thumbnail failed: OSError: No space left on device" in r.stdout
+        assert "OSError: [Errno 28] No space left on device" in r.stdout
+        assert "    log line 99" in r.stdout and "    log line 70" in r.stdout and "log line 69" not in r.stdout
+        assert "[catalog] error" not in r.stdout
 
 
 @pytest.mark.parametrize("status, words", [(401, "401 unauthenticated"), (403, "permission denied (403)")])

@@ -223,7 +223,23 @@ def _run(w, job_id: int, params: dict, echo, poll_seconds: float) -> int:
     if result == "SUCCESS":
         echo(f"run {run_id} SUCCESS: {run.run_page_url or ''}")
         return 0
-    failed = [t.task_key for t in run.tasks or [] if t.state and t.state.result_state
+    failed = [t for t in run.tasks or [] if t.state and t.state.result_state
               and t.state.result_state.value not in ("SUCCESS", "EXCLUDED", "UPSTREAM_FAILED", "UPSTREAM_CANCELED")]
-    echo(f"run {run_id} {result}: task {', '.join(failed) or '?'} failed: {run.run_page_url or ''}")
+    echo(f"run {run_id} {result}: task {', '.join(t.task_key for t in failed) or '?'} failed: {run.run_page_url or ''}")
+    for t in failed:
+        echo(task_failure(w, t))
     return 1
+
+
+def task_failure(w, task, lines: int = 30) -> str:
+    """A failed task's error, error trace and log tail, from jobs.get_run_output (one call per task run)."""
+    try:
+        out = w.jobs.get_run_output(task.run_id)
+    except Exception as e:  # noqa: BLE001 - the run's state was already reported
+        return f"  [{task.task_key}] no output: {_api_error(e, 'reading the task output')}"
+    parts = [f"  [{task.task_key}] error: {_scrub(out.error or 'none reported')}"]
+    for name, text in (("error trace", out.error_trace), ("log tail", out.logs)):
+        if text:
+            tail = text.rstrip("\n").splitlines()[-lines:]
+            parts.append(f"  [{task.task_key}] {name}:\n" + "\n".join(f"    {_scrub(x)}" for x in tail))
+    return "\n".join(parts)
