@@ -105,3 +105,24 @@ def test_profile_from_databrickscfg(tmp_path):
         assert r.returncode == 0, r.stdout + r.stderr
         assert len(s.jobs) == 1
         no_token_anywhere(r.stdout, r.stderr)
+
+
+def test_login_through_the_sdk_credential_chain_needs_no_token(tmp_path):
+    """DATABRICKS_AUTH_TYPE=databricks-cli: the SDK asks `databricks auth token` (here a script that
+    prints what the CLI prints), and RUNME accepts that login instead of demanding DATABRICKS_TOKEN."""
+    import json as _json
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    cli = bin_dir / "databricks"
+    token = {"access_token": TOKEN, "token_type": "Bearer", "expiry": "2099-01-01T00:00:00Z"}
+    cli.write_text(f"#!/bin/sh\necho '{_json.dumps(token)}'\n")
+    cli.chmod(0o755)
+    with StandIn(token=TOKEN) as s:
+        env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "DATABRICKS_HOST": s.host,
+               "DATABRICKS_AUTH_TYPE": "databricks-cli"}
+        r = subprocess.run([sys.executable, str(ROOT / "RUNME.py"), "--target", "dev"], capture_output=True,
+                           text=True, timeout=300, cwd=ROOT, env=env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert len(s.jobs) == 1
+        no_token_anywhere(r.stdout, r.stderr)
