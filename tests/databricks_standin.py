@@ -118,6 +118,8 @@ class StandIn:
             return 200, {"run_id": run_id, "number_in_job": 1}
         if path == "/api/2.2/jobs/runs/get":
             return 200, self._run_state(int(query["run_id"][0]))
+        if path == "/api/2.2/jobs/runs/get-output":
+            return self._run_output(int(query["run_id"][0]))
         return 404, {"error_code": "ENDPOINT_NOT_FOUND", "message": f"{method} {path}"}
 
     def _run_state(self, run_id: int) -> dict:
@@ -145,6 +147,23 @@ class StandIn:
         return {"run_id": run_id, "job_id": run["job_id"], "state": state, "tasks": tasks,
                 "run_page_url": f"{self.host}/jobs/{run['job_id']}/runs/{run_id}",
                 "job_parameters": [{"name": k, "value": v} for k, v in run["params"].items()]}
+
+    def _run_output(self, task_run_id: int) -> tuple[int, dict]:
+        """Output of one task run; as the real API, a multi-task job run has no output of its own."""
+        if task_run_id in self.runs:
+            return 400, {"error_code": "INVALID_PARAMETER_VALUE",
+                         "message": "Retrieving the output of runs with multiple tasks is not supported."}
+        run_id, i = divmod(task_run_id, 10)
+        order = ["catalog", "extract_meta", "thumbnail", "publish"]
+        if run_id not in self.runs or i >= len(order):
+            return 404, {"error_code": "RESOURCE_DOES_NOT_EXIST", "message": f"run {task_run_id} does not exist"}
+        meta = {"run_id": task_run_id, "task_key": order[i]}
+        if order[i] != self.fail_task:
+            return 200, {"metadata": meta, "logs": f"{order[i]} done: files in 13, rows out 13, errors 0\n"}
+        return 200, {"metadata": meta, "error": f"{order[i]} failed: OSError: No space left on device",
+                     "error_trace": "Traceback (most recent call last):\n  File \"thumbnail.py\", line 9\n"
+                                    "OSError: [Errno 28] No space left on device",
+                     "logs": "".join(f"log line {n}\n" for n in range(100)), "logs_truncated": False}
 
     def _handler(self):
         standin = self

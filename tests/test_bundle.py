@@ -102,4 +102,19 @@ def test_serverless_compute_is_selected_by_a_variable():
     assert all(t["environment_key"] == "default" and "job_cluster_key" not in t and "libraries" not in t
                for t in s["tasks"])
     assert s["environments"] == [{"environment_key": "default",
-                                  "spec": {"client": "2", "dependencies": ["/Workspace/b/files/dist/*.whl"]}}]
+                                  "spec": {"environment_version": "4",
+                                           "dependencies": ["/Workspace/b/files/dist/*.whl"]}}]
+
+
+def test_dev_is_the_bundle_default_and_writes_a_per_user_schema():
+    from dicom_lakehouse.bundle import load_bundle, short_user_name
+
+    assert load_bundle(ROOT).default_target() == "dev"
+    assert short_user_name("ana.maria@example.com") == "ana_maria"
+    assert short_user_name("o'neil-jr+x@example.com") == "o_neil_jr_x"
+    dev = resolve("dev", root=ROOT, user_name="ana.maria@example.com").jobs["dicom_lakehouse"]
+    prod = resolve("prod", root=ROOT, user_name="ana.maria@example.com").jobs["dicom_lakehouse"]
+    assert dev["name"] == "[dev ana_maria] dicom-lakehouse-dev"
+    schema = {s: {p["name"]: p["default"] for p in j["parameters"]}["schema"] for s, j in (("dev", dev), ("prod", prod))}
+    assert schema == {"dev": "pixels_ana_maria", "prod": "pixels"}
+    assert dev["timeout_seconds"] == prod["timeout_seconds"] == 43200

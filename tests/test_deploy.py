@@ -66,6 +66,11 @@ def test_failed_task_is_a_nonzero_exit_naming_the_task(tmp_path):
         assert r.returncode == 1
         assert "task thumbnail failed" in r.stdout
         assert "[publish] SKIPPED UPSTREAM_FAILED" in r.stdout
+        # the failed task's error, trace and log tail, from jobs.get_run_output of that task's run
+        assert "[thumbnail] error: thumbnail failed: OSError: No space left on device" in r.stdout
+        assert "OSError: [Errno 28] No space left on device" in r.stdout
+        assert "    log line 99" in r.stdout and "    log line 70" in r.stdout and "log line 69" not in r.stdout
+        assert "[catalog] error" not in r.stdout
 
 
 @pytest.mark.parametrize("status, words", [(401, "401 unauthenticated"), (403, "permission denied (403)")])
@@ -97,6 +102,27 @@ def test_profile_from_databrickscfg(tmp_path):
         r = subprocess.run([sys.executable, str(ROOT / "RUNME.py"), "--target", "dev", "--profile", "work"],
                            capture_output=True, text=True, timeout=300, cwd=ROOT,
                            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert len(s.jobs) == 1
+        no_token_anywhere(r.stdout, r.stderr)
+
+
+def test_login_through_the_sdk_credential_chain_needs_no_token(tmp_path):
+    """DATABRICKS_AUTH_TYPE=databricks-cli: the SDK asks `databricks auth token` (here a script that
+    prints what the CLI prints), and RUNME accepts that login instead of demanding DATABRICKS_TOKEN."""
+    import json as _json
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    cli = bin_dir / "databricks"
+    token = {"access_token": TOKEN, "token_type": "Bearer", "expiry": "2099-01-01T00:00:00Z"}
+    cli.write_text(f"#!/bin/sh\necho '{_json.dumps(token)}'\n")
+    cli.chmod(0o755)
+    with StandIn(token=TOKEN) as s:
+        env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "DATABRICKS_HOST": s.host,
+               "DATABRICKS_AUTH_TYPE": "databricks-cli"}
+        r = subprocess.run([sys.executable, str(ROOT / "RUNME.py"), "--target", "dev"], capture_output=True,
+                           text=True, timeout=300, cwd=ROOT, env=env)
         assert r.returncode == 0, r.stdout + r.stderr
         assert len(s.jobs) == 1
         no_token_anywhere(r.stdout, r.stderr)

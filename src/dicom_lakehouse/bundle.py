@@ -104,6 +104,13 @@ def schema_errors(doc: dict, schema_path: str | Path) -> list[str]:
             for e in cls(schema).iter_errors(doc)]
 
 
+def short_user_name(user: str) -> str:
+    """The Databricks CLI's short name: the part before '@', every character that is not a letter or a
+    digit made '_' (ana.maria@example.com -> ana_maria), as in its development-mode prefix."""
+    local = user.split("@", 1)[0]
+    return "".join(c if c.isalnum() else "_" for c in local)
+
+
 def _substitute(value, ctx: dict, key: str | None = None):
     if isinstance(value, dict):
         return {k: _substitute(v, ctx, k) for k, v in value.items()}
@@ -167,11 +174,11 @@ def resolve(
     user = user_name or getpass.getuser()
     workspace = dict(doc.get("workspace") or {})
     root_path = workspace.get("root_path") or f"/Workspace/Users/{user}/.bundle/{b.name}/{target}"
-    ctx = {f"var.{k}": v for k, v in values.items()}
-    ctx.update({
-        "bundle.name": b.name, "bundle.target": target,
-        "workspace.current_user.userName": user, "workspace.current_user.short_name": user.split("@")[0],
-    })
+    ctx = {"bundle.name": b.name, "bundle.target": target,
+           "workspace.current_user.userName": user, "workspace.current_user.short_name": short_user_name(user)}
+    # A variable's value may name the user (dev's per-user schema).
+    values = {k: _substitute(v, ctx) for k, v in values.items()}
+    ctx.update({f"var.{k}": v for k, v in values.items()})
     ctx["workspace.root_path"] = _substitute(root_path, ctx)
     ctx["workspace.file_path"] = file_path or f"{ctx['workspace.root_path']}/files"
     ctx["workspace.artifact_path"] = f"{ctx['workspace.root_path']}/artifacts"
@@ -186,13 +193,14 @@ def resolve(
                 settings["schedule"]["pause_status"] = "PAUSED"
         _place_files(settings, b.job_dirs[key], b.root, file_path)
         if values.get("compute", "job_cluster") == "serverless":
-            to_serverless(settings)
+            to_serverless(settings, str(values.get("serverless_environment_version") or "4"))
         jobs[key] = settings
     return Resolved(target, mode, values, jobs, workspace, b)
 
 
-def to_serverless(settings: dict) -> None:
-    """Serverless jobs run tasks in an environment, not on a job cluster; task libraries move into it."""
+def to_serverless(settings: dict, environment_version: str = "4") -> None:
+    """Serverless jobs run tasks in an environment, not on a job cluster; task libraries move into it.
+    The environment is named by `environment_version`; the older `client` field is deprecated."""
     deps = []
     for task in settings.get("tasks") or []:
         task.pop("job_cluster_key", None)
@@ -201,7 +209,8 @@ def to_serverless(settings: dict) -> None:
                 deps.append(lib["whl"])
         task["environment_key"] = "default"
     settings.pop("job_clusters", None)
-    settings["environments"] = [{"environment_key": "default", "spec": {"client": "2", "dependencies": deps}}]
+    settings["environments"] = [{"environment_key": "default",
+                                 "spec": {"environment_version": environment_version, "dependencies": deps}}]
 
 
 def _place_files(settings: dict, job_dir: Path, root: Path, file_path: str | None) -> None:

@@ -59,7 +59,7 @@ def main(ctx, target, do_run, params, variables, warehouse, master, remote, conn
         return
     try:
         var_values = _pairs(variables, "--var")
-        resolved = resolve(target, variables=var_values)
+        resolved = resolve(target or "local", variables=var_values)  # the bundle's own default is dev
         if _is_local_target(resolved):
             code = _local(resolved, do_run, _pairs(params, "--param"), warehouse, master, remote, connect_server)
         else:

@@ -19,8 +19,6 @@ from pathlib import Path
 from .bundle import job_settings_roundtrip, resolve
 
 TERMINAL = {"TERMINATED", "SKIPPED", "INTERNAL_ERROR"}
-CREDENTIAL_VARS = ("DATABRICKS_TOKEN", "DATABRICKS_CLIENT_SECRET", "ARM_CLIENT_SECRET", "GOOGLE_CREDENTIALS",
-                   "DATABRICKS_PASSWORD")
 
 
 class DeployError(RuntimeError):
@@ -37,26 +35,28 @@ def _profile_exists(profile: str) -> bool:
 
 
 def workspace_client(profile: str | None = None, host: str | None = None):
+    """databricks-sdk's own credential chain decides (token, OAuth, azure-cli, databricks-cli,
+    github-oidc, profiles, notebook context); this only turns its failure into one clear line."""
     from databricks.sdk import WorkspaceClient
 
     in_notebook = bool(os.environ.get("DATABRICKS_RUNTIME_VERSION"))
     name = profile or os.environ.get("DATABRICKS_CONFIG_PROFILE") or "DEFAULT"
     cfg = os.environ.get("DATABRICKS_CONFIG_FILE", "~/.databrickscfg")
     has_profile = _profile_exists(name)
-    if not (in_notebook or has_profile):
-        if not (host or os.environ.get("DATABRICKS_HOST")):
-            raise DeployError(
-                f"DATABRICKS_HOST is not set and no profile {name!r} was found in {cfg}: set DATABRICKS_HOST "
-                "and DATABRICKS_TOKEN, or pass --profile NAME, or run `databricks auth login`.")
-        if not any(os.environ.get(v) for v in CREDENTIAL_VARS):
-            raise DeployError(
-                f"DATABRICKS_TOKEN is not set (nor DATABRICKS_CLIENT_ID/DATABRICKS_CLIENT_SECRET) and no profile "
-                f"{name!r} was found in {cfg}: set a token, or pass --profile NAME.")
+    if not (in_notebook or has_profile or host or os.environ.get("DATABRICKS_HOST")):
+        raise DeployError(
+            f"DATABRICKS_HOST is not set and no profile {name!r} was found in {cfg}: set DATABRICKS_HOST "
+            "and DATABRICKS_TOKEN, or pass --profile NAME, or run `databricks auth login`.")
     try:
         if profile:
             return WorkspaceClient(profile=profile, host=host) if host else WorkspaceClient(profile=profile)
         return WorkspaceClient(host=host) if host else WorkspaceClient()
     except ValueError as e:
+        if not (in_notebook or has_profile):
+            raise DeployError(
+                f"DATABRICKS_TOKEN is not set, no other login that databricks-sdk accepts was found, and no "
+                f"profile {name!r} is in {cfg}: set a token, pass --profile NAME, or run `databricks auth login` "
+                f"({_scrub(str(e)).splitlines()[0][:300]})") from None
         raise DeployError(f"Databricks authentication is not configured: {_scrub(str(e))}") from None
 
 
@@ -223,7 +223,23 @@ def _run(w, job_id: int, params: dict, echo, poll_seconds: float) -> int:
     if result == "SUCCESS":
         echo(f"run {run_id} SUCCESS: {run.run_page_url or ''}")
         return 0
-    failed = [t.task_key for t in run.tasks or [] if t.state and t.state.result_state
+    failed = [t for t in run.tasks or [] if t.state and t.state.result_state
               and t.state.result_state.value not in ("SUCCESS", "EXCLUDED", "UPSTREAM_FAILED", "UPSTREAM_CANCELED")]
-    echo(f"run {run_id} {result}: task {', '.join(failed) or '?'} failed: {run.run_page_url or ''}")
+    echo(f"run {run_id} {result}: task {', '.join(t.task_key for t in failed) or '?'} failed: {run.run_page_url or ''}")
+    for t in failed:
+        echo(task_failure(w, t))
     return 1
+
+
+def task_failure(w, task, lines: int = 30) -> str:
+    """A failed task's error, error trace and log tail, from jobs.get_run_output (one call per task run)."""
+    try:
+        out = w.jobs.get_run_output(task.run_id)
+    except Exception as e:  # noqa: BLE001 - the run's state was already reported
+        return f"  [{task.task_key}] no output: {_api_error(e, 'reading the task output')}"
+    parts = [f"  [{task.task_key}] error: {_scrub(out.error or 'none reported')}"]
+    for name, text in (("error trace", out.error_trace), ("log tail", out.logs)):
+        if text:
+            tail = text.rstrip("\n").splitlines()[-lines:]
+            parts.append(f"  [{task.task_key}] {name}:\n" + "\n".join(f"    {_scrub(x)}" for x in tail))
+    return "\n".join(parts)
