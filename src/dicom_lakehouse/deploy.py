@@ -21,6 +21,13 @@ from .bundle import job_settings_roundtrip, resolve
 TERMINAL = {"TERMINATED", "SKIPPED", "INTERNAL_ERROR"}
 
 
+# Environment variables by which databricks-sdk's credential chain can log in without a profile.
+LOGIN_VARS = ("DATABRICKS_TOKEN", "DATABRICKS_AUTH_TYPE", "DATABRICKS_CLIENT_ID", "DATABRICKS_CLIENT_SECRET",
+              "DATABRICKS_USERNAME", "DATABRICKS_METADATA_SERVICE_URL", "DATABRICKS_AZURE_RESOURCE_ID",
+              "ARM_CLIENT_ID", "ARM_CLIENT_SECRET", "ARM_USE_MSI", "GOOGLE_CREDENTIALS",
+              "GOOGLE_SERVICE_ACCOUNT", "ACTIONS_ID_TOKEN_REQUEST_URL")
+
+
 class DeployError(RuntimeError):
     """Deployment cannot go on; the message says which setting is missing or what was refused."""
 
@@ -47,6 +54,12 @@ def workspace_client(profile: str | None = None, host: str | None = None):
         raise DeployError(
             f"DATABRICKS_HOST is not set and no profile {name!r} was found in {cfg}: set DATABRICKS_HOST "
             "and DATABRICKS_TOKEN, or pass --profile NAME, or run `databricks auth login`.")
+    if not (in_notebook or has_profile or any(os.environ.get(v) for v in LOGIN_VARS)):
+        # With nothing to go on, the SDK's chain would wait on network look-ups: say what to set now.
+        raise DeployError(
+            f"DATABRICKS_TOKEN is not set, no other login was selected (DATABRICKS_AUTH_TYPE, "
+            f"DATABRICKS_CLIENT_ID, ARM_CLIENT_ID, GOOGLE_CREDENTIALS, ...) and no profile {name!r} is in {cfg}: "
+            "set a token, pass --profile NAME, or run `databricks auth login`.")
     try:
         if profile:
             return WorkspaceClient(profile=profile, host=host) if host else WorkspaceClient(profile=profile)
