@@ -149,7 +149,6 @@ def local_connect_server(conf: dict, master: str, log_path: Path, timeout: float
     for k, v in settings.items():
         cmd += ["--conf", f"{k}={v}"]
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
-    log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([*cmd, "spark-internal"], stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
@@ -173,9 +172,9 @@ def local_connect_server(conf: dict, master: str, log_path: Path, timeout: float
 def with_delta(conf: dict) -> dict:
     """conf with the Delta jars and settings added to the task JVMs' Spark settings (when wanted and
     available; else unchanged, and the tasks fall back to delta-rs)."""
-    from .session import session_delta_settings
+    from .delta_jars import delta_settings
 
-    delta = session_delta_settings(conf)
+    delta = delta_settings(conf)
     if not delta:
         return conf
     spark_conf = dict(conf.get("spark") or {})

@@ -7,6 +7,8 @@ import sys
 
 from pyspark.sql import SparkSession
 
+from .delta_jars import delta_settings
+
 
 def _under_launcher() -> bool:
     """True when spark-submit or Databricks already chose the master; we must not override it."""
@@ -27,7 +29,7 @@ def get_spark(conf: dict, remote: str | None = None, app_name: str | None = None
         os.environ.setdefault("SPARK_LOCAL_IP", spark_conf.get("local_ip", "127.0.0.1"))
         builder = builder.master(spark_conf.get("master", "local[*]"))
         builder = builder.config("spark.driver.memory", spark_conf.get("driver_memory", "2g"))
-        settings.update(session_delta_settings(conf))
+        settings.update(delta_settings(conf))
     elif os.environ.get("DATABRICKS_RUNTIME_VERSION"):
         # Attach to the session Databricks made; its cluster settings are not ours to change.
         return builder.getOrCreate()
@@ -67,13 +69,6 @@ def quiet_delta_logs(spark) -> None:
                 name, jvm.org.apache.logging.log4j.Level.WARN)
     except Exception:  # noqa: BLE001 - a session without log4j 2
         pass
-
-
-def session_delta_settings(conf: dict) -> dict:
-    """Delta jars and settings for a JVM this project starts (conf `table_engine`; Databricks has its own)."""
-    from .delta_jars import delta_settings
-
-    return delta_settings(conf)
 
 
 def is_connect(spark) -> bool:

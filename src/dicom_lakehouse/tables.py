@@ -111,6 +111,13 @@ def user_metadata(metadata: dict) -> str:
     return json.dumps({k: v for k, v in metadata.items() if k != "userMetadata"}, sort_keys=True)
 
 
+def _delta_rs_commit(metadata: dict):
+    """delta-rs commit properties: the metadata as top-level keys, and as the shared `userMetadata`."""
+    from deltalake import CommitProperties
+
+    return CommitProperties(custom_metadata={**metadata, "userMetadata": user_metadata(metadata)})
+
+
 def commit_metadata(run_id: str, params: dict, step: str) -> dict:
     return {
         "dicom_lakehouse.run_id": run_id,
@@ -194,7 +201,7 @@ class DeltaRsStore(TableStore):
         return adds, rows
 
     def write(self, df, ref: TableRef, mode: str, metadata: dict, step: str = "publish") -> int:
-        from deltalake import CommitProperties, DeltaTable, Schema
+        from deltalake import DeltaTable, Schema
         from deltalake.transaction import create_table_with_add_actions
 
         root = self.location(ref)
@@ -203,7 +210,7 @@ class DeltaRsStore(TableStore):
         df = df.select(*cols)
         arrow_schema = S.arrow_schema(step)
         delta_schema = Schema.from_arrow(arrow_schema)
-        props = CommitProperties(custom_metadata={**metadata, "userMetadata": user_metadata(metadata)})
+        props = _delta_rs_commit(metadata)
         if mode == "upsert" and self.exists(ref):
             incoming = root / "_incoming" / uuid.uuid4().hex
             try:
@@ -258,7 +265,7 @@ class DeltaRsStore(TableStore):
 
     def write_derived(self, ref: TableRef, source: TableRef, select, metadata: dict) -> str:
         """delta-rs has no views: a small table, refreshed by each publish."""
-        from deltalake import CommitProperties, write_deltalake
+        from deltalake import write_deltalake
 
         view = f"dl_src_{uuid.uuid4().hex[:12]}"
         self.read(source).createOrReplaceTempView(view)
@@ -266,7 +273,7 @@ class DeltaRsStore(TableStore):
             arrow = self.spark.sql(select(view)).toArrow()
         finally:
             self.spark.catalog.dropTempView(view)
-        props = CommitProperties(custom_metadata={**metadata, "userMetadata": user_metadata(metadata)})
+        props = _delta_rs_commit(metadata)
         _retry(
             f"refresh {ref.name}",
             lambda: write_deltalake(str(self.location(ref)), arrow, mode="overwrite", schema_mode="overwrite",
