@@ -1,7 +1,8 @@
-"""The same job on a real Spark standalone cluster on loopback, and through Spark Connect."""
+"""The same job on a real Spark standalone cluster on loopback; the local Spark Connect server's token."""
 
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -81,20 +82,28 @@ def test_job_on_a_standalone_cluster_runs_on_both_workers(tmp_path, sample_dir, 
     assert len(per_app["dicom-lakehouse:thumbnail"]) == 2, per_app
 
 
-def test_job_through_spark_connect(tmp_path, sample_dir):
-    """--connect-server starts a Spark Connect server from pyspark; each task is a client (--remote)."""
-    wh = tmp_path / "wh"
-    r = subprocess.run([sys.executable, str(ROOT / "RUNME.py"), "--run", "--connect-server", "--warehouse", str(wh),
-                        "--param", f"path={sample_dir}", "--param", "mode=overwrite"],
-                       capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert r.returncode == 0, r.stdout + r.stderr
-    remote = r.stdout.split("Spark Connect server at ")[1].split()[0]
-    assert remote.startswith("sc://127.0.0.1:") and f"on {remote}" in r.stdout
-    check_table(wh, 13)
-    run_dir = ROOT / "build" / "local" / "runs" / r.stdout.split("run ")[1].split(":")[0]
-    assert "--remote" not in (run_dir / "catalog.1.log").read_text()  # no spark-submit banner...
-    assert "engine spark" in (run_dir / "catalog.1.log").read_text()  # the server has Delta's jars
-    # the server is gone after the run
-    port = int(remote.rsplit(":", 1)[1])
-    with socket.socket() as s:
+def test_connect_server_refuses_clients_without_its_token(tmp_path, conf):
+    """The local runner's Spark Connect server (the local target's shared session) accepts only
+    clients that present the run's token, and the token is on no process's command line."""
+    from dicom_lakehouse.runner import TOKEN_ENV, local_connect_server
+
+    token = secrets.token_urlsafe(24)
+    code = ("import sys; from pyspark.sql import SparkSession as S; "
+            "print('COUNT', S.builder.remote(sys.argv[1]).getOrCreate().range(5).count())")
+    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+    with local_connect_server(conf, "local[1]", tmp_path / "server.log", token) as url:
+        assert url.startswith("sc://localhost:")
+        assert token not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        answers = {}
+        for name, extra in (("none", {}), ("wrong", {TOKEN_ENV: token[::-1]}), ("right", {TOKEN_ENV: token})):
+            r = subprocess.run([sys.executable, "-c", code, url], capture_output=True, text=True, timeout=180,
+                               env={**env, **extra})
+            answers[name] = (r.returncode, r.stdout.strip(), r.stderr)
+    assert answers["right"][:2] == (0, "COUNT 5"), answers["right"][2][-2000:]
+    for name in ("none", "wrong"):
+        code_, out, err = answers[name]
+        assert code_ != 0 and "COUNT" not in out, name
+        assert "UNAUTHENTICATED" in err or "authentication" in err.lower(), err[-2000:]
+    port = int(url.rsplit(":", 1)[1])
+    with socket.socket() as s:  # the server is gone after the run
         assert s.connect_ex(("127.0.0.1", port)) != 0

@@ -1,4 +1,4 @@
-"""End to end through RUNME and the local runner: every task is its own spark-submit process."""
+"""End to end through RUNME and the local runner (local target: the tasks share one Spark Connect server)."""
 
 import json
 import subprocess
@@ -51,11 +51,35 @@ def test_demo_command_then_overwrite_again(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     dt = table(wh)
     assert dt.version() == v + 1 and dt.to_pyarrow_dataset().to_table(use_threads=False).num_rows == 13
+    # both runs shared one token-protected Spark Connect server, on Spark's own Delta
+    assert "Spark Connect server for this run at sc://localhost:" in r.stdout
+    second = ROOT / "build" / "local" / "runs" / r.stdout.split("run ")[1].split(":")[0]
+    assert (second / "connect-server.log").is_file()
+    assert all(json.loads(rec_line)["engine"] == "spark" for f in second.glob("*.1.log")
+               for rec_line in [_result_line(f)])
+    # no patient identifier in any log of either run (Delta logs column statistics in places)
+    phi = {x for row in rows.values() for x in (row["patient_id"], _name(row["meta"])) if x and len(x) >= 4}
+    assert "CompressedSamples^CT1" in phi
+    for log in [*second.iterdir(), *run_json.parent.iterdir()]:
+        text = log.read_text(errors="replace")
+        found = sorted(x for x in phi if x in text)
+        assert not found, f"{log} shows {found}"
     # local SQL with a three-part name answers from the published table
     r = runme("--warehouse", str(wh), "sql", "--json",
               "SELECT modality, count(*) AS n FROM main.pixels.object_catalog WHERE modality = 'MR' GROUP BY modality")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1]) == {"modality": "MR", "n": 3}
+
+
+def _result_line(log) -> str:
+    from dicom_lakehouse.taskmain import RESULT_MARK
+
+    return next(x for x in log.read_text().splitlines() if x.startswith(RESULT_MARK))[len(RESULT_MARK):]
+
+
+def _name(meta: str | None) -> str | None:
+    value = (json.loads(meta or "{}").get("00100010") or {}).get("Value") or [{}]
+    return value[0].get("Alphabetic")
 
 
 @pytest.mark.parametrize("param, message", [

@@ -9,7 +9,9 @@ server, so that each run is a whole Python process start and exit without a JVM 
 from __future__ import annotations
 
 import json
+import os
 import re
+import secrets
 import subprocess
 import sys
 
@@ -40,11 +42,17 @@ def warehouse(tmp_path_factory, spark, conf):
 
 @pytest.fixture(scope="module")
 def connect_url(conf, tmp_path_factory):
-    from dicom_lakehouse.runner import local_connect_server, with_delta
+    from dicom_lakehouse.runner import TOKEN_ENV, local_connect_server, with_delta
 
     log = tmp_path_factory.mktemp("connect") / "server.log"
-    with local_connect_server(with_delta(conf), "local[2]", log) as url:
-        yield url
+    token = secrets.token_urlsafe(16)
+    # The clients below inherit the token from the environment, as a user's shell would pass it.
+    os.environ[TOKEN_ENV] = token
+    try:
+        with local_connect_server(with_delta(conf), "local[2]", log, token) as url:
+            yield url
+    finally:
+        os.environ.pop(TOKEN_ENV, None)
 
 
 def readme_reader_example() -> str:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -43,13 +41,15 @@ def _is_local_target(resolved) -> bool:
 @click.option("--warehouse", default=None, help="Local warehouse folder (overrides conf/).")
 @click.option("--master", default=None, help="Spark master for the local runner, e.g. spark://127.0.0.1:7077.")
 @click.option("--remote", default=None, help="Run the tasks through Spark Connect, e.g. sc://127.0.0.1:15002.")
-@click.option("--connect-server", "connect_server", is_flag=True,
-              help="Start a local Spark Connect server for the run; every task runs as its client (one JVM).")
+@click.option("--session", type=click.Choice(["shared", "per_task"]), default=None,
+              help="shared: the tasks are clients of one Spark Connect server started for the run (one JVM; "
+                   "the local target's default). per_task: one spark-submit per task, as on a job cluster.")
+@click.option("--connect-server", "connect_server", is_flag=True, hidden=True, help="Same as --session shared.")
 @click.option("--profile", default=None, help="Databricks config profile (~/.databrickscfg).")
 @click.option("--engine", type=click.Choice(["auto", "spark", "delta-rs"]), default=None,
               help="Table engine for local runs and queries (overrides conf table_engine).")
 @click.pass_context
-def main(ctx, target, do_run, params, variables, warehouse, master, remote, connect_server, profile, engine):
+def main(ctx, target, do_run, params, variables, warehouse, master, remote, session, connect_server, profile, engine):
     """Create or update the dicom-lakehouse job for TARGET, and run it with --run."""
     ctx.ensure_object(dict)
     if engine:
@@ -61,7 +61,8 @@ def main(ctx, target, do_run, params, variables, warehouse, master, remote, conn
         var_values = _pairs(variables, "--var")
         resolved = resolve(target or "local", variables=var_values)  # the bundle's own default is dev
         if _is_local_target(resolved):
-            code = _local(resolved, do_run, _pairs(params, "--param"), warehouse, master, remote, connect_server)
+            code = _local(resolved, do_run, _pairs(params, "--param"), warehouse, master, remote,
+                          "shared" if connect_server else session)
         else:
             from .deploy import deploy_and_run
 
@@ -74,8 +75,8 @@ def main(ctx, target, do_run, params, variables, warehouse, master, remote, conn
 
 
 def _local(resolved, do_run: bool, params: dict, warehouse: str | None, master: str | None,
-           remote: str | None = None, connect_server: bool = False) -> int:
-    from .runner import local_connect_server, run_job, with_delta
+           remote: str | None = None, session: str | None = None) -> int:
+    from .runner import run_job
 
     conf = load_conf(resolved.variables.get("target_conf", resolved.target))
     build = repo_root() / conf.get("build_dir", "build") / resolved.target
@@ -91,15 +92,9 @@ def _local(resolved, do_run: bool, params: dict, warehouse: str | None, master: 
                 from .shipping import build_py_files
 
                 py_files = str(build_py_files(build))
-            with contextlib.ExitStack() as stack:
-                if connect_server and not remote:
-                    t0 = time.time()
-                    remote = stack.enter_context(local_connect_server(
-                        with_delta(conf), master or conf["spark"].get("master", "local[*]"), build / "connect-server.log"))
-                    click.echo(f"Spark Connect server at {remote} started in {time.time() - t0:.1f} s")
-                rec = run_job(settings, conf, target=resolved.target, job_key=key, root=resolved.bundle.root,
-                              build_dir=build, overrides=params, warehouse=warehouse, master=master,
-                              echo=click.echo, py_files=py_files, remote=remote)
+            rec = run_job(settings, conf, target=resolved.target, job_key=key, root=resolved.bundle.root,
+                          build_dir=build, overrides=params, warehouse=warehouse, master=master,
+                          echo=click.echo, py_files=py_files, remote=remote, session=session)
             if rec.status != "SUCCESS":
                 click.echo(f"task {rec.failed_task} failed; last lines of its log:\n{rec.message}", err=True)
                 code = 1

@@ -15,6 +15,7 @@ import os
 import re
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import pyarrow as pa
@@ -51,6 +52,23 @@ def _quiet_worker() -> None:
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     gc.freeze()
+
+
+def _import_step_modules(batches):
+    """mapInArrow warm-up: a new Python worker imports pydicom, the codecs, numpy and Pillow once."""
+    from . import dicom_meta, sources, thumbnails  # noqa: F401
+
+    _quiet_worker()
+    yield from batches
+
+
+def warm_workers(spark, step: str) -> None:
+    """Start the session's Python workers and import what the step's per-file code needs, so that a
+    task started ahead of time (waiting at its gate) has them ready when its upstream task ends.
+    Steps that run no Python on the executors need none."""
+    if step in ("extract_meta", "thumbnail"):
+        n = default_parallelism(spark)
+        spark.range(n, numPartitions=n).mapInArrow(_import_step_modules, "id long").collect()
 
 
 def _status_counts(df) -> dict:
@@ -296,9 +314,11 @@ def run_publish(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
     if rows != rows_in:
         raise StepError(f"publish read {rows_in} rows but wrote {rows}")
     total = store.count(target)
-    derived = {}
-    for suffix, sql in (("studies", studies_sql), ("series", series_sql)):
-        derived[target.derived(suffix).name] = store.write_derived(target.derived(suffix), target, sql, meta)
+    # The two derived objects are independent: refresh them side by side (each is mostly commit latency).
+    with ThreadPoolExecutor(2) as pool:
+        jobs = {target.derived(suffix).name: pool.submit(store.write_derived, target.derived(suffix), target, sql, meta)
+                for suffix, sql in (("studies", studies_sql), ("series", series_sql))}
+        derived = {name: job.result() for name, job in jobs.items()}
     if (conf.get("stage_retention") or "drop") == "drop":
         for step in STAGES:
             store.drop(stage_ref(p, step))

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .bundle import task_order
 from .params import ParameterError, validate
-from .taskmain import GATE_ENV, RESULT_MARK, RUNNER_PID_ENV
+from .taskmain import GATE_ENV, RESULT_MARK, RUNNER_PID_ENV, SERVER_HAS_LIBRARY_ENV
 
 log = logging.getLogger(__name__)
 PARAM_REF = re.compile(r"\{\{\s*job\.parameters\.([A-Za-z0-9_]+)\s*\}\}")
@@ -90,7 +90,7 @@ def task_argv(task: dict, values: dict, run_id: str) -> list[str]:
     return [sub(str(a)) for a in task["spark_python_task"].get("parameters") or []]
 
 
-def class_data_archive(conf: dict) -> Path | None:
+def class_data_archive(conf: dict, kind: str = "task") -> Path | None:
     """Where the task JVMs' class-data-sharing archive lives (None when disabled in conf/).
 
     Loading Spark's classes from a CDS archive cuts about 4 s off each task's JVM start; the first
@@ -102,7 +102,7 @@ def class_data_archive(conf: dict) -> Path | None:
     if not (conf.get("runner") or {}).get("class_data_sharing", False):
         return None
     build = Path(conf.get("conf_dir", ".")).parent / conf.get("build_dir", "build")
-    return build / f"spark-cds-{pyspark.__version__}-{platform.machine()}.jsa"
+    return build / f"spark-cds-{kind}-{pyspark.__version__}-{platform.machine()}.jsa"
 
 
 def spark_submit_cmd(conf: dict, master: str, python_file: str, argv: list[str], name: str,
@@ -124,12 +124,22 @@ def spark_submit_cmd(conf: dict, master: str, python_file: str, argv: list[str],
     return [*cmd, python_file, *argv]
 
 
+TOKEN_ENV = "SPARK_CONNECT_AUTHENTICATE_TOKEN"
+
+
 @contextmanager
-def local_connect_server(conf: dict, master: str, log_path: Path, timeout: float = 180):
+def local_connect_server(conf: dict, master: str, log_path: Path, token: str, timeout: float = 180,
+                         java_options: str = ""):
     """A Spark Connect server on loopback for one run: the four tasks share its JVM instead of
-    starting one each, which removes most of the fixed per-task start-up cost."""
+    starting one each, which removes most of the fixed per-task start-up cost.
+
+    It accepts only clients that present `token` (pyspark sends $SPARK_CONNECT_AUTHENTICATE_TOKEN
+    when the URL's host is `localhost`). The token travels in environment variables only, never on
+    a command line, where other local users could read it."""
     import pyspark
 
+    if not token:
+        raise ValueError("a Spark Connect server needs a token")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -141,14 +151,15 @@ def local_connect_server(conf: dict, master: str, log_path: Path, timeout: float
     log4j.write_text(LOG4J2_PROPERTIES)
     cmd = [str(Path(pyspark.__file__).parent / "bin" / "spark-submit"), "--class",
            "org.apache.spark.sql.connect.service.SparkConnectServer", "--master", master,
+           "--name", "dicom-lakehouse:connect-server",
            "--driver-memory", str(spark_conf.get("driver_memory", "2g")),
            "--conf", f"spark.connect.grpc.binding.port={port}", "--conf", "spark.connect.grpc.binding.address=127.0.0.1"]
     settings = dict(spark_conf.get("conf") or {})
     java = "spark.driver.extraJavaOptions"
-    settings[java] = f"{settings.get(java, '')} -Dlog4j2.configurationFile={log4j}".strip()
+    settings[java] = f"{settings.get(java, '')} -Dlog4j2.configurationFile={log4j} {java_options}".strip()
     for k, v in settings.items():
         cmd += ["--conf", f"{k}={v}"]
-    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1", TOKEN_ENV: token}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([*cmd, "spark-internal"], stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
@@ -158,7 +169,7 @@ def local_connect_server(conf: dict, master: str, log_path: Path, timeout: float
             if proc.poll() is not None or time.time() > deadline:
                 raise RuntimeError(f"the Spark Connect server did not start; see {log_path}")
             time.sleep(0.2)
-        yield f"sc://127.0.0.1:{port}"
+        yield f"sc://localhost:{port}"
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, 15)
@@ -167,6 +178,19 @@ def local_connect_server(conf: dict, master: str, log_path: Path, timeout: float
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
             proc.wait()
+
+
+def _shared_server(stack: contextlib.ExitStack, conf: dict, master: str, folder: Path, env: dict) -> str:
+    """Start this run's Connect server; the token goes to the task processes' environment only."""
+    token = secrets.token_urlsafe(32)
+    cds = class_data_archive(conf, "connect-server")
+    java = ""
+    if cds is not None:
+        cds.parent.mkdir(parents=True, exist_ok=True)
+        java = f"-XX:SharedArchiveFile={cds}" if cds.exists() else f"-XX:ArchiveClassesAtExit={cds}"
+    url = stack.enter_context(local_connect_server(conf, master, folder / "connect-server.log", token, java_options=java))
+    env.update({TOKEN_ENV: token, SERVER_HAS_LIBRARY_ENV: "1"})
+    return url
 
 
 def with_delta(conf: dict) -> dict:
@@ -286,7 +310,11 @@ def run_job(
     py_files: str | None = None,
     stop: threading.Event | None = None,
     remote: str | None = None,
+    session: str | None = None,
 ) -> RunRecord:
+    """Run the job's tasks in order. session (default: conf runner.session): `shared` runs every task
+    as a client of one Spark Connect server started for this run (one JVM, one set of Python
+    workers); `per_task` gives each task its own spark-submit, as a job cluster would."""
     values = job_parameters(settings, overrides or {}, root)
     # Validate before any task starts: a bad parameter must not leave staged output behind.
     validate({**values, "target": conf.get("target", target)}, (conf.get("listing") or {}).get("allowed_roots"))
@@ -304,86 +332,94 @@ def run_job(
     env.setdefault("SPARK_LOCAL_IP", (conf.get("spark") or {}).get("local_ip", "127.0.0.1"))
     if warehouse:
         env["DICOM_LAKEHOUSE_WAREHOUSE"] = str(Path(warehouse).resolve())
-    cds = class_data_archive(conf)
-    if cds is not None:
-        cds.parent.mkdir(parents=True, exist_ok=True)
-    tasks = task_order(settings)
-    commands, dump = {}, None
-    for task in tasks:
-        key = task["task_key"]
-        argv = task_argv(task, values, run_id)
-        python_file = task["spark_python_task"]["python_file"]
-        if remote:  # Spark Connect: the task is a plain Python client, no local JVM
-            commands[key] = [sys.executable, python_file, *argv, "--remote", remote]
-            continue
-        java = ""
-        if cds is not None and cds.exists():
-            java = f"-XX:SharedArchiveFile={cds}"
-        elif cds is not None:
-            dump = cds.with_name(f"{cds.stem}.{run_id}.tmp")
-            java = f"-XX:ArchiveClassesAtExit={dump}"
-        commands[key] = spark_submit_cmd(conf, master, python_file, argv, key, py_files, java)
-    # Start each task's process while its upstream task runs; it waits at a gate with its JVM and
-    # Spark session up. Local masters only (on a cluster a waiting driver would hold executors),
-    # not on the run that writes the class archive, and not for Spark Connect clients.
-    prewarm = bool((conf.get("runner") or {}).get("prewarm", False)) and master.startswith("local") \
-        and not remote and dump is None
-    warm: _Launched | None = None
+    session = session or (conf.get("runner") or {}).get("session", "per_task")
+    if session not in ("shared", "per_task"):
+        raise ValueError(f"runner session {session!r} in conf/ is not one of shared, per_task")
+    stack = contextlib.ExitStack()
     t_job = time.time()
-    echo(f"run {run_id}: job {record.job} on {remote or master}, parameters {json.dumps(values)}")
-    try:
-        for idx, task in enumerate(tasks):
+    if session == "shared" and not remote:
+        remote = _shared_server(stack, conf, master, folder, env)
+        echo(f"run {run_id}: Spark Connect server for this run at {remote}, up in {time.time() - t_job:.1f} s")
+    with stack:
+        cds = class_data_archive(conf)
+        if cds is not None:
+            cds.parent.mkdir(parents=True, exist_ok=True)
+        tasks = task_order(settings)
+        commands, dump = {}, None
+        for task in tasks:
             key = task["task_key"]
-            retries = int(task.get("max_retries", 0) or 0)
-            timeout = int(task.get("timeout_seconds", 0) or 0) or None
-            pause = int(task.get("min_retry_interval_millis", 0) or 0) / 1000
-            ok = False
-            for attempt in range(1, retries + 2):
-                log_path = folder / f"{key}.{attempt}.log"
-                echo(f"  [{key}] attempt {attempt} started")
-                t0 = time.time()
-                if warm is not None and warm.key == key and attempt == 1:
-                    launched, warm = warm, None
-                    launched.open("go")
-                else:
-                    launched = _Launched.start(key, commands[key], log_path, env, root)
-                if prewarm and warm is None and idx + 1 < len(tasks):
-                    nxt = tasks[idx + 1]["task_key"]
-                    warm = _Launched.start(nxt, commands[nxt], folder / f"{nxt}.1.log", env, root,
-                                           gate=folder / f"{nxt}.gate")
-                code, status = _wait(launched.proc, timeout, stop)
-                if launched.gate is not None:
-                    launched.gate.unlink(missing_ok=True)
-                secs = round(time.time() - t0, 2)
-                res = _result(log_path)
-                record.attempts.append(Attempt(key, attempt, status, secs, str(log_path), res, code))
-                record.save(folder)
-                if dump is not None:
-                    if status == "SUCCESS" and dump.exists():
-                        os.replace(dump, cds)  # later tasks start from the archive
-                    dump.unlink(missing_ok=True)
-                    commands = {k: [c.replace(f"-XX:ArchiveClassesAtExit={dump}", f"-XX:SharedArchiveFile={cds}")
-                                    if cds.exists() else c for c in cmd] for k, cmd in commands.items()}
-                    dump = None
-                if status == "SUCCESS":
-                    summary = ", ".join(f"{k} {res.get(k)}" for k in ("files_in", "rows_out", "errors")) if res else ""
-                    echo(f"  [{key}] SUCCESS in {secs:.1f} s ({summary})")
-                    ok = True
+            argv = task_argv(task, values, run_id)
+            python_file = task["spark_python_task"]["python_file"]
+            if remote:  # Spark Connect: the task is a plain Python client, no local JVM
+                commands[key] = [sys.executable, python_file, *argv, "--remote", remote]
+                continue
+            java = ""
+            if cds is not None and cds.exists():
+                java = f"-XX:SharedArchiveFile={cds}"
+            elif cds is not None:
+                dump = cds.with_name(f"{cds.stem}.{run_id}.tmp")
+                java = f"-XX:ArchiveClassesAtExit={dump}"
+            commands[key] = spark_submit_cmd(conf, master, python_file, argv, key, py_files, java)
+        # Start each task's process while its upstream task runs; it waits at a gate with its JVM and
+        # Spark session up. Local masters only (on a cluster a waiting driver would hold executors),
+        # not on the run that writes the class archive, and not for Spark Connect clients.
+        prewarm = bool((conf.get("runner") or {}).get("prewarm", False)) and master.startswith("local") \
+            and (not remote or SERVER_HAS_LIBRARY_ENV in env) and dump is None
+        warm: _Launched | None = None
+        echo(f"run {run_id}: job {record.job} on {remote or master}, parameters {json.dumps(values)}")
+        try:
+            for idx, task in enumerate(tasks):
+                key = task["task_key"]
+                retries = int(task.get("max_retries", 0) or 0)
+                timeout = int(task.get("timeout_seconds", 0) or 0) or None
+                pause = int(task.get("min_retry_interval_millis", 0) or 0) / 1000
+                ok = False
+                for attempt in range(1, retries + 2):
+                    log_path = folder / f"{key}.{attempt}.log"
+                    echo(f"  [{key}] attempt {attempt} started")
+                    t0 = time.time()
+                    if warm is not None and warm.key == key and attempt == 1:
+                        launched, warm = warm, None
+                        launched.open("go")
+                    else:
+                        launched = _Launched.start(key, commands[key], log_path, env, root)
+                    if prewarm and warm is None and idx + 1 < len(tasks):
+                        nxt = tasks[idx + 1]["task_key"]
+                        warm = _Launched.start(nxt, commands[nxt], folder / f"{nxt}.1.log", env, root,
+                                               gate=folder / f"{nxt}.gate")
+                    code, status = _wait(launched.proc, timeout, stop)
+                    if launched.gate is not None:
+                        launched.gate.unlink(missing_ok=True)
+                    secs = round(time.time() - t0, 2)
+                    res = _result(log_path)
+                    record.attempts.append(Attempt(key, attempt, status, secs, str(log_path), res, code))
+                    record.save(folder)
+                    if dump is not None:
+                        if status == "SUCCESS" and dump.exists():
+                            os.replace(dump, cds)  # later tasks start from the archive
+                        dump.unlink(missing_ok=True)
+                        commands = {k: [c.replace(f"-XX:ArchiveClassesAtExit={dump}", f"-XX:SharedArchiveFile={cds}")
+                                        if cds.exists() else c for c in cmd] for k, cmd in commands.items()}
+                        dump = None
+                    if status == "SUCCESS":
+                        summary = ", ".join(f"{k} {res.get(k)}" for k in ("files_in", "rows_out", "errors")) if res else ""
+                        echo(f"  [{key}] SUCCESS in {secs:.1f} s ({summary})")
+                        ok = True
+                        break
+                    echo(f"  [{key}] {status} (exit {code}) after {secs:.1f} s; log {log_path}")
+                    if code == 2 or status == "CANCELED":
+                        break  # invalid parameters or Ctrl-C: a retry cannot help
+                    if attempt <= retries:
+                        time.sleep(pause)
+                if not ok:
+                    record.status, record.failed_task = "FAILED", key
+                    record.message = _tail(folder / f"{key}.{record.attempts[-1].attempt}.log")
                     break
-                echo(f"  [{key}] {status} (exit {code}) after {secs:.1f} s; log {log_path}")
-                if code == 2 or status == "CANCELED":
-                    break  # invalid parameters or Ctrl-C: a retry cannot help
-                if attempt <= retries:
-                    time.sleep(pause)
-            if not ok:
-                record.status, record.failed_task = "FAILED", key
-                record.message = _tail(folder / f"{key}.{record.attempts[-1].attempt}.log")
-                break
-        else:
-            record.status = "SUCCESS"
-    finally:
-        if warm is not None:
-            warm.cancel()
+            else:
+                record.status = "SUCCESS"
+        finally:
+            if warm is not None:
+                warm.cancel()
     record.seconds = round(time.time() - t_job, 2)
     record.save(folder)
     echo(f"run {run_id}: {record.status} in {record.seconds:.1f} s; record {folder / 'run.json'}")

@@ -8,6 +8,7 @@ import sys
 from pyspark.sql import SparkSession
 
 from .delta_jars import delta_settings
+from .taskmain import SERVER_HAS_LIBRARY_ENV
 
 
 def _under_launcher() -> bool:
@@ -21,7 +22,8 @@ def get_spark(conf: dict, remote: str | None = None, app_name: str | None = None
     builder = SparkSession.builder.appName(app_name or spark_conf.get("app_name", "dicom-lakehouse"))
     if remote:
         spark = builder.remote(remote).getOrCreate()
-        _ship_library(spark)
+        if not os.environ.get(SERVER_HAS_LIBRARY_ENV):
+            _ship_library(spark)
         return spark
     settings = dict(spark_conf.get("conf") or {})
     if not _under_launcher():

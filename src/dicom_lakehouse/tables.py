@@ -327,7 +327,7 @@ class SparkDeltaStore(TableStore):
     _commit_lock = threading.Lock()
 
     def _with_metadata(self, metadata: dict, fn):
-        """The commit metadata is a session setting: writers of one process take turns."""
+        """SQL statements take the commit metadata from a session setting: writers of one process take turns."""
         key = "spark.databricks.delta.commitInfo.userMetadata"
         with self._commit_lock:
             self.spark.conf.set(key, user_metadata(metadata))
@@ -341,10 +341,26 @@ class SparkDeltaStore(TableStore):
         if self.warehouse is None and not self.spark.catalog.databaseExists(f"{ref.catalog}.{ref.schema}"):
             self.spark.sql(f"CREATE SCHEMA IF NOT EXISTS `{ref.catalog}`.`{ref.schema}`")
 
+    def _save(self, df, ref: TableRef, metadata: dict, replace_schema: bool = False) -> None:
+        """One DataFrameWriter overwrite: one commit that creates the table or replaces its rows (and,
+        with replace_schema, its columns) while keeping its identity, unlike CREATE OR REPLACE TABLE."""
+        w = df.write.format("delta").mode("overwrite").option("userMetadata", user_metadata(metadata))
+        if replace_schema:
+            w = w.option("overwriteSchema", "true")
+        if self.warehouse is None:
+            _retry(f"overwrite {ref.name}", lambda: w.saveAsTable(ref.quoted))
+        else:
+            _retry(f"overwrite {ref.name}", lambda: w.save(str(self.location(ref))))
+
     def write(self, df, ref: TableRef, mode: str, metadata: dict, step: str = "publish") -> int:
         cols = S.column_names(step)
         df = df.select(*cols)
         self._ensure_schema(ref)
+        if step != "publish" and mode == "overwrite" and not self.exists(ref):
+            # A new staged table (its name holds the run id): one writer commit and Delta's
+            # metadata-only count, instead of CREATE, INSERT OVERWRITE and DESCRIBE HISTORY.
+            self._save(df, ref, metadata)
+            return self.count(ref)
         target = self.ident(ref)
         self.spark.sql(create_table_sql(target, step))
         view = f"dl_src_{uuid.uuid4().hex[:12]}"
@@ -387,8 +403,9 @@ class SparkDeltaStore(TableStore):
         if self.warehouse is None:
             self.spark.sql(f"CREATE OR REPLACE VIEW {ref.quoted} AS {select(source.quoted)}")
             return "view"
-        stmt = f"CREATE OR REPLACE TABLE {self.ident(ref)} USING DELTA AS {select(self.ident(source))}"
-        self._with_metadata(metadata, lambda: _retry(f"refresh {ref.name}", lambda: self.spark.sql(stmt)))
+        # Not CREATE OR REPLACE: a new table identity makes Delta log both snapshots at WARN, with
+        # their column statistics (patient IDs among them).
+        self._save(self.spark.sql(select(self.ident(source))), ref, metadata, replace_schema=True)
         return "table"
 
 

@@ -18,6 +18,9 @@ RESULT_MARK = "DICOM_LAKEHOUSE_RESULT "
 GATE_ENV = "DICOM_LAKEHOUSE_START_GATE"
 RUNNER_PID_ENV = "DICOM_LAKEHOUSE_RUNNER_PID"
 CANCELED_BEFORE_START = 3
+# Set by the local runner for the clients of its own Connect server, whose Python workers run an
+# interpreter that has this library installed: nothing to ship, one pool of workers for all tasks.
+SERVER_HAS_LIBRARY_ENV = "DICOM_LAKEHOUSE_SERVER_HAS_LIBRARY"
 
 
 def _alive(pid: int) -> bool:
@@ -91,7 +94,10 @@ def run_task(step: str, argv: list[str] | None = None) -> int:
     store = open_store(spark, conf, params.warehouse)
     gate = os.environ.get(GATE_ENV)
     if gate:
+        from .pipeline import warm_workers
+
         spark.range(1).collect()  # the first action's JIT and class loading, while upstream still runs
+        warm_workers(spark, step)
         if not wait_for_gate(gate, int(os.environ.get(RUNNER_PID_ENV) or 0) or None):
             log.info("%s: canceled before it started (its upstream task did not succeed)", step)
             spark.stop()
