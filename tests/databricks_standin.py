@@ -39,8 +39,10 @@ def check_settings(settings: dict) -> str | None:
 
 
 class StandIn:
-    def __init__(self, token: str = "dapi-test-token", fail_task: str | None = None, auth_status: int | None = None):
+    def __init__(self, token: str = "dapi-test-token", fail_task: str | None = None, auth_status: int | None = None,
+                 task_prints: str = ""):
         self.token = token
+        self.task_prints = task_prints  # text the failing task wrote to its error and log (a leaked secret)
         self.fail_task = fail_task
         self.auth_status = auth_status
         self.jobs: dict[int, dict] = {}
@@ -160,10 +162,10 @@ class StandIn:
         meta = {"run_id": task_run_id, "task_key": order[i]}
         if order[i] != self.fail_task:
             return 200, {"metadata": meta, "logs": f"{order[i]} done: files in 13, rows out 13, errors 0\n"}
-        return 200, {"metadata": meta, "error": f"{order[i]} failed: OSError: No space left on device",
+        return 200, {"metadata": meta, "error": f"{order[i]} failed: OSError: No space left on device{self.task_prints}",
                      "error_trace": "Traceback (most recent call last):\n  File \"thumbnail.py\", line 9\n"
                                     "OSError: [Errno 28] No space left on device",
-                     "logs": "".join(f"log line {n}\n" for n in range(100)), "logs_truncated": False}
+                     "logs": "".join(f"log line {n}{self.task_prints}\n" for n in range(100)), "logs_truncated": False}
 
     def _handler(self):
         standin = self

@@ -126,3 +126,38 @@ def test_login_through_the_sdk_credential_chain_needs_no_token(tmp_path):
         assert r.returncode == 0, r.stdout + r.stderr
         assert len(s.jobs) == 1
         no_token_anywhere(r.stdout, r.stderr)
+
+
+def _cli_login(tmp_path, token: str) -> dict:
+    """A `databricks` on PATH that prints an access token, as `databricks auth token` does."""
+    import json as _json
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    cli = bin_dir / "databricks"
+    cli.write_text("#!/bin/sh\necho '" + _json.dumps({"access_token": token, "token_type": "Bearer",
+                                                      "expiry": "2099-01-01T00:00:00Z"}) + "'\n")
+    cli.chmod(0o755)
+    return {"PATH": f"{bin_dir}:/usr/bin:/bin", "DATABRICKS_AUTH_TYPE": "databricks-cli"}
+
+
+@pytest.mark.parametrize("source", ["environment", "profile file", "databricks-cli login"])
+def test_a_secret_is_masked_by_value_whatever_its_source(tmp_path, source):
+    """A failing task printed the workspace credential into its error and log. RUNME shows both, so
+    it must mask the credential by value: from an environment variable, from a profile in
+    ~/.databrickscfg (no variable names it), or fetched at run time by another tool."""
+    secret = "dapi-leaked-0123456789abcdef"
+    with StandIn(token=secret, fail_task="thumbnail", task_prints=f" token={secret}") as s:
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "DICOM_LAKEHOUSE_POLL_SECONDS": "0.05"}
+        if source == "environment":
+            env.update(DATABRICKS_HOST=s.host, DATABRICKS_TOKEN=secret)
+        elif source == "profile file":
+            (tmp_path / ".databrickscfg").write_text(f"[DEFAULT]\nhost = {s.host}\ntoken = {secret}\n")
+        else:
+            env.update(DATABRICKS_HOST=s.host, **_cli_login(tmp_path, secret))
+        r = subprocess.run([sys.executable, str(ROOT / "RUNME.py"), "--target", "dev", "--run"],
+                           capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "[thumbnail] error: thumbnail failed: OSError: No space left on device token=***" in r.stdout
+        assert "    log line 99 token=***" in r.stdout
+        assert secret not in r.stdout + r.stderr

@@ -104,11 +104,15 @@ def _local(resolved, do_run: bool, params: dict, warehouse: str | None, master: 
 @main.command()
 @click.option("--dest", default=DEFAULT_SAMPLE, show_default=True, help="Folder to copy the sample files into.")
 def sample(dest):
-    """Copy real sample DICOM files that pydicom ships (no network) into DEST."""
-    from .sample_data import make_sample
+    """Copy real sample DICOM files that pydicom ships (no network) into DEST (new, empty, or made by sample)."""
+    from .sample_data import SampleError, make_sample
 
     dest_path = Path(dest) if Path(dest).is_absolute() else repo_root() / dest
-    files = make_sample(dest_path)
+    try:
+        files = make_sample(dest_path)
+    except SampleError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
     click.echo(f"{len(files)} sample files in {dest_path}")
 
 
@@ -146,15 +150,15 @@ def sql(ctx, query, limit, as_json):
 @click.pass_context
 def demo(ctx, params):
     """Copy the sample data, run the job on it (overwrite), and print a summary query."""
-    from .sample_data import make_sample
+    from .sample_data import SampleError, make_sample
 
-    files = make_sample(repo_root() / DEFAULT_SAMPLE)
-    click.echo(f"{len(files)} sample files in {repo_root() / DEFAULT_SAMPLE}")
     overrides = {"mode": "overwrite", **_pairs(params, "--param")}
     try:
+        files = make_sample(repo_root() / DEFAULT_SAMPLE)
+        click.echo(f"{len(files)} sample files in {repo_root() / DEFAULT_SAMPLE}")
         resolved = resolve("local")
         code = _local(resolved, True, overrides, ctx.obj.get("warehouse"), None)
-    except (BundleError, ConfigError, ParameterError) as e:
+    except (BundleError, ConfigError, ParameterError, SampleError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     if code:
@@ -226,13 +230,21 @@ def schedule(ctx, params, cron, max_runs):
 @click.pass_context
 def gallery(ctx, table_name, where, limit, out):
     """Write a self-contained HTML thumbnail gallery of the published table."""
-    from .gallery import gallery_query, write_gallery
+    from . import schema as S
+    from .gallery import GalleryError, check_table, check_where, gallery_rows, write_gallery
     from .localsql import run_sql
 
+    try:  # refuse bad input before a session starts
+        check_table(table_name)
+        if where:
+            check_where(where, S.column_names("publish"))
+    except GalleryError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
     conf = load_conf(ctx.obj.get("target") or "local")
     spark = _query_session(conf, ctx.obj.get("remote"), "gallery")
-    rows = [r.asDict() for r in run_sql(spark, warehouse_dir(conf, ctx.obj.get("warehouse")),
-                                         gallery_query(table_name, where, limit)).collect()]
+    table_df = run_sql(spark, warehouse_dir(conf, ctx.obj.get("warehouse")), f"SELECT * FROM {table_name}")
+    rows = gallery_rows(table_df, where, limit)
     spark.stop()
     path = write_gallery(rows, out if Path(out).is_absolute() else repo_root() / out, f"{table_name} gallery", where)
     click.echo(f"{len(rows)} files in {path}")

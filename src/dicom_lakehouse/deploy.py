@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from .bundle import job_settings_roundtrip, resolve
+from .redact import Redactor, from_environment, sdk_secrets
 
 TERMINAL = {"TERMINATED", "SKIPPED", "INTERNAL_ERROR"}
 
@@ -73,13 +74,24 @@ def workspace_client(profile: str | None = None, host: str | None = None):
         raise DeployError(f"Databricks authentication is not configured: {_scrub(str(e))}") from None
 
 
+_REDACT: Redactor | None = None
+
+
 def _scrub(text: str) -> str:
-    """Never let a credential reach a message."""
-    for var in ("DATABRICKS_TOKEN", "DATABRICKS_CLIENT_SECRET", "DATABRICKS_PASSWORD"):
-        secret = os.environ.get(var)
-        if secret:
-            text = text.replace(secret, "***")
-    return text
+    """Never let a credential reach a message: every secret known so far is masked by value."""
+    global _REDACT
+    if _REDACT is None:
+        _REDACT = from_environment()
+    return _REDACT(text)
+
+
+def _masked(echo):
+    return lambda message: echo(_scrub(message))
+
+
+def _mask_config_secrets(w) -> None:
+    _scrub("")
+    _REDACT.add(*sdk_secrets(w.config))
 
 
 def _api_error(e: Exception, what: str) -> DeployError:
@@ -181,11 +193,13 @@ def follow_run(w, run_id: int, echo, poll_seconds: float = 10.0, timeout_seconds
 
 def deploy_and_run(target: str, variables: dict, do_run: bool, params: dict, profile: str | None, echo=print,
                    poll_seconds: float = 10.0, root: Path | None = None) -> int:
-    """RUNME's Databricks path. Returns the process exit code."""
+    """RUNME's Databricks path. Returns the process exit code. All it prints passes the secret mask."""
+    echo = _masked(echo)
     try:
         resolved = resolve(target, root=root, variables=variables)
         host = None if os.environ.get("DATABRICKS_HOST") else (resolved.workspace or {}).get("host")
         w = workspace_client(profile, host)
+        _mask_config_secrets(w)
         try:
             user = w.current_user.me().user_name
         except Exception as e:  # noqa: BLE001

@@ -6,6 +6,8 @@ import base64
 import html
 from pathlib import Path
 
+from .params import IDENTIFIER
+
 COLUMNS = ("path", "relative_path", "patient_id", "study_instance_uid", "study_date", "study_description",
            "series_instance_uid", "series_description", "modality", "status", "thumbnail_status", "thumbnail",
            "thumbnail_width", "thumbnail_height")
@@ -70,7 +72,58 @@ def write_gallery(rows: list[dict], out: str | Path, title: str, where: str | No
     return out
 
 
-def gallery_query(table: str, where: str | None, limit: int) -> str:
-    cond = f"WHERE {where}" if where else ""
-    return (f"SELECT {', '.join(COLUMNS)} FROM {table} {cond} "
-            f"ORDER BY patient_id, study_instance_uid, series_instance_uid, relative_path LIMIT {int(limit)}")
+class GalleryError(ValueError):
+    """--table or --where is refused; the message says what is allowed."""
+
+
+def check_table(name: str) -> str:
+    """A three-part name of plain identifiers: it is pasted into SQL, so nothing else may pass."""
+    parts = name.split(".")
+    if len(parts) != 3 or not all(IDENTIFIER.match(x) for x in parts):
+        raise GalleryError(f"--table {name!r} is not catalog.schema.table made of letters, digits and '_'")
+    return name
+
+
+# What a gallery condition may use: columns, literals, comparisons, boolean logic, arithmetic and
+# a few pure functions. No subquery, no other function (reflect() and java_method() call Java).
+_NODES = ("Column", "Identifier", "Literal", "Boolean", "Null", "Paren", "Tuple", "And", "Or", "Not", "EQ", "NEQ",
+          "NullSafeEQ", "NullSafeNEQ", "GT", "GTE", "LT", "LTE", "Is", "In", "Like", "ILike", "Between", "Neg",
+          "Add", "Sub", "Mul", "Div", "Mod", "Cast", "TryCast", "DataType", "DataTypeParam")
+_FUNCTIONS = ("Lower", "Upper", "Trim", "Length", "Substring", "Coalesce", "Year", "Month", "Day", "Abs", "Round",
+              "Concat", "StartsWith", "EndsWith", "Contains", "TsOrDsToDate", "StrToDate")
+
+
+def check_where(where: str, columns) -> str:
+    """Parse --where as one boolean expression (sqlglot's Spark dialect) and allow only the nodes
+    above and the table's own columns; returns the condition re-written from the parse tree, which
+    Spark then parses again as a single expression (Column expr), never as a statement."""
+    import sqlglot
+    from sqlglot import exp
+
+    try:
+        tree = sqlglot.parse_one(where, read="spark", into=exp.Condition)
+    except sqlglot.errors.ParseError as e:
+        raise GalleryError(f"--where is not one SQL condition: {str(e).splitlines()[0][:200]}") from None
+    allowed = {getattr(exp, n) for n in (*_NODES, *_FUNCTIONS) if hasattr(exp, n)}
+    for node in tree.walk():
+        if type(node) not in allowed:
+            what = node.sql(dialect="spark")[:80] if not isinstance(node, exp.Anonymous) else f"{node.name}()"
+            raise GalleryError(f"--where may not use {what!r} ({type(node).__name__}): use columns, literals, "
+                               "comparisons, AND/OR/NOT, IN, LIKE, BETWEEN, IS NULL and "
+                               f"{', '.join(f.lower() for f in _FUNCTIONS[:11])}")
+        if isinstance(node, exp.Column) and (node.table or node.name not in columns):
+            raise GalleryError(f"--where names {node.sql(dialect='spark')!r}, which is not a column of the table")
+    return tree.sql(dialect="spark", comments=False)
+
+
+ORDER = ("patient_id", "study_instance_uid", "series_instance_uid", "relative_path")
+
+
+def gallery_rows(table_df, where: str | None, limit: int) -> list[dict]:
+    """The cards' rows: the checked condition goes in as one Spark expression, not as SQL text."""
+    from pyspark.sql import functions as F
+
+    df = table_df.select(*COLUMNS)
+    if where:
+        df = df.where(F.expr(check_where(where, table_df.columns)))
+    return [r.asDict() for r in df.orderBy(*ORDER).limit(int(limit)).collect()]

@@ -22,16 +22,29 @@ SAMPLES = [
     ("MR_small_bigendian.dcm", "mr/MR_small_bigendian.dcm"),      # big endian
     ("image_dfl.dcm", "ot/image_dfl.dcm"),                        # deflated
 ]
-NOT_DICOM = ("README.txt", "notes/README.txt")
+# The sample's one file that is not DICOM; written by `sample`, it also marks the folders it made.
+MARKER = "notes/README.txt"
+MARKER_TEXT = "Sample data made by dicom-lakehouse (RUNME.py sample) from DICOM files that pydicom ships.\n"
+
+
+class SampleError(RuntimeError):
+    """The destination holds files that this command did not write."""
 
 
 def make_sample(dest: str | Path) -> list[Path]:
-    """Copy the sample files into `dest` (replacing what was there); returns the files written."""
+    """Copy the sample files into `dest`; returns the files written.
+
+    Nothing is ever deleted: a folder that is not empty is used only if an earlier `sample` made it
+    (its notes/README.txt is the marker) or holds only the sample's own files, and then only those files
+    are written over. A user's folder given by mistake (`--dest ~/scans`) is refused untouched."""
     dest = Path(dest)
-    if dest.exists():
-        shutil.rmtree(dest)
+    if dest.exists() and not dest.is_dir():
+        raise SampleError(f"{dest} is a file, not a folder: give a new or empty folder for the sample data")
+    if dest.is_dir() and not _made_by_sample(dest):
+        raise SampleError(f"{dest} is not empty and was not made by `sample`: nothing was changed; "
+                          "give a new or empty folder")
     written = []
-    for name, rel in [*SAMPLES, NOT_DICOM]:
+    for name, rel in SAMPLES:
         src = get_testdata_file(name, download=False)
         if src is None:
             raise FileNotFoundError(f"pydicom does not ship {name}")
@@ -39,4 +52,16 @@ def make_sample(dest: str | Path) -> list[Path]:
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, out)
         written.append(out)
+    (dest / MARKER).parent.mkdir(parents=True, exist_ok=True)
+    (dest / MARKER).write_text(MARKER_TEXT)
+    written.append(dest / MARKER)
     return written
+
+
+def _made_by_sample(folder: Path) -> bool:
+    """Empty, marked by an earlier `sample`, or holding nothing but the sample's own files."""
+    marker = folder / MARKER
+    if marker.is_file() and marker.read_text(errors="replace") == MARKER_TEXT:
+        return True
+    ours = {rel for _, rel in SAMPLES} | {MARKER}
+    return all(p.relative_to(folder).as_posix() in ours for p in folder.rglob("*") if not p.is_dir())

@@ -7,8 +7,10 @@ per-file readers never load a whole file into memory.
 from __future__ import annotations
 
 import io
+import os
 import zipfile
 from contextlib import contextmanager
+from functools import lru_cache
 
 from .params import is_remote_path, local_path_of
 
@@ -16,11 +18,28 @@ ARCHIVE_SEP = "!/"
 
 
 def split_member(path: str) -> tuple[str, str | None]:
-    """`a.zip!/dir/m.dcm` -> (`a.zip`, `dir/m.dcm`); a plain path -> (path, None)."""
-    if ARCHIVE_SEP in path:
-        archive, member = path.split(ARCHIVE_SEP, 1)
-        return archive, member
+    """`a.zip!/dir/m.dcm` -> (`a.zip`, `dir/m.dcm`); a plain path -> (path, None).
+
+    A `!/` in a path means a zip member only where the part before it is a real zip archive, told
+    by its bytes: a folder may be named `scans!` and hold ordinary files."""
+    start = 0
+    while (i := path.find(ARCHIVE_SEP, start)) != -1:
+        if _is_zip_archive(path[:i]):
+            return path[:i], path[i + len(ARCHIVE_SEP):]
+        start = i + 1
     return path, None
+
+
+@lru_cache(maxsize=4096)
+def _is_zip_archive(path: str) -> bool:
+    try:
+        if not is_remote_path(path) or path.startswith("dbfs:/"):
+            local = local_path_of(path)
+            return os.path.isfile(local) and zipfile.is_zipfile(local)
+        with _open_fs(path) as f:
+            return zipfile.is_zipfile(f)
+    except (OSError, ValueError):
+        return False
 
 
 def _open_fs(path: str):

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -258,7 +259,7 @@ class DeltaRsStore(TableStore):
         return rows
 
     def drop(self, ref: TableRef) -> None:
-        shutil.rmtree(self.location(ref), ignore_errors=True)
+        remove_delta_folder(self.location(ref))
 
     def history(self, ref: TableRef) -> list[dict]:
         return self._table(ref).history()
@@ -390,7 +391,7 @@ class SparkDeltaStore(TableStore):
 
     def drop(self, ref: TableRef) -> None:
         if self.warehouse is not None:
-            shutil.rmtree(self.location(ref), ignore_errors=True)
+            remove_delta_folder(self.location(ref))
         else:
             self.spark.sql(f"DROP TABLE IF EXISTS {ref.quoted}")
 
@@ -407,6 +408,53 @@ class SparkDeltaStore(TableStore):
         # their column statistics (patient IDs among them).
         self._save(self.spark.sql(select(self.ident(source))), ref, metadata, replace_schema=True)
         return "table"
+
+
+def delta_files(root: Path) -> set[Path]:
+    """Every data file that the table's log ever added or removed (JSON commits and checkpoints)."""
+    from urllib.parse import unquote
+
+    rels: set[str] = set()
+    log_dir = root / "_delta_log"
+    for commit in log_dir.glob("*.json"):
+        for line in commit.read_text(errors="replace").splitlines():
+            action = json.loads(line) if line.strip() else {}
+            for kind in ("add", "remove", "cdc"):
+                if isinstance(action.get(kind), dict) and action[kind].get("path"):
+                    rels.add(action[kind]["path"])
+    for checkpoint in log_dir.glob("*.checkpoint*.parquet"):
+        cols = pq.read_schema(checkpoint).names
+        table = pq.read_table(checkpoint, columns=[c for c in ("add", "remove") if c in cols])
+        for col in table.column_names:
+            rels.update(x["path"] for x in table.column(col).to_pylist() if x and x.get("path"))
+    return {root / unquote(r) for r in rels if "://" not in r and not r.startswith("/")}
+
+
+def remove_delta_folder(root: Path) -> list[Path]:
+    """Remove a Delta table folder that this job wrote, file by file: its log, the data files the log
+    names, and their checksum sidecars. Anything else (a file someone put there) is left, with a
+    warning; returns what was left."""
+    root = Path(root)
+    if not (root / "_delta_log").is_dir():
+        return []
+    for f in delta_files(root):
+        f.unlink(missing_ok=True)
+        (f.parent / f".{f.name}.crc").unlink(missing_ok=True)
+    shutil.rmtree(root / "_delta_log", ignore_errors=True)
+    for d in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        for crc in d.glob("._SUCCESS.crc"):
+            crc.unlink()
+        (d / "_SUCCESS").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            d.rmdir()  # only when empty
+    for name in ("_SUCCESS", "._SUCCESS.crc"):
+        (root / name).unlink(missing_ok=True)
+    left = sorted(p for p in root.rglob("*") if not p.is_dir()) if root.exists() else []
+    with contextlib.suppress(OSError):
+        root.rmdir()
+    if left:
+        log.warning("left %d file(s) that dicom-lakehouse did not write in %s, e.g. %s", len(left), root, left[0])
+    return left
 
 
 def _name(table: TableRef | str) -> str:
