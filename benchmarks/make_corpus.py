@@ -1,6 +1,11 @@
 """Build a benchmark corpus by replicating pydicom's shipped test files with fresh UIDs.
 
     python benchmarks/make_corpus.py --files 10000 --out benchmarks/corpus/10000 --seed 1
+    python benchmarks/make_corpus.py --source pydicom-data --files 1000 --out benchmarks/corpus/realistic-1000
+
+`--source pydicom-data` adds the larger real files of the `pydicom-data` package (the `dev` extra):
+radiographs of about 2,000 px (JPEG 2000 and uncompressed), MR and US series, multi-frame
+ultrasound and JPEG, 55 MB in 80 files, to the small test files, each template equally likely.
 
 Layout: <out>/PAT{n}/STUDY{n}/SERIES{n}/IM{n}.dcm. Every transfer syntax the installed
 decoders read is represented (CT, MR, US, RGB, multi-frame, no-pixel objects), plus 1%
@@ -31,11 +36,30 @@ TEMPLATES = [
 ]
 
 
-def build(files: int, out: Path, seed: int = 1, bad_fraction: float = 0.01) -> dict:
+def pydicom_data_files() -> list[str]:
+    """The DICOM files of the pydicom-data package that pydicom reads as Part 10 files with pixels or not."""
+    import data_store
+
+    found = []
+    for path in sorted((Path(data_store.__file__).parent / "data").glob("*.dcm")):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            if "SOPInstanceUID" in ds and getattr(ds, "file_meta", None) is not None:
+                found.append(str(path))
+        except Exception:  # noqa: BLE001 - a deliberately broken test file
+            continue
+    return found
+
+
+def build(files: int, out: Path, seed: int = 1, bad_fraction: float = 0.01, source: str = "pydicom") -> dict:
     rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
-    sources = {name: pydicom.dcmread(get_testdata_file(name, download=False), force=True) for name in TEMPLATES}
-    raw = {name: open(get_testdata_file(name, download=False), "rb").read() for name in TEMPLATES}
+    paths = {name: get_testdata_file(name, download=False) for name in TEMPLATES}
+    if source == "pydicom-data":
+        paths.update({Path(p).name: p for p in pydicom_data_files()})
+    templates = sorted(paths)
+    sources = {name: pydicom.dcmread(p, force=True) for name, p in paths.items()}
+    raw = {name: open(p, "rb").read() for name, p in paths.items()}
     mix, ts_mix, total = Counter(), Counter(), 0
     n_bad = max(1, int(files * bad_fraction)) if files >= 100 else 0
     i = 0
@@ -45,7 +69,7 @@ def build(files: int, out: Path, seed: int = 1, bad_fraction: float = 0.01) -> d
         for study in range(rng.randint(1, 3)):
             study_uid = generate_uid(entropy_srcs=[str(seed), "study", str(patient), str(study)])
             for series in range(rng.randint(1, 4)):
-                name = rng.choice(TEMPLATES)
+                name = rng.choice(templates)
                 series_uid = generate_uid(entropy_srcs=[str(seed), "series", str(patient), str(study), str(series)])
                 folder = out / f"PAT{patient:05d}" / f"STUDY{study}" / f"SERIES{series}"
                 folder.mkdir(parents=True, exist_ok=True)
@@ -75,7 +99,7 @@ def build(files: int, out: Path, seed: int = 1, bad_fraction: float = 0.01) -> d
                     break
             if i >= files:
                 break
-    info = {"files": files, "seed": seed, "bytes": total, "patients": patient, "templates": dict(mix),
+    info = {"files": files, "seed": seed, "source": source, "bytes": total, "patients": patient, "templates": dict(mix),
             "transfer_syntaxes": dict(ts_mix)}
     (out.parent / f"{out.name}.corpus.json").write_text(json.dumps(info, indent=2))
     return info
@@ -86,9 +110,11 @@ def main(argv=None):
     ap.add_argument("--files", type=int, default=10_000)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--source", choices=["pydicom", "pydicom-data"], default="pydicom",
+                    help="pydicom: its small test files; pydicom-data: those and the larger real files")
     a = ap.parse_args(argv)
     out = a.out or Path(__file__).parent / "corpus" / str(a.files)
-    info = build(a.files, out, a.seed)
+    info = build(a.files, out, a.seed, source=a.source)
     print(json.dumps({k: info[k] for k in ("files", "bytes", "patients")}), file=sys.stderr)
 
 

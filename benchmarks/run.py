@@ -202,16 +202,17 @@ def runner_job(corpus: Path, warehouse: Path, engine: str, session: str = "share
     return wall, per_task
 
 
-def measure(files: int, corpus: Path, skip_job: bool = False) -> dict:
+def measure(files: int, corpus: Path, skip_job: bool = False, source: str = "pydicom") -> dict:
     from make_corpus import build
 
     if not corpus.exists() or not any(corpus.iterdir()):
-        print(f"building corpus of {files} files in {corpus}", file=sys.stderr)
-        build(files, corpus)
+        print(f"building corpus of {files} files from {source} in {corpus}", file=sys.stderr)
+        build(files, corpus, source=source)
     paths = _files(corpus)
     n = len(paths)
     procs = os.cpu_count() or 1
-    res = {"files": n, "cores": procs, "date": dt.date.today().isoformat()}
+    res = {"files": n, "cores": procs, "date": dt.date.today().isoformat(), "corpus": str(corpus),
+           "source": source}
     t = time.perf_counter()
     nbytes = read_bytes(paths)
     res["bytes"] = nbytes
@@ -281,13 +282,15 @@ def main(argv=None):
     ap.add_argument("--corpus", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None, help="write the figures here too")
     ap.add_argument("--skip-job", action="store_true", help="skip (e), the whole job through the runner")
+    ap.add_argument("--source", choices=["pydicom", "pydicom-data"], default="pydicom",
+                    help="templates of a corpus that has to be built (see make_corpus.py)")
     a = ap.parse_args(argv)
     global PNG_LEVEL
     from dicom_lakehouse.config import load_conf
 
     PNG_LEVEL = int(load_conf("local")["thumbnail"]["png_compress_level"])
-    corpus = a.corpus or HERE / "corpus" / str(a.files)
-    res = measure(a.files, corpus, a.skip_job)
+    corpus = a.corpus or HERE / "corpus" / (str(a.files) if a.source == "pydicom" else f"realistic-{a.files}")
+    res = measure(a.files, corpus, a.skip_job, a.source)
     print(table(res))
     out = a.json or HERE / "results" / f"{res['date']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ from pydicom.pixels import pixel_array
 from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
 
 from .dicom_meta import MAX_INFLATED, TooLarge, _short, is_decoder_panic, open_dataset
+from .reduced_decode import decode_reduced
 
 
 @dataclass
@@ -222,7 +223,8 @@ def render(
             if need > max_frame_bytes:
                 return Thumbnail("skipped_too_large", error=f"frame declares {need} bytes, budget is {max_frame_bytes}")
             frames = int(hdr.get("NumberOfFrames") or 1)
-        ds, arr = decode_frame(fp, max(0, (frames - 1) // 2) if frames > 1 else None, max_inflated)
+        index = max(0, (frames - 1) // 2) if frames > 1 else None
+        ds, arr = decode_reduced(fp, size, index) or decode_frame(fp, index, max_inflated)
         if arr.ndim == 4 or (arr.ndim == 3 and int(ds.get("SamplesPerPixel", 1)) == 1):
             arr = arr[len(arr) // 2]
         img8 = to_uint8(arr, ds)
