@@ -292,7 +292,10 @@ def main(argv=None):
     corpus = a.corpus or HERE / "corpus" / (str(a.files) if a.source == "pydicom" else f"realistic-{a.files}")
     res = measure(a.files, corpus, a.skip_job, a.source)
     print(table(res))
-    out = a.json or HERE / "results" / f"{res['date']}.json"
+    save_results(res, a.json or HERE / "results" / f"{res['date']}.json")
+
+
+def save_results(res: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
     print(f"\nfigures in {out}")

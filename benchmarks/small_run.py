@@ -12,35 +12,23 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
 SESSIONS = ("shared", "per_task")
 
 
 def one_run(sample: Path, warehouse: Path, session: str) -> dict:
-    t = time.perf_counter()
-    r = subprocess.run([sys.executable, str(ROOT / "RUNME.py"), "--engine", "spark", "--session", session, "--run",
-                        "--warehouse", str(warehouse), "--param", f"path={sample}", "--param", "mode=overwrite"],
-                       capture_output=True, text=True, cwd=ROOT)
-    wall = time.perf_counter() - t
-    if r.returncode != 0:
-        raise RuntimeError(r.stdout[-3000:] + r.stderr[-3000:])
-    tasks = {}
-    for line in r.stdout.splitlines():
-        line = line.strip()
-        if line.startswith("[") and "SUCCESS in" in line:
-            tasks[line[1:line.index("]")]] = float(line.split("SUCCESS in ")[1].split(" s")[0])
-    server = next((float(x.split("up in ")[1].split(" s")[0]) for x in r.stdout.splitlines() if "up in " in x), None)
-    return {"wall_s": round(wall, 2), "tasks_s": tasks, "server_start_s": server}
+    from run import runner_job
+
+    wall, tasks = runner_job(sample, warehouse, "spark", session)
+    return {"wall_s": round(wall, 2), "tasks_s": tasks}
 
 
 def main(argv=None) -> None:
@@ -66,10 +54,9 @@ def main(argv=None) -> None:
     res["per_task_over_shared"] = round(per_task / shared, 2)
     print(f"13 files, warm, median of {a.repeat}: shared session {shared:.1f} s, one spark-submit per task "
           f"{per_task:.1f} s ({res['per_task_over_shared']}x)")
-    out = a.json or HERE / "results" / f"small-run-{res['date']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
-    print(f"figures in {out}")
+    from run import save_results
+
+    save_results(res, a.json or HERE / "results" / f"small-run-{res['date']}.json")
 
 
 if __name__ == "__main__":
