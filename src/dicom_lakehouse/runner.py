@@ -189,7 +189,9 @@ def _shared_server(stack: contextlib.ExitStack, conf: dict, master: str, folder:
         cds.parent.mkdir(parents=True, exist_ok=True)
         java = f"-XX:SharedArchiveFile={cds}" if cds.exists() else f"-XX:ArchiveClassesAtExit={cds}"
     url = stack.enter_context(local_connect_server(conf, master, folder / "connect-server.log", token, java_options=java))
-    env.update({TOKEN_ENV: token, SERVER_HAS_LIBRARY_ENV: "1"})
+    env[TOKEN_ENV] = token
+    if master.startswith("local"):
+        env[SERVER_HAS_LIBRARY_ENV] = "1"  # else the tasks ship the library to the cluster's executors
     return url
 
 
