@@ -101,6 +101,11 @@ def class_data_archive(conf: dict, kind: str = "task") -> Path | None:
 
     if not (conf.get("runner") or {}).get("class_data_sharing", False):
         return None
+    spark_conf_dir = os.environ.get("SPARK_CONF_DIR")
+    if spark_conf_dir and Path(spark_conf_dir).is_dir() and any(Path(spark_conf_dir).iterdir()):
+        # spark-submit puts SPARK_CONF_DIR on the class path, and the JVM refuses to write (and then
+        # fails at exit) or to use an archive when a class-path folder is not empty.
+        return None
     build = Path(conf.get("conf_dir", ".")).parent / conf.get("build_dir", "build")
     return build / f"spark-cds-{kind}-{pyspark.__version__}-{platform.machine()}.jsa"
 
@@ -129,7 +134,7 @@ TOKEN_ENV = "SPARK_CONNECT_AUTHENTICATE_TOKEN"
 
 @contextmanager
 def local_connect_server(conf: dict, master: str, log_path: Path, token: str, timeout: float = 180,
-                         java_options: str = ""):
+                         java_options: str = "", stop_timeout: float = 30):
     """A Spark Connect server on loopback for one run: the four tasks share its JVM instead of
     starting one each, which removes most of the fixed per-task start-up cost.
 
@@ -174,21 +179,37 @@ def local_connect_server(conf: dict, master: str, log_path: Path, token: str, ti
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, 15)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=stop_timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
             proc.wait()
+            for arg in java_options.split():  # a killed class-archive dump is not an archive
+                if arg.startswith("-XX:ArchiveClassesAtExit="):
+                    Path(arg.split("=", 1)[1]).unlink(missing_ok=True)
 
 
 def _shared_server(stack: contextlib.ExitStack, conf: dict, master: str, folder: Path, env: dict) -> str:
     """Start this run's Connect server; the token goes to the task processes' environment only."""
     token = secrets.token_urlsafe(32)
     cds = class_data_archive(conf, "connect-server")
-    java = ""
-    if cds is not None:
+    java, stop_timeout = "", 30.0
+    if cds is not None and cds.exists():
+        java = f"-XX:SharedArchiveFile={cds}"
+    elif cds is not None:
+        # The first server writes the archive as it exits (about 30 s): to a temporary name, moved
+        # into place only once the JVM has exited by itself, so a killed dump leaves nothing behind.
         cds.parent.mkdir(parents=True, exist_ok=True)
-        java = f"-XX:SharedArchiveFile={cds}" if cds.exists() else f"-XX:ArchiveClassesAtExit={cds}"
-    url = stack.enter_context(local_connect_server(conf, master, folder / "connect-server.log", token, java_options=java))
+        dump = cds.with_name(f"{cds.stem}.{folder.name}.tmp")
+        java, stop_timeout = f"-XX:ArchiveClassesAtExit={dump}", 180.0
+
+        def keep_archive():
+            if dump.exists() and not cds.exists():
+                os.replace(dump, cds)
+            dump.unlink(missing_ok=True)
+
+        stack.callback(keep_archive)
+    url = stack.enter_context(local_connect_server(conf, master, folder / "connect-server.log", token,
+                                                   java_options=java, stop_timeout=stop_timeout))
     env[TOKEN_ENV] = token
     if master.startswith("local"):
         env[SERVER_HAS_LIBRARY_ENV] = "1"  # else the tasks ship the library to the cluster's executors
