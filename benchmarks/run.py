@@ -202,7 +202,7 @@ def runner_job(corpus: Path, warehouse: Path, engine: str, session: str = "share
     return wall, per_task
 
 
-def measure(files: int, corpus: Path, skip_job: bool = False, source: str = "pydicom") -> dict:
+def measure(files: int, corpus: Path, skip_job: bool = False, source: str = "pydicom", jobs=JOBS) -> dict:
     from make_corpus import build
 
     if not corpus.exists() or not any(corpus.iterdir()):
@@ -230,7 +230,7 @@ def measure(files: int, corpus: Path, skip_job: bool = False, source: str = "pyd
     print(f"(d) steps: { {k: v for k, v in res.items() if k.endswith('_s')} }", file=sys.stderr)
     if not skip_job:
         res["jobs"] = {}
-        for engine, session in JOBS:
+        for engine, session in jobs:
             with tempfile.TemporaryDirectory() as tmp, RssSampler() as rss:
                 wall, tasks = runner_job(corpus, Path(tmp) / "wh", engine, session)
             res["jobs"][f"{engine}, {session}"] = {
@@ -282,6 +282,8 @@ def main(argv=None):
     ap.add_argument("--corpus", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None, help="write the figures here too")
     ap.add_argument("--skip-job", action="store_true", help="skip (e), the whole job through the runner")
+    ap.add_argument("--jobs", choices=["all", "default"], default="all",
+                    help="(e) for every (engine, session) pair, or only the local default (Spark's Delta, shared)")
     ap.add_argument("--source", choices=["pydicom", "pydicom-data"], default="pydicom",
                     help="templates of a corpus that has to be built (see make_corpus.py)")
     a = ap.parse_args(argv)
@@ -290,7 +292,7 @@ def main(argv=None):
 
     PNG_LEVEL = int(load_conf("local")["thumbnail"]["png_compress_level"])
     corpus = a.corpus or HERE / "corpus" / (str(a.files) if a.source == "pydicom" else f"realistic-{a.files}")
-    res = measure(a.files, corpus, a.skip_job, a.source)
+    res = measure(a.files, corpus, a.skip_job, a.source, JOBS if a.jobs == "all" else JOBS[:1])
     print(table(res))
     save_results(res, a.json or HERE / "results" / f"{res['date']}.json")
 
