@@ -136,7 +136,8 @@ def test_gallery_condition_filters_through_spark(spark):
     schema = S.spark_schema("publish")
     rows = [{c: None for c in schema.names} | {"relative_path": p, "modality": m}
             for p, m in (("a", "CT"), ("b", "MR"), ("c", None))]
-    out = gallery_rows(spark.createDataFrame(rows, schema), "lower(modality) = 'mr' OR modality IS NULL", 10)
+    condition = check_where("lower(modality) = 'mr' OR modality IS NULL", COLS)
+    out = gallery_rows(spark.createDataFrame(rows, schema), condition, 10)
     assert sorted(r["relative_path"] for r in out) == ["b", "c"]
 
 

@@ -236,15 +236,14 @@ def gallery(ctx, table_name, where, limit, out):
 
     try:  # refuse bad input before a session starts
         check_table(table_name)
-        if where:
-            check_where(where, S.column_names("publish"))
+        condition = check_where(where, S.column_names("publish")) if where else None
     except GalleryError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     conf = load_conf(ctx.obj.get("target") or "local")
     spark = _query_session(conf, ctx.obj.get("remote"), "gallery")
     table_df = run_sql(spark, warehouse_dir(conf, ctx.obj.get("warehouse")), f"SELECT * FROM {table_name}")
-    rows = gallery_rows(table_df, where, limit)
+    rows = gallery_rows(table_df, condition, limit)
     spark.stop()
     path = write_gallery(rows, out if Path(out).is_absolute() else repo_root() / out, f"{table_name} gallery", where)
     click.echo(f"{len(rows)} files in {path}")

@@ -77,21 +77,21 @@ def workspace_client(profile: str | None = None, host: str | None = None):
 _REDACT: Redactor | None = None
 
 
-def _scrub(text: str) -> str:
-    """Never let a credential reach a message: every secret known so far is masked by value."""
+def _redactor() -> Redactor:
+    """The process's secret mask: the environment's secrets, then those of the SDK's config."""
     global _REDACT
     if _REDACT is None:
         _REDACT = from_environment()
-    return _REDACT(text)
+    return _REDACT
+
+
+def _scrub(text: str) -> str:
+    """Never let a credential reach a message: every secret known so far is masked by value."""
+    return _redactor()(text)
 
 
 def _masked(echo):
     return lambda message: echo(_scrub(message))
-
-
-def _mask_config_secrets(w) -> None:
-    _scrub("")
-    _REDACT.add(*sdk_secrets(w.config))
 
 
 def _api_error(e: Exception, what: str) -> DeployError:
@@ -199,7 +199,7 @@ def deploy_and_run(target: str, variables: dict, do_run: bool, params: dict, pro
         resolved = resolve(target, root=root, variables=variables)
         host = None if os.environ.get("DATABRICKS_HOST") else (resolved.workspace or {}).get("host")
         w = workspace_client(profile, host)
-        _mask_config_secrets(w)
+        _redactor().add(*sdk_secrets(w.config))
         try:
             user = w.current_user.me().user_name
         except Exception as e:  # noqa: BLE001

@@ -119,11 +119,12 @@ def check_where(where: str, columns) -> str:
 ORDER = ("patient_id", "study_instance_uid", "series_instance_uid", "relative_path")
 
 
-def gallery_rows(table_df, where: str | None, limit: int) -> list[dict]:
-    """The cards' rows: the checked condition goes in as one Spark expression, not as SQL text."""
+def gallery_rows(table_df, condition: str | None, limit: int) -> list[dict]:
+    """The cards' rows. `condition` is what check_where returned; it goes in as one Spark
+    expression, not as SQL text."""
     from pyspark.sql import functions as F
 
     df = table_df.select(*COLUMNS)
-    if where:
-        df = df.where(F.expr(check_where(where, table_df.columns)))
+    if condition:
+        df = df.where(F.expr(condition))
     return [r.asDict() for r in df.orderBy(*ORDER).limit(int(limit)).collect()]

@@ -134,17 +134,28 @@ TOKEN_ENV = "SPARK_CONNECT_AUTHENTICATE_TOKEN"
 
 @contextmanager
 def local_connect_server(conf: dict, master: str, log_path: Path, token: str, timeout: float = 180,
-                         java_options: str = "", stop_timeout: float = 30):
+                         class_archive: Path | None = None):
     """A Spark Connect server on loopback for one run: the four tasks share its JVM instead of
     starting one each, which removes most of the fixed per-task start-up cost.
 
     It accepts only clients that present `token` (pyspark sends $SPARK_CONNECT_AUTHENTICATE_TOKEN
     when the URL's host is `localhost`). The token travels in environment variables only, never on
-    a command line, where other local users could read it."""
+    a command line, where other local users could read it.
+
+    With `class_archive`, the JVM loads its classes from that CDS archive, or, when there is none
+    yet, writes it as it exits (about 30 s): to a temporary name, moved into place only after the JVM
+    exited by itself, so a killed dump leaves nothing behind."""
     import pyspark
 
     if not token:
         raise ValueError("a Spark Connect server needs a token")
+    java_options, dump, stop_timeout = "", None, 30.0
+    if class_archive is not None and class_archive.exists():
+        java_options = f"-XX:SharedArchiveFile={class_archive}"
+    elif class_archive is not None:
+        class_archive.parent.mkdir(parents=True, exist_ok=True)
+        dump = class_archive.with_name(f"{class_archive.stem}.{secrets.token_hex(4)}.tmp")
+        java_options, stop_timeout = f"-XX:ArchiveClassesAtExit={dump}", 180.0
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -180,36 +191,20 @@ def local_connect_server(conf: dict, master: str, log_path: Path, token: str, ti
             os.killpg(proc.pid, 15)
         try:
             proc.wait(timeout=stop_timeout)
+            if dump is not None and dump.exists() and not class_archive.exists():
+                os.replace(dump, class_archive)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
             proc.wait()
-            for arg in java_options.split():  # a killed class-archive dump is not an archive
-                if arg.startswith("-XX:ArchiveClassesAtExit="):
-                    Path(arg.split("=", 1)[1]).unlink(missing_ok=True)
+        if dump is not None:
+            dump.unlink(missing_ok=True)
 
 
 def _shared_server(stack: contextlib.ExitStack, conf: dict, master: str, folder: Path, env: dict) -> str:
     """Start this run's Connect server; the token goes to the task processes' environment only."""
     token = secrets.token_urlsafe(32)
-    cds = class_data_archive(conf, "connect-server")
-    java, stop_timeout = "", 30.0
-    if cds is not None and cds.exists():
-        java = f"-XX:SharedArchiveFile={cds}"
-    elif cds is not None:
-        # The first server writes the archive as it exits (about 30 s): to a temporary name, moved
-        # into place only once the JVM has exited by itself, so a killed dump leaves nothing behind.
-        cds.parent.mkdir(parents=True, exist_ok=True)
-        dump = cds.with_name(f"{cds.stem}.{folder.name}.tmp")
-        java, stop_timeout = f"-XX:ArchiveClassesAtExit={dump}", 180.0
-
-        def keep_archive():
-            if dump.exists() and not cds.exists():
-                os.replace(dump, cds)
-            dump.unlink(missing_ok=True)
-
-        stack.callback(keep_archive)
     url = stack.enter_context(local_connect_server(conf, master, folder / "connect-server.log", token,
-                                                   java_options=java, stop_timeout=stop_timeout))
+                                                   class_archive=class_data_archive(conf, "connect-server")))
     env[TOKEN_ENV] = token
     if master.startswith("local"):
         env[SERVER_HAS_LIBRARY_ENV] = "1"  # else the tasks ship the library to the cluster's executors

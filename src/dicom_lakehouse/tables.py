@@ -441,17 +441,13 @@ def remove_delta_folder(root: Path) -> list[Path]:
         f.unlink(missing_ok=True)
         (f.parent / f".{f.name}.crc").unlink(missing_ok=True)
     shutil.rmtree(root / "_delta_log", ignore_errors=True)
-    for d in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-        for crc in d.glob("._SUCCESS.crc"):
-            crc.unlink()
-        (d / "_SUCCESS").unlink(missing_ok=True)
+    # Deepest folders first, the table's own folder last: Spark's job markers, then the folder if empty.
+    for d in [*sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True), root]:
+        for marker in ("_SUCCESS", "._SUCCESS.crc"):
+            (d / marker).unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             d.rmdir()  # only when empty
-    for name in ("_SUCCESS", "._SUCCESS.crc"):
-        (root / name).unlink(missing_ok=True)
     left = sorted(p for p in root.rglob("*") if not p.is_dir()) if root.exists() else []
-    with contextlib.suppress(OSError):
-        root.rmdir()
     if left:
         log.warning("left %d file(s) that dicom-lakehouse did not write in %s, e.g. %s", len(left), root, left[0])
     return left
