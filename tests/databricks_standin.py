@@ -15,7 +15,8 @@ from urllib.parse import parse_qs, urlparse
 
 from databricks.sdk.service.jobs import JobSettings
 
-EXPECTED_DAG = {"catalog": [], "extract_meta": ["catalog"], "thumbnail": ["extract_meta"], "publish": ["thumbnail"]}
+EXPECTED_DAG = {"catalog": [], "extract_meta": ["catalog"], "thumbnail": ["extract_meta"], "deidentify": ["extract_meta"],
+                "publish": ["thumbnail", "deidentify"]}
 
 
 def _norm(v):
@@ -128,7 +129,7 @@ class StandIn:
         """Each poll advances the run by one task."""
         run = self.runs[run_id]
         run["polls"] += 1
-        order = ["catalog", "extract_meta", "thumbnail", "publish"]
+        order = ["catalog", "extract_meta", "thumbnail", "deidentify", "publish"]
         done = run["polls"] - 1
         tasks, failed = [], False
         for i, key in enumerate(order):
@@ -156,7 +157,7 @@ class StandIn:
             return 400, {"error_code": "INVALID_PARAMETER_VALUE",
                          "message": "Retrieving the output of runs with multiple tasks is not supported."}
         run_id, i = divmod(task_run_id, 10)
-        order = ["catalog", "extract_meta", "thumbnail", "publish"]
+        order = ["catalog", "extract_meta", "thumbnail", "deidentify", "publish"]
         if run_id not in self.runs or i >= len(order):
             return 404, {"error_code": "RESOURCE_DOES_NOT_EXIST", "message": f"run {task_run_id} does not exist"}
         meta = {"run_id": task_run_id, "task_key": order[i]}

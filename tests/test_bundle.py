@@ -40,11 +40,13 @@ def test_a_misspelt_key_fails_the_schema(where):
     assert schema_errors(doc, SCHEMA), f"misspelt key at {where} was accepted"
 
 
-def test_job_spec_has_the_four_task_dag():
+def test_job_spec_has_the_task_dag():
     settings = resolve("local", root=ROOT).jobs["dicom_lakehouse"]
-    assert [t["task_key"] for t in task_order(settings)] == ["catalog", "extract_meta", "thumbnail", "publish"]
+    assert [t["task_key"] for t in task_order(settings)] == [
+        "catalog", "extract_meta", "thumbnail", "deidentify", "publish"]
     deps = {t["task_key"]: [d["task_key"] for d in t.get("depends_on", [])] for t in settings["tasks"]}
-    assert deps == {"catalog": [], "extract_meta": ["catalog"], "thumbnail": ["extract_meta"], "publish": ["thumbnail"]}
+    assert deps == {"catalog": [], "extract_meta": ["catalog"], "thumbnail": ["extract_meta"],
+                    "deidentify": ["extract_meta"], "publish": ["thumbnail", "deidentify"]}
     names = [p["name"] for p in settings["parameters"]]
     assert names[:5] == ["path", "catalog", "schema", "table", "mode"]
     assert settings["schedule"]["pause_status"] == "PAUSED"

@@ -127,7 +127,7 @@ def test_job_runs_as_on_databricks_and_equals_a_local_run(deployed, tmp_path, sa
     assert r.returncode == 0, r.stderr[-4000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert [(t["task"], t["exit"]) for t in report["tasks"]] == [
-        ("catalog", 0), ("extract_meta", 0), ("thumbnail", 0), ("publish", 0)], r.stderr[-4000:]
+        ("catalog", 0), ("extract_meta", 0), ("thumbnail", 0), ("deidentify", 0), ("publish", 0)], r.stderr[-4000:]
     for t in report["tasks"]:
         assert t["cwd"] == str(files / "tasks") and t["session_alive"] and t["same_session"], t
     assert report["library"].startswith(str(py.parent.parent)), report["library"]

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -43,7 +44,8 @@ def test_demo_command_then_overwrite_again(tmp_path):
     rec = json.loads(run_json.read_text())
     assert rec["status"] == "SUCCESS"
     assert [(a["task"], a["attempt"], a["status"]) for a in rec["attempts"]] == [
-        ("catalog", 1, "SUCCESS"), ("extract_meta", 1, "SUCCESS"), ("thumbnail", 1, "SUCCESS"), ("publish", 1, "SUCCESS")]
+        ("catalog", 1, "SUCCESS"), ("extract_meta", 1, "SUCCESS"), ("thumbnail", 1, "SUCCESS"), ("deidentify", 1, "SUCCESS"),
+        ("publish", 1, "SUCCESS")]
     assert rec["attempts"][0]["result"]["files_in"] == 13
     # a second overwrite leaves the same row count, in a new table version
     v = dt.version()
@@ -88,6 +90,8 @@ def _name(meta: str | None) -> str | None:
     ("schema=a.b", "--schema 'a.b' is not a safe identifier"),
     ("path=/does/not/exist", "--path '/does/not/exist' does not exist"),
     ("colour=red", "unknown job parameter 'colour'"),
+    ("deid=basic", "--deid basic needs --deid_path"),
+    ("deid=full", "--deid 'full' is not allowed: use one of none, basic"),
 ])
 def test_bad_parameters_stop_before_any_task(tmp_path, param, message):
     before = set((ROOT / "build" / "local" / "runs").glob("*")) if (ROOT / "build" / "local" / "runs").exists() else set()
@@ -97,6 +101,67 @@ def test_bad_parameters_stop_before_any_task(tmp_path, param, message):
     after = set((ROOT / "build" / "local" / "runs").glob("*"))
     assert after == before  # no run was started
     assert not (tmp_path / "wh").exists()
+
+
+def test_deid_without_a_key_stops_before_any_task(tmp_path, monkeypatch):
+    monkeypatch.delenv("DICOM_LAKEHOUSE_DEID_KEY", raising=False)
+    r = runme("--run", "--warehouse", str(tmp_path / "wh"), "--param", "deid=basic",
+              "--param", f"deid_path={tmp_path / 'copies'}")
+    assert r.returncode == 2
+    assert "deid=basic needs a key and none was found: set DICOM_LAKEHOUSE_DEID_KEY" in r.stderr
+    assert not (tmp_path / "wh").exists() and not (tmp_path / "copies").exists()
+
+
+def test_deid_run_writes_phi_free_copies_and_table(tmp_path, monkeypatch):
+    """deid=basic through RUNME: the copies, the {table}_deid table, the logs and the run record hold
+    none of the originals' identifying values (collected by test_deid's own list), nor the key."""
+    from test_deid import phi_values
+
+    key = "e2e-key-" + "7f3a" * 8
+    monkeypatch.setenv("DICOM_LAKEHOUSE_DEID_KEY", key)
+    wh, out = tmp_path / "wh", tmp_path / "copies"
+    sample = ROOT / "sample_data"
+    r = runme("--run", "--warehouse", str(wh), "--param", f"path={sample}", "--param", "mode=overwrite",
+              "--param", "deid=basic", "--param", f"deid_path={out}", "--param", "deid_retain_patient=true")
+    assert r.returncode == 0, r.stdout + r.stderr
+    run_dir = ROOT / "build" / "local" / "runs" / r.stdout.split("run ")[1].split(":")[0]
+    rec = json.loads((run_dir / "run.json").read_text())
+    deid = next(a for a in rec["attempts"] if a["task"] == "deidentify")["result"]
+    rows = table(wh, "object_catalog_deid").to_pyarrow_dataset().to_table(use_threads=False).to_pylist()
+    originals = table(wh).to_pyarrow_dataset().to_table(use_threads=False).to_pylist()
+    assert len(rows) == len(originals) == deid["files_in"] == 13  # one row per input file
+    copied = [x for x in rows if x["status"] == "ok"]
+    assert len(copied) == deid["copied"] == 7 and deid["refused"] == 5
+    assert sorted(f"file:{p}" for p in out.rglob("*") if p.is_file()) == sorted(x["path"] for x in copied)
+    assert all(x["thumbnail_status"] in ("ok", "no_pixels") and x["meta"] for x in copied)
+    assert {x["error"] for x in rows if x["status"] == "refused"} >= {
+        "modality US without BurnedInAnnotation = NO: the pixels may carry identifying text"}
+    # studies and series keep their grouping
+    import pydicom
+
+    from dicom_lakehouse.deid import refusal
+    from dicom_lakehouse.sources import open_source
+
+    def refused(path):
+        with open_source(path) as fp:
+            return refusal(pydicom.dcmread(fp))
+
+    src_ok = [x for x in originals if x["status"].startswith("ok") and not refused(x["path"])]
+    assert len(src_ok) == len(copied)
+    assert len({x["study_instance_uid"] for x in copied}) == len({x["study_instance_uid"] for x in src_ok})
+    assert len({x["series_instance_uid"] for x in copied}) == len({x["series_instance_uid"] for x in src_ok})
+    # the Retain Patient Characteristics option kept the sex
+    assert {json.loads(x["meta"]).get("00100040", {}).get("Value", [None])[0] for x in copied} & {"M", "F", "O"}
+    phi = set().union(*(phi_values(str(p)) for p in sample.rglob("*.dcm")))
+    whole = set().union(*(phi_values(str(p), name_parts=False) for p in sample.rglob("*.dcm")))
+    assert b"CompressedSamples^CT1" in whole and b"CompressedSamples" in phi and len(whole) > 50
+    texts = {p: p.read_bytes() for p in out.rglob("*.dcm")}
+    texts["table"] = json.dumps(rows, default=str).encode()
+    texts.update({p: p.read_bytes() for p in run_dir.iterdir() if p.is_file()})
+    for where, data in texts.items():
+        leaked = sorted(v for v in (phi if isinstance(where, Path) and where.suffix == ".dcm" else whole) if v in data)
+        assert not leaked, f"{where} shows {leaked[:5]}"
+        assert key.encode() not in data, f"{where} shows the key"
 
 
 def test_failing_task_stops_the_run_with_its_log_tail(tmp_path, sample_dir):

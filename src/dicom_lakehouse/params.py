@@ -13,6 +13,9 @@ import re
 from dataclasses import asdict, dataclass, field
 
 MODES = ("overwrite", "append")
+DEID_PROFILES = ("none", "basic")
+DEID_OPTIONS = ("deid_retain_dates", "deid_retain_patient", "deid_retain_device")
+TRUE, FALSE = ("true", "yes", "1"), ("false", "no", "0", "")
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 RUN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 # Globs are matched by fnmatch against relative paths; keep them to printable path characters.
@@ -38,6 +41,11 @@ class JobParams:
     target: str = "local"
     warehouse: str | None = None
     remote: str | None = None
+    deid: str = "none"
+    deid_path: str | None = None
+    deid_retain_dates: bool = False
+    deid_retain_patient: bool = False
+    deid_retain_device: bool = False
     extra: dict = field(default_factory=dict)
 
     @property
@@ -128,6 +136,40 @@ def check_glob(name: str, value: str | None) -> str | None:
     return value
 
 
+def check_flag(name: str, value) -> bool:
+    text = str(value if value is not None else "").strip().lower()
+    if text not in TRUE + FALSE:
+        raise ParameterError(f"--{name} {value!r} is not a yes/no value: use true or false.")
+    return text in TRUE
+
+
+def check_deid(raw: dict, source: str) -> tuple[str, str | None]:
+    """deid profile and output location. The output may not overlap the input: the next run would
+    catalog the copies, or a copy could replace an original."""
+    deid = (raw.get("deid") or "none").strip().lower()
+    if deid not in DEID_PROFILES:
+        raise ParameterError(f"--deid {raw.get('deid')!r} is not allowed: use one of {', '.join(DEID_PROFILES)}.")
+    out = (raw.get("deid_path") or "").strip() or None
+    if deid == "none":
+        return deid, out
+    if out is None:
+        raise ParameterError("--deid basic needs --deid_path: a folder, a /Volumes path or a URI for the "
+                             "de-identified copies (outside --path).")
+    if "\x00" in out:
+        raise ParameterError("--deid_path contains a NUL byte.")
+    if is_remote_path(out) or is_remote_path(source):
+        if out.rstrip("/") == source.rstrip("/") or out.startswith(source.rstrip("/") + "/") or \
+                source.startswith(out.rstrip("/") + "/"):
+            raise ParameterError(f"--deid_path {out!r} overlaps --path {source!r}: write the copies elsewhere.")
+        return deid, out.rstrip("/")
+    real_out = os.path.realpath(local_path_of(out))
+    real_src = os.path.realpath(_glob_base(local_path_of(source)))
+    if real_out == real_src or real_out.startswith(real_src.rstrip("/") + "/") or \
+            real_src.startswith(real_out.rstrip("/") + "/"):
+        raise ParameterError(f"--deid_path {out!r} overlaps --path {source!r}: write the copies elsewhere.")
+    return deid, real_out
+
+
 def validate(raw: dict, allowed_roots: list[str] | None = None) -> JobParams:
     """Turn raw string parameters (from argv or the job spec) into checked JobParams."""
     known = {f for f in JobParams.__dataclass_fields__ if f != "extra"}
@@ -144,8 +186,10 @@ def validate(raw: dict, allowed_roots: list[str] | None = None) -> JobParams:
     remote = raw.get("remote") or None
     if remote and not remote.startswith("sc://"):
         raise ParameterError(f"--remote {remote!r} must be a Spark Connect URL starting with sc://.")
+    path = check_path(raw.get("path"), allowed_roots)
+    deid, deid_path = check_deid(raw, path)
     return JobParams(
-        path=check_path(raw.get("path"), allowed_roots),
+        path=path,
         catalog=check_identifier("catalog", raw.get("catalog")),
         schema=check_identifier("schema", raw.get("schema")),
         table=check_identifier("table", raw.get("table")),
@@ -157,6 +201,9 @@ def validate(raw: dict, allowed_roots: list[str] | None = None) -> JobParams:
         target=check_identifier("target", raw.get("target") or "local"),
         warehouse=raw.get("warehouse") or None,
         remote=remote,
+        deid=deid,
+        deid_path=deid_path,
+        **{k: check_flag(k, raw.get(k)) for k in DEID_OPTIONS},
         extra=extra,
     )
 
@@ -172,6 +219,10 @@ def build_parser(description: str = "dicom-lakehouse task") -> argparse.Argument
     p.add_argument("--target")
     p.add_argument("--warehouse")
     p.add_argument("--remote")
+    p.add_argument("--deid")
+    p.add_argument("--deid_path", "--deid-path", dest="deid_path")
+    for name in DEID_OPTIONS:
+        p.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name)
     p.add_argument("--conf_dir", "--conf-dir", dest="conf_dir")
     return p
 

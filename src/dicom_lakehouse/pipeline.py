@@ -4,12 +4,14 @@ retried step is idempotent and no join is needed until publish.
 
     catalog -> {table}__files -> extract-meta -> {table}__meta
             -> thumbnail -> {table}__thumbnails -> publish -> {table}
+            -> deidentify -> {table}__deid ------^ (-> {table}_deid, when the job's deid is basic)
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import io
 import logging
 import os
 import re
@@ -28,7 +30,7 @@ from .tables import TableRef, TableStore, commit_metadata
 
 log = logging.getLogger(__name__)
 
-STAGES = {"catalog": "files", "extract_meta": "meta", "thumbnail": "thumbnails"}
+STAGES = {"catalog": "files", "extract_meta": "meta", "thumbnail": "thumbnails", "deidentify": "deid"}
 OK = ("ok", "ok_with_warnings")
 
 
@@ -56,7 +58,7 @@ def _quiet_worker() -> None:
 
 def _import_step_modules(batches):
     """mapInArrow warm-up: a new Python worker imports pydicom, the codecs, numpy and Pillow once."""
-    from . import dicom_meta, sources, thumbnails  # noqa: F401
+    from . import deid, dicom_meta, sources, thumbnails  # noqa: F401
 
     _quiet_worker()
     yield from batches
@@ -66,7 +68,7 @@ def warm_workers(spark, step: str) -> None:
     """Start the session's Python workers and import what the step's per-file code needs, so that a
     task started ahead of time (waiting at its gate) has them ready when its upstream task ends.
     Steps that run no Python on the executors need none."""
-    if step in ("extract_meta", "thumbnail"):
+    if step in ("extract_meta", "thumbnail", "deidentify"):
         n = default_parallelism(spark)
         spark.range(n, numPartitions=n).mapInArrow(_import_step_modules, "id long").collect()
 
@@ -212,7 +214,7 @@ def _map_step(spark, store: TableStore, p: JobParams, src: str, dst: str, fn, st
     """Read the previous step's stage, map every row through `fn` on the executors, write this step's
     stage in one commit, and fail loudly if a row was lost or duplicated."""
     schema_in = {"catalog": "files", "extract_meta": "meta"}[src]
-    schema_out = {"extract_meta": "meta", "thumbnail": "thumbnail"}[dst]
+    schema_out = {"extract_meta": "meta", "thumbnail": "thumbnail", "deidentify": S.DEID_STAGE}[dst]
     df, rows_in = _read_stage(store, p, src, schema_in)
     n = _partitions(spark, rows_in)
     # A stage written by a previous step already has one file per partition: no shuffle needed.
@@ -283,6 +285,108 @@ def run_thumbnail(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
     return _map_step(spark, store, p, "extract_meta", "thumbnail", fn, "thumbnail_status")
 
 
+# ------------------------------------------------------------------ deidentify
+def deid_options(p: JobParams, conf: dict):
+    from .deid import DeidOptions, parse_safe_private
+
+    return DeidOptions(p.deid_retain_dates, p.deid_retain_patient, p.deid_retain_device,
+                       parse_safe_private((conf.get("deid") or {}).get("safe_private")))
+
+
+def deid_batches(pseudo, options, out_root: str, threshold: int, max_inflated: int):
+    """mapInArrow function: header rows -> de-identified rows. Each DICOM file is read, de-identified,
+    written under out_root, and its row rebuilt from the de-identified header; a file that is not
+    copied keeps a row (status refused, not_dicom or error) with a made-up path and no header."""
+
+    def fn(batches):
+        from .deid import DeidResult, deidentify_file, output_name
+        from .dicom_meta import PROMOTED_COLUMNS, extract_header
+        from .sources import open_source, write_file
+
+        _quiet_worker()
+        names = S.column_names(S.DEID_STAGE)
+        out_schema = S.arrow_schema(S.DEID_STAGE)
+        for b in batches:
+            cols = {c: b.column(c).to_pylist() for c in ("path", "status", "file_key", "run_id")}
+            rows = {n: [] for n in names}
+            for i, path in enumerate(cols["path"]):
+                token = pseudo.token("path", path, 32)
+                if cols["status"][i] not in OK:
+                    status, error = cols["status"][i], f"not de-identified: the file's status is {cols['status'][i]}"
+                    res = None
+                else:
+                    try:
+                        with open_source(path) as fp:
+                            res = deidentify_file(fp, pseudo, options)
+                    except Exception as e:  # noqa: BLE001
+                        res = DeidResult("error", f"cannot open: {type(e).__name__}")
+                    status, error = res.status, res.error
+                header, new_path, rel = None, f"urn:dicom-lakehouse:not-copied:{token}", None
+                if res is not None and res.status == "ok":
+                    rel = output_name(pseudo, res, path)
+                    new_path = f"{out_root}/{rel}"
+                    try:
+                        write_file(new_path, res.data)
+                        header = extract_header(io.BytesIO(res.data), new_path, threshold, max_inflated)
+                    except OSError as e:
+                        status, error, new_path, rel = "error", f"cannot write the copy: {e.strerror or type(e).__name__}", \
+                            f"urn:dicom-lakehouse:not-copied:{token}", None
+                row = {"path": new_path, "relative_path": rel, "archive_path": None,
+                       "extension": "dcm" if rel else "", "length": len(res.data) if rel else None,
+                       "modification_time": None, "path_tags": rel.split("/")[:-1] if rel else [],
+                       "file_key": pseudo.token("file_key", cols["file_key"][i] or path, 32),
+                       "status": status, "error": error, "run_id": cols["run_id"][i], "source_path": path}
+                if header is not None:
+                    row["status"] = "ok" if header.status in OK else "error"
+                    row.update({c: header.columns.get(c) for c in PROMOTED_COLUMNS if c != "meta"},
+                               meta=header.meta)
+                for n in names:
+                    rows[n].append(row.get(n))
+            yield pa.RecordBatch.from_arrays([pa.array(rows[n], out_schema.field(n).type) for n in names],
+                                             schema=out_schema)
+
+    return fn
+
+
+def run_deidentify(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
+    """deid=none: nothing to do, and no Spark work. deid=basic: every file of the meta stage gets a row."""
+    if p.deid == "none":
+        return {"files_in": 0, "rows_out": 0, "errors": 0, "deid": "none"}
+    from .deid_key import resolve_key
+
+    pseudo = resolve_key(conf, spark)
+    dconf = conf.get("dicom") or {}
+    # Local copies are named by file: URI, as the catalog names its files.
+    root = p.deid_path if "://" in p.deid_path or p.deid_path.startswith(("file:", "dbfs:")) else f"file:{p.deid_path}"
+    fn = deid_batches(pseudo, deid_options(p, conf), root, int(dconf.get("bulk_data_threshold", 1024)),
+                      int(dconf.get("max_deflated_bytes", 256 * 2**20)))
+    stats = _map_step(spark, store, p, "extract_meta", "deidentify", fn, "status")
+    stats.update(deid=p.deid, deid_path=p.deid_path, copied=stats["status"].get("ok", 0),
+                 refused=stats["status"].get("refused", 0))
+    log.info("deidentify: %d files in, %d copied to %s, %d refused, %d errors", stats["files_in"], stats["copied"],
+             p.deid_path, stats["refused"], stats["errors"])
+    return stats
+
+
+def _publish_deid(store: TableStore, p: JobParams, thumbs, mode: str, meta: dict) -> dict:
+    """{table}_deid: the de-identified rows, with the thumbnail of each copied file (its pixels are the
+    original's); the original path is dropped here."""
+    df, rows_in = _read_stage(store, p, "deidentify", S.DEID_STAGE)
+    t = thumbs.select(F.col("path").alias("source_path"), *[F.col(c) for c in THUMB_COLUMNS])
+    joined = df.join(t, "source_path", "left")
+    copied = F.col("status") == "ok"
+    out = joined.select(*[F.when(copied, F.col(c)).alias(c) if c in THUMB_COLUMNS else F.col(c)
+                          for c in S.column_names("thumbnail")]).withColumn("ingested_at", F.current_timestamp())
+    ref = target_ref(p).derived("deid")
+    rows = store.write(out, ref, mode, meta, step="publish")
+    if rows != rows_in:
+        raise StepError(f"publish read {rows_in} de-identified rows but wrote {rows}")
+    return {"table": ref.name, "rows_out": rows, "table_rows": store.count(ref)}
+
+
+THUMB_COLUMNS = ("thumbnail", "thumbnail_width", "thumbnail_height", "thumbnail_status", "thumbnail_error")
+
+
 # ------------------------------------------------------------------ publish
 def studies_sql(source: str) -> str:
     return f"""
@@ -319,17 +423,20 @@ def run_publish(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
         jobs = {target.derived(suffix).name: pool.submit(store.write_derived, target.derived(suffix), target, sql, meta)
                 for suffix, sql in (("studies", studies_sql), ("series", series_sql))}
         derived = {name: job.result() for name, job in jobs.items()}
+    deid = _publish_deid(store, p, df, mode, meta) if p.deid != "none" else None
     if (conf.get("stage_retention") or "drop") == "drop":
         for step in STAGES:
-            store.drop(stage_ref(p, step))
+            if store.exists(stage_ref(p, step)):
+                store.drop(stage_ref(p, step))
     counts = _status_counts(store.read(target).select("status"))
     return {"files_in": rows_in, "rows_out": rows, "table_rows": total, "errors": counts.get("error", 0),
-            "status": counts, "derived": derived, "mode": mode}
+            "status": counts, "derived": derived, "mode": mode, "deid": deid}
 
 
 STEP_FUNCS = {
     "catalog": run_catalog,
     "extract_meta": run_extract_meta,
     "thumbnail": run_thumbnail,
+    "deidentify": run_deidentify,
     "publish": run_publish,
 }

@@ -70,15 +70,16 @@ def new_run_id() -> str:
 
 
 def job_parameters(settings: dict, overrides: dict, root: Path) -> dict:
-    """Job parameter defaults from the spec, overridden from the command line, `path` made absolute."""
+    """Job parameter defaults from the spec, overridden from the command line, paths made absolute."""
     values = {p["name"]: p.get("default", "") for p in settings.get("parameters") or []}
     for k, v in overrides.items():
         if k not in values:
             raise ParameterError(f"unknown job parameter {k!r}: the job declares {', '.join(values)}")
         values[k] = v
-    path = values.get("path", "")
-    if path and "://" not in path and not path.startswith(("/", "file:", "dbfs:")):
-        values["path"] = str((root / path).resolve())
+    for name in ("path", "deid_path"):
+        path = values.get(name, "")
+        if path and "://" not in path and not path.startswith(("/", "file:", "dbfs:")):
+            values[name] = str((root / path).resolve())
     return values
 
 
@@ -335,7 +336,15 @@ def run_job(
     workers); `per_task` gives each task its own spark-submit, as a job cluster would."""
     values = job_parameters(settings, overrides or {}, root)
     # Validate before any task starts: a bad parameter must not leave staged output behind.
-    validate({**values, "target": conf.get("target", target)}, (conf.get("listing") or {}).get("allowed_roots"))
+    checked = validate({**values, "target": conf.get("target", target)}, (conf.get("listing") or {}).get("allowed_roots"))
+    if checked.deid != "none":
+        from .deid import DeidError
+        from .deid_key import resolve_key
+
+        try:
+            resolve_key(conf)
+        except DeidError as e:
+            raise ParameterError(str(e)) from None
     if not remote:
         conf = with_delta(conf)
     run_id = run_id or new_run_id()

@@ -55,6 +55,11 @@ COLUMNS: list[tuple[str, str, str, str]] = [
 ]
 
 STEPS = ("files", "meta", "thumbnail", "publish")
+# The deidentify step's stage: the meta columns, de-identified, plus the original's path, which
+# links each row to its thumbnail at publish and is dropped there ({table}_deid never holds it).
+DEID_STAGE = "deid"
+SOURCE_PATH = ("source_path", "string", "Path of the original file (staged only, never published)", DEID_STAGE)
+DEID_STATUSES = ("ok", "refused", "not_dicom", "error")
 STATUSES = ("ok", "ok_with_warnings", "not_dicom", "error")
 THUMBNAIL_STATUSES = ("ok", "no_pixels", "skipped", "skipped_too_large", "error")
 
@@ -93,6 +98,8 @@ _ARROW = {
 
 def columns_until(step: str) -> list[tuple[str, str, str, str]]:
     """Columns present after `step` (each step passes its input through and adds its own)."""
+    if step == DEID_STAGE:
+        return [*columns_until("meta"), SOURCE_PATH]
     allowed = STEPS[: STEPS.index(step) + 1]
     return [c for c in COLUMNS if c[3] in allowed]
 

@@ -79,3 +79,27 @@ def open_source(path: str):
                     yield m
     finally:
         outer.close()
+
+
+def write_file(path: str, data: bytes) -> None:
+    """Write a whole file, replacing any earlier copy. Locally (and on /Volumes or /dbfs) through a
+    temporary name in the same folder, so a reader or a retried task never sees half a file."""
+    if is_remote_path(path) and not path.startswith("dbfs:/"):
+        try:
+            import fsspec
+        except ImportError as e:
+            raise OSError(f"cannot write {path}: writing object storage from Python needs fsspec with "
+                          "its backend (s3fs / adlfs / gcsfs), or a mounted path such as /Volumes") from e
+        with fsspec.open(path, "wb", auto_mkdir=True) as f:
+            f.write(data)
+        return
+    local = local_path_of(path)
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    tmp = f"{local}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, local)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

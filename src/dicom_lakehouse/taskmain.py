@@ -85,12 +85,29 @@ def run_task(step: str, argv: list[str] | None = None) -> int:
     except (ParameterError, ConfigError) as e:
         log.error("%s: invalid parameters, nothing was done: %s", step, e)
         return 2
+    if step == "deidentify" and params.deid == "none":
+        # Passed through at no cost: no Spark session, nothing read or written.
+        log.info("deidentify: deid is none, nothing to do")
+        print(RESULT_MARK + json.dumps({"step": step, "run_id": params.run_id, "deid": "none", "files_in": 0,
+                                        "rows_out": 0, "errors": 0, "seconds": 0.0}, sort_keys=True), flush=True)
+        return 0
     from .session import get_spark
     from .tables import open_store
 
     t0 = time.time()
     spark = get_spark(conf, params.remote, app_name=f"dicom-lakehouse:{step}")
     startup = time.time() - t0
+    if params.deid != "none":
+        from .deid import DeidError
+        from .deid_key import resolve_key
+
+        try:  # every task checks, so that a missing key stops the job before the catalog task's work
+            resolve_key(conf, spark)
+        except DeidError as e:
+            log.error("%s: invalid parameters, nothing was done: %s", step, e)
+            if not os.environ.get("DATABRICKS_RUNTIME_VERSION"):
+                spark.stop()
+            return 2
     store = open_store(spark, conf, params.warehouse)
     gate = os.environ.get(GATE_ENV)
     if gate:

@@ -1,0 +1,8 @@
+"""Task 'deidentify' of the dicom-lakehouse job (see jobs/dicom_lakehouse.job.yml)."""
+
+import sys
+
+from dicom_lakehouse.taskmain import run_task
+
+if __name__ == "__main__":
+    sys.exit(run_task("deidentify", sys.argv[1:]))
