@@ -8,7 +8,8 @@ session, on the default table engine (start-up reported apart); (e) the whole jo
 the local runner: Spark's own Delta with the shared session (the local default: one Spark
 Connect server per run) and with one spark-submit per task, and delta-rs with the shared
 session. Page cache is warmed by (a) first. The baselines use the job's pydicom calls
-(frame-level reads, no decode for files without pixels) and its PNG settings.
+(frame-level reads, no decode for files without pixels) and its PNG settings. With --deid:
+(f) a Pool running the deidentify task's library call on every file, and that task in (d).
 """
 
 from __future__ import annotations
@@ -109,8 +110,31 @@ def baseline_thumb(path: str) -> int:
         return 0
 
 
-def pool_run(fn, paths, procs):
-    with Pool(procs) as pool:
+_DEID = {}
+
+
+def _deid_init(key: str, out_root: str) -> None:
+    from dicom_lakehouse.deid import DeidOptions, Pseudonyms
+
+    _DEID.update(pseudo=Pseudonyms(key), options=DeidOptions(), out=out_root)
+
+
+def baseline_deid(path: str) -> int:
+    """Plain process pool: the same library call as the deidentify task (deid.deidentify_file), the
+    copy written the same way; no catalog row is built."""
+    from dicom_lakehouse.deid import deidentify_file, output_name
+    from dicom_lakehouse.sources import write_file
+
+    with open(path, "rb") as fp:
+        r = deidentify_file(fp, _DEID["pseudo"], _DEID["options"])
+    if r.status != "ok":
+        return 0
+    write_file(f"{_DEID['out']}/{output_name(_DEID['pseudo'], r, 'file:' + path)}", r.data)
+    return len(r.data)
+
+
+def pool_run(fn, paths, procs, initializer=None, initargs=()):
+    with Pool(procs, initializer=initializer, initargs=initargs) as pool:
         t0 = time.perf_counter()
         list(pool.imap_unordered(fn, paths, chunksize=64))
         return time.perf_counter() - t0
@@ -154,7 +178,7 @@ class RssSampler:
 
 
 # ----------------------------------------------------------------- the job
-def spark_steps(corpus: Path, warehouse: Path) -> dict:
+def spark_steps(corpus: Path, warehouse: Path, deid_path: Path | None = None) -> dict:
     from dicom_lakehouse.config import load_conf
     from dicom_lakehouse.params import validate
     from dicom_lakehouse.pipeline import STEP_FUNCS
@@ -170,8 +194,9 @@ def spark_steps(corpus: Path, warehouse: Path) -> dict:
     store = open_store(spark, conf, str(warehouse))
     out["steps_engine"] = store.engine
     p = validate({"path": str(corpus), "catalog": "bench", "schema": "b", "table": "t", "mode": "overwrite",
-                  "run_id": "bench"})
-    for step in ("catalog", "extract_meta", "thumbnail", "publish"):
+                  "run_id": "bench", "deid": "basic" if deid_path else "none", "deid_path": str(deid_path or "")})
+    steps = ("catalog", "extract_meta", "thumbnail", *(("deidentify",) if deid_path else ()), "publish")
+    for step in steps:
         t = time.perf_counter()
         STEP_FUNCS[step](spark, store, p, conf)
         out[f"{step}_s"] = round(time.perf_counter() - t, 2)
@@ -202,7 +227,8 @@ def runner_job(corpus: Path, warehouse: Path, engine: str, session: str = "share
     return wall, per_task
 
 
-def measure(files: int, corpus: Path, skip_job: bool = False, source: str = "pydicom", jobs=JOBS) -> dict:
+def measure(files: int, corpus: Path, skip_job: bool = False, source: str = "pydicom", jobs=JOBS,
+            deid: bool = False) -> dict:
     from make_corpus import build
 
     if not corpus.exists() or not any(corpus.iterdir()):
@@ -224,8 +250,16 @@ def measure(files: int, corpus: Path, skip_job: bool = False, source: str = "pyd
     print(f"(c) baseline header->JSON + thumbnail: {res['baseline_full_wall_s']} s", file=sys.stderr)
     res["baseline_thumb_s"] = round(pool_run(baseline_thumb, paths, procs), 2)
     print(f"(c') baseline thumbnail only: {res['baseline_thumb_s']} s", file=sys.stderr)
+    if deid:
+        from dicom_lakehouse.deid import KEY_ENV
+
+        os.environ.setdefault(KEY_ENV, "benchmark-key-" + os.urandom(16).hex())
+        with tempfile.TemporaryDirectory() as tmp:
+            res["baseline_deid_s"] = round(pool_run(baseline_deid, paths, procs, _deid_init,
+                                                    (os.environ[KEY_ENV], f"file:{tmp}")), 2)
+        print(f"(f) baseline de-identification: {res['baseline_deid_s']} s", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp, RssSampler() as rss:
-        res.update(spark_steps(corpus, Path(tmp) / "wh"))
+        res.update(spark_steps(corpus, Path(tmp) / "wh", Path(tmp) / "deid" if deid else None))
     res["peak_rss_steps"] = rss.peak
     print(f"(d) steps: { {k: v for k, v in res.items() if k.endswith('_s')} }", file=sys.stderr)
     if not skip_job:
@@ -247,6 +281,8 @@ def measure(files: int, corpus: Path, skip_job: bool = False, source: str = "pyd
     res["meta_vs_baseline"] = round(res["meta_fps"] / res["baseline_meta_fps"], 2)
     res["thumbnail_vs_baseline_full"] = round(res["thumbnail_fps"] / res["baseline_full_fps"], 2)
     res["thumbnail_vs_baseline_thumb"] = round(res["thumbnail_fps"] / res["baseline_thumb_fps"], 2)
+    if deid:
+        res["deidentify_vs_baseline"] = round(res["baseline_deid_s"] / res["deidentify_s"], 2)
     return res
 
 
@@ -258,6 +294,9 @@ def table(res: dict) -> str:
             ("(d) Spark start-up", res["spark_startup_s"]), ("(d) catalog", res["catalog_s"]),
             ("(d) extract_meta", res["extract_meta_s"]), ("(d) thumbnail", res["thumbnail_s"]),
             ("(d) publish", res["publish_s"])]
+    if "baseline_deid_s" in res:
+        rows[4:4] = [("(f) baseline de-identification, Pool", res["baseline_deid_s"])]
+        rows.append(("(d) deidentify", res["deidentify_s"]))
     for engine, job in (res.get("jobs") or {}).items():
         rows.append((f"(e) whole job through the runner: {engine} (engine, session)", job["wall_s"]))
     out = [f"{res['files']} files, {mb:.0f} MB, {res['cores']} cores, {res['date']}", "",
@@ -272,6 +311,8 @@ def table(res: dict) -> str:
     for engine, job in (res.get("jobs") or {}).items():
         out.append(f"whole job wall / baseline (e)/(c), {engine}: **{job['vs_baseline_full']}x** "
                    f"(tasks: {job['tasks_s']}; peak RSS {job['peak_rss']})")
+    if "deidentify_vs_baseline" in res:
+        out.append(f"deidentify speed / baseline (f)/(d): **{res['deidentify_vs_baseline']}x**")
     out.append(f"steps (d) on the {res['steps_engine']} engine; peak RSS, steps in one session: {res['peak_rss_steps']}")
     return "\n".join(out)
 
@@ -286,13 +327,15 @@ def main(argv=None):
                     help="(e) for every (engine, session) pair, or only the local default (Spark's Delta, shared)")
     ap.add_argument("--source", choices=["pydicom", "pydicom-data"], default="pydicom",
                     help="templates of a corpus that has to be built (see make_corpus.py)")
+    ap.add_argument("--deid", action="store_true",
+                    help="also (f) a Pool doing the deidentify task's de-identification, and (d) that task")
     a = ap.parse_args(argv)
     global PNG_LEVEL
     from dicom_lakehouse.config import load_conf
 
     PNG_LEVEL = int(load_conf("local")["thumbnail"]["png_compress_level"])
     corpus = a.corpus or HERE / "corpus" / (str(a.files) if a.source == "pydicom" else f"realistic-{a.files}")
-    res = measure(a.files, corpus, a.skip_job, a.source, JOBS if a.jobs == "all" else JOBS[:1])
+    res = measure(a.files, corpus, a.skip_job, a.source, JOBS if a.jobs == "all" else JOBS[:1], a.deid)
     print(table(res))
     save_results(res, a.json or HERE / "results" / f"{res['date']}.json")
 

@@ -247,3 +247,42 @@ def gallery(ctx, table_name, where, limit, out):
     spark.stop()
     path = write_gallery(rows, out if Path(out).is_absolute() else repo_root() / out, f"{table_name} gallery", where)
     click.echo(f"{len(rows)} files in {path}")
+
+
+@main.command()
+@click.option("--table", "table_name", default="main.pixels.object_catalog", show_default=True,
+              help="Published table (three-part name).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
+@click.option("--port", default=8042, show_default=True, help="Port; the service is at http://HOST:PORT/dicomweb.")
+@click.pass_context
+def serve(ctx, table_name, host, port):
+    """Serve the published table over DICOMweb (QIDO-RS, WADO-RS, rendered, thumbnail).
+
+    Set DICOM_LAKEHOUSE_DICOMWEB_TOKEN to require that bearer token on every DICOMweb request."""
+    import logging
+
+    from .dicomweb import TOKEN_ENV, make_server, token_from_env
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    conf = load_conf(ctx.obj.get("target") or "local")
+    token = token_from_env()
+    try:
+        server = make_server(table_name, str(warehouse_dir(conf, ctx.obj.get("warehouse"))), host, port, token)
+    except (ValueError, OSError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    h, p = server.server_address[:2]
+    click.echo(f"DICOMweb for {table_name} at http://{h}:{p}/dicomweb (study list at http://{h}:{p}/); "
+               f"{'bearer token from ' + TOKEN_ENV if token else 'no token'}; Ctrl-C stops", err=True)
+    import signal
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # a service manager's stop is a clean exit, as Ctrl-C is
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

@@ -1,0 +1,368 @@
+"""A DICOMweb service (PS3.18: QIDO-RS, WADO-RS, rendered and thumbnail resources) over the
+published catalog table, read with delta-rs: nothing is copied into another database.
+
+Files are found only through the table: a request names UIDs, the index maps them to the row's
+`path`, so no request can reach a file the table does not hold. Retrieves are streamed part by part
+in 1 MiB chunks, so memory stays flat however large the study.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from .dicomweb_page import PAGE
+from .dicomweb_query import Index, QueryError, parse_query, search
+
+log = logging.getLogger(__name__)
+TOKEN_ENV = "DICOM_LAKEHOUSE_DICOMWEB_TOKEN"
+ROOT = "/dicomweb"
+CHUNK = 1 << 20
+UID = r"[0-9.]{1,64}"
+DICOM_JSON = "application/dicom+json"
+
+ROUTES = [(re.compile(ROOT + p + r"/?$"), name) for p, name in [
+    (r"/studies", "search_studies"),
+    (r"/series", "search_series"),
+    (r"/instances", "search_instances"),
+    (rf"/studies/(?P<study>{UID})/series", "search_series"),
+    (rf"/studies/(?P<study>{UID})/instances", "search_instances"),
+    (rf"/studies/(?P<study>{UID})/series/(?P<series>{UID})/instances", "search_instances"),
+    (rf"/studies/(?P<study>{UID})", "retrieve"),
+    (rf"/studies/(?P<study>{UID})/series/(?P<series>{UID})", "retrieve"),
+    (rf"/studies/(?P<study>{UID})/series/(?P<series>{UID})/instances/(?P<sop>{UID})", "retrieve"),
+    (rf"/studies/(?P<study>{UID})/metadata", "metadata"),
+    (rf"/studies/(?P<study>{UID})/series/(?P<series>{UID})/metadata", "metadata"),
+    (rf"/studies/(?P<study>{UID})/series/(?P<series>{UID})/instances/(?P<sop>{UID})/metadata", "metadata"),
+    (rf"/studies/(?P<study>{UID})/series/(?P<series>{UID})/instances/(?P<sop>{UID})/frames/(?P<frames>[0-9,]+)",
+     "frames"),
+    (rf"/studies/(?P<study>{UID})/series/(?P<series>{UID})/instances/(?P<sop>{UID})/bulk/(?P<tag>[0-9A-Fa-f]{{8}})",
+     "bulk"),
+    (rf"/studies/(?P<study>{UID})/series/(?P<series>{UID})/instances/(?P<sop>{UID})/(?P<kind>rendered|thumbnail)",
+     "rendered"),
+    (rf"/studies/(?P<study>{UID})/series/(?P<series>{UID})/(?P<kind>rendered|thumbnail)", "rendered"),
+    (rf"/studies/(?P<study>{UID})/(?P<kind>rendered|thumbnail)", "rendered"),
+]]
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class Catalog:
+    """The table's index, reloaded when the table has a new version (checked at most every few seconds)."""
+
+    def __init__(self, location: str, recheck_seconds: float = 5.0):
+        self.location, self.recheck = location, recheck_seconds
+        self._lock = threading.Lock()
+        self._checked, self.version, self.index = 0.0, None, None
+        self.refresh(force=True)
+
+    def refresh(self, force: bool = False) -> Index:
+        if not force and time.monotonic() - self._checked < self.recheck:
+            return self.index
+        with self._lock:
+            from deltalake import DeltaTable
+
+            dt = DeltaTable(self.location)
+            if force or dt.version() != self.version:
+                t0 = time.time()
+                cols = ["path", "status", "study_instance_uid", "series_instance_uid", "sop_instance_uid", "meta",
+                        "length", "has_pixels", "number_of_frames", "transfer_syntax_uid", "thumbnail",
+                        "instance_number"]
+                rows = dt.to_pyarrow_dataset().to_table(columns=cols, use_threads=False).to_pylist()
+                self.index, self.version = Index(rows), dt.version()
+                log.info("dicomweb: table version %s: %d instances in %d studies, indexed in %.1f s", self.version,
+                         len(self.index), len(self.index.studies), time.time() - t0)
+            self._checked = time.monotonic()
+        return self.index
+
+
+def _error_body(message: str) -> bytes:
+    # PS3.18 error payloads carry an Error Comment (0000,0902).
+    return json.dumps({"00000902": {"vr": "LO", "Value": [message[:1024]]}}).encode()
+
+
+def _instances(index: Index, study: str, series: str | None = None, sop: str | None = None) -> list:
+    st = index.studies.get(study)
+    if st is None:
+        raise HttpError(404, f"study {study} is not in the catalog")
+    if series is None:
+        return st.instances
+    se = st.series.get(series)
+    if se is None:
+        raise HttpError(404, f"series {series} is not in study {study}")
+    if sop is None:
+        return se.instances
+    inst = index.instances.get((study, series, sop))
+    if inst is None:
+        raise HttpError(404, f"instance {sop} is not in series {series}")
+    return [inst]
+
+
+def _bulk_uris(meta: str, base: str) -> dict:
+    """The stored header, with each BulkDataURI pointing at this service (the stored ones name files)."""
+    d = json.loads(meta)
+    for tag, el in d.items():
+        if "BulkDataURI" in el:
+            el["BulkDataURI"] = f"{base}/bulk/{tag}"
+    return d
+
+
+def _accepts(header: str, *types: str) -> str | None:
+    """The first of `types` that the Accept header allows (no Accept header: the first)."""
+    if not header:
+        return types[0]
+    offered = [p.split(";")[0].strip().lower() for p in header.split(",")]
+    for t in types:
+        major = t.split("/")[0]
+        if t in offered or "*/*" in offered or f"{major}/*" in offered:
+            return t
+    return None
+
+
+def make_handler(catalog: Catalog, token: str | None):
+    from .sources import open_source
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "dicom-lakehouse-dicomweb"
+
+        def log_message(self, fmt, *args):  # request lines at debug: URLs hold UIDs and query values
+            log.debug("dicomweb: " + fmt, *args)
+
+        # ------------------------------------------------------------ plumbing
+        def do_GET(self):  # noqa: N802
+            try:
+                self._dispatch()
+            except HttpError as e:
+                self._send(e.status, _error_body(str(e)), DICOM_JSON)
+            except QueryError as e:
+                self._send(400, _error_body(str(e)), DICOM_JSON)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            except Exception as e:  # noqa: BLE001
+                log.exception("dicomweb: request failed")
+                self._send(500, _error_body(f"{type(e).__name__}"), DICOM_JSON)
+
+        def do_OPTIONS(self):  # noqa: N802 - CORS preflight for browser viewers
+            self.send_response(204)
+            self._cors()
+            self.send_header("Access-Control-Allow-Methods", "GET, OPTIONS")
+            self.send_header("Access-Control-Allow-Headers", "Authorization, Accept")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def _cors(self):
+            self.send_header("Access-Control-Allow-Origin", "*")
+
+        def _send(self, status: int, body: bytes, ctype: str, extra: dict | None = None):
+            self.send_response(status)
+            self._cors()
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            for k, v in (extra or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _authorized(self) -> bool:
+            if not token:
+                return True
+            got = self.headers.get("Authorization", "")
+            scheme, _, value = got.partition(" ")
+            return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
+
+        def _dispatch(self):
+            url = urlsplit(self.path)
+            if url.path in ("/", "/index.html"):
+                return self._send(200, PAGE.encode(), "text/html; charset=utf-8")
+            if not self._authorized():
+                return self._send(401, _error_body("a valid bearer token is required"), DICOM_JSON,
+                                  {"WWW-Authenticate": 'Bearer realm="dicomweb"'})
+            params = parse_qs(url.query, keep_blank_values=True)
+            for route, name in ROUTES:
+                m = route.match(url.path)
+                if m:
+                    return getattr(self, name)(catalog.refresh(), params, **m.groupdict())
+            raise HttpError(404, "no such DICOMweb resource")
+
+        def _base(self) -> str:
+            port = self.server.server_address[1]
+            host = self.headers.get("Host") or self.server.server_address[0]
+            if not re.search(r":\d+$", host) and port != 80:  # some clients send Host without the port
+                host = f"{host}:{port}"
+            return f"http://{host}{ROOT}"
+
+        # ------------------------------------------------------------ QIDO-RS
+        def _search(self, index, params, level, study=None, series=None):
+            if _accepts(self.headers.get("Accept", ""), DICOM_JSON, "application/json") is None:
+                raise HttpError(406, f"search answers are {DICOM_JSON}")
+            q = parse_query(params)
+            if study is not None and study not in index.studies:
+                return self._send(200, b"[]", DICOM_JSON)
+            found = search(index, level, q, study, series, self._base())
+            extra = {}
+            if q.ignored:
+                extra["Warning"] = f'299 dicomweb "attributes not matched on: {", ".join(q.ignored)[:200]}"'
+            if not found:
+                return self._send(204, b"", DICOM_JSON, extra)
+            self._send(200, json.dumps(found).encode(), DICOM_JSON, extra)
+
+        def search_studies(self, index, params):
+            self._search(index, params, "study")
+
+        def search_series(self, index, params, study=None):
+            self._search(index, params, "series", study)
+
+        def search_instances(self, index, params, study=None, series=None):
+            self._search(index, params, "instance", study, series)
+
+        # ------------------------------------------------------------ WADO-RS
+        def _multipart(self, parts):
+            """Stream parts (content type, iterator of byte chunks) as multipart/related, chunked."""
+            boundary = secrets.token_hex(16)
+            first = next(parts, None)
+            if first is None:
+                raise HttpError(404, "nothing to retrieve")
+            ptype = first[0].split(";")[0]
+            self.send_response(200)
+            self._cors()
+            self.send_header("Content-Type", f'multipart/related; type="{ptype}"; boundary={boundary}')
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+
+            def chunk(data: bytes):
+                if data:
+                    self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
+
+            for ctype, body in [first, *parts]:
+                chunk(f"--{boundary}\r\nContent-Type: {ctype}\r\n\r\n".encode())
+                for piece in body:
+                    chunk(piece)
+                chunk(b"\r\n")
+            chunk(f"--{boundary}--\r\n".encode())
+            self.wfile.write(b"0\r\n\r\n")
+
+        def retrieve(self, index, params, study, series=None, sop=None):
+            if _accepts(self.headers.get("Accept", ""), "multipart/related", "application/dicom") is None:
+                raise HttpError(406, 'instances are sent as multipart/related; type="application/dicom"')
+            instances = _instances(index, study, series, sop)
+
+            def stream(inst):
+                with open_source(inst.path) as f:
+                    while piece := f.read(CHUNK):
+                        yield piece
+
+            ts = lambda i: f"; transfer-syntax={i.transfer_syntax}" if i.transfer_syntax else ""  # noqa: E731
+            self._multipart((f"application/dicom{ts(i)}", stream(i)) for i in instances)
+
+        def metadata(self, index, params, study, series=None, sop=None):
+            instances = _instances(index, study, series, sop)
+            base = self._base()
+            out = [_bulk_uris(i.meta, f"{base}/studies/{i.study}/series/{i.series}/instances/{i.sop}")
+                   for i in instances]
+            self._send(200, json.dumps(out).encode(), DICOM_JSON)
+
+        def bulk(self, index, params, study, series, sop, tag):
+            import pydicom
+
+            (inst,) = _instances(index, study, series, sop)
+            with open_source(inst.path) as f:
+                ds = pydicom.dcmread(f, force=True)
+                el = ds.get(int(tag, 16))
+            if el is None or not isinstance(el.value, (bytes, bytearray)):
+                raise HttpError(404, f"no bulk data at {tag}")
+            self._multipart(iter([("application/octet-stream", iter([bytes(el.value)]))]))
+
+        def frames(self, index, params, study, series, sop, frames):
+            from pydicom.encaps import get_frame
+
+            (inst,) = _instances(index, study, series, sop)
+            numbers = [int(n) for n in frames.split(",") if n]
+            if not inst.has_pixels or not numbers or min(numbers) < 1 or max(numbers) > inst.frames:
+                raise HttpError(404, f"frames {frames} are not in this instance ({inst.frames} frames)")
+            import pydicom
+
+            with open_source(inst.path) as f:
+                ds = pydicom.dcmread(f)
+                encapsulated = ds.file_meta.get("TransferSyntaxUID") is not None and \
+                    ds.file_meta.TransferSyntaxUID.is_compressed
+                out = []
+                for n in numbers:
+                    if encapsulated:
+                        data = get_frame(ds.PixelData, n - 1, number_of_frames=inst.frames)
+                        ctype = f"application/octet-stream; transfer-syntax={inst.transfer_syntax}"
+                    else:
+                        size = len(ds.PixelData) // inst.frames
+                        data = ds.PixelData[(n - 1) * size: n * size]
+                        ctype = "application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1"
+                    out.append((ctype, iter([data])))
+            self._multipart(iter(out))
+
+        def rendered(self, index, params, study, kind, series=None, sop=None):
+            from .thumbnails import render
+
+            inst = _instances(index, study, series, sop)
+            inst = next((i for i in inst if i.has_pixels), None)
+            if inst is None:
+                raise HttpError(404, "nothing to render: no instance with pixels")
+            if _accepts(self.headers.get("Accept", ""), "image/png") is None:
+                raise HttpError(406, "rendered images are image/png")
+            viewport = (params.get("viewport") or [""])[-1]
+            size = None
+            if viewport:
+                try:
+                    w, h = (int(x) for x in viewport.split(",")[:2])
+                except ValueError:
+                    raise QueryError(f"viewport={viewport!r}: use width,height") from None
+                if not (16 <= w <= 4096 and 16 <= h <= 4096):
+                    raise QueryError("viewport: width and height must be 16 to 4096")
+                size = max(w, h)
+            elif kind == "rendered":
+                size = 1024
+            if size is None and inst.thumbnail:
+                return self._send(200, inst.thumbnail, "image/png")
+            with open_source(inst.path) as f:
+                t = render(f, size or 256, 512 * 2**20)
+            if t.png is None:
+                raise HttpError(404, f"cannot render: {t.status}")
+            self._send(200, t.png, "image/png")
+
+    return Handler
+
+
+def table_location(table: str, warehouse: str) -> str:
+    parts = table.split(".")
+    if len(parts) != 3 or not all(re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", p) for p in parts):
+        raise ValueError(f"--table {table!r}: give catalog.schema.table, each a SQL identifier")
+    loc = Path(warehouse).joinpath(*parts)
+    if not (loc / "_delta_log").is_dir():
+        raise ValueError(f"no Delta table at {loc}: publish {table} first (python RUNME.py --run)")
+    return str(loc)
+
+
+def make_server(table: str, warehouse: str, host: str = "127.0.0.1", port: int = 8042,
+                token: str | None = None) -> ThreadingHTTPServer:
+    catalog = Catalog(table_location(table, warehouse))
+    server = ThreadingHTTPServer((host, port), make_handler(catalog, token))
+    server.daemon_threads = True
+    server.catalog = catalog
+    return server
+
+
+def token_from_env() -> str | None:
+    return os.environ.get(TOKEN_ENV) or None
+
+
