@@ -1,0 +1,177 @@
+"""DICOMweb service speed: QIDO-RS latency on a 10,000-row catalog, and WADO-RS retrieve throughput
+next to reading the same files from disk, measured in one run.
+
+    python benchmarks/dicomweb_bench.py --files 10000 --json benchmarks/results/dicomweb-$(date +%F).json
+
+The table is built from a corpus of real files (make_corpus.py) by the job's own header code
+(extract_meta's per-file function, no Spark) and written with delta-rs. The service runs as
+`RUNME.py serve` in its own process; requests come one at a time from this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+
+def build_table(corpus: Path, warehouse: Path) -> int:
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    from dicom_lakehouse.listing import list_files
+    from dicom_lakehouse.pipeline import meta_batches
+
+    conf = {"zip": {"max_members": 100000, "max_total_bytes": 2**36, "max_ratio": 1000}, "listing": {}}
+    files = list_files(None, str(corpus), conf, "bench")
+    batches = list(meta_batches(1024, 256 * 2**20)(files.to_batches(max_chunksize=500)))
+    table = pa.Table.from_batches(batches)
+    n = table.num_rows
+    table = table.append_column("thumbnail", pa.nulls(n, pa.binary()))
+    write_deltalake(str(warehouse / "bench" / "web" / "catalog"), table, mode="overwrite")
+    return n
+
+
+def percentile(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(p / 100 * len(xs) + 0.5) - 1))]
+
+
+def queries(base: str) -> dict[str, list[str]]:
+    """Query kinds, each with concrete URLs built from the catalog's own values."""
+    studies = requests.get(f"{base}/studies", params={"limit": "200"}, timeout=60).json()
+    some = studies[:: max(1, len(studies) // 20)][:20]
+    uid = lambda s, t: s[t]["Value"][0] if s.get(t, {}).get("Value") else ""  # noqa: E731
+    pid = [uid(s, "00100020") for s in some if uid(s, "00100020")]
+    names = [s["00100010"]["Value"][0]["Alphabetic"] for s in some if s.get("00100010", {}).get("Value")]
+    out = {
+        "all studies, limit 100": [f"{base}/studies?limit=100"],
+        "studies by PatientID": [f"{base}/studies?PatientID={p}" for p in pid],
+        "studies by PatientName wildcard": [f"{base}/studies?PatientName={n[:4]}*" for n in names],
+        "studies by StudyDate range": [f"{base}/studies?StudyDate=20000101-20101231&limit=100"],
+        "series of a study": [f"{base}/studies/{uid(s, '0020000D')}/series" for s in some],
+        "instances of a study": [f"{base}/studies/{uid(s, '0020000D')}/instances" for s in some],
+        "all series with Modality=CT, limit 100": [f"{base}/series?Modality=CT&limit=100"],
+        "instances, includefield=all, limit 10": [f"{base}/instances?includefield=all&limit=10"],
+    }
+    return {k: v for k, v in out.items() if v}
+
+
+def qido(base: str, rounds: int) -> dict:
+    kinds = queries(base)
+    lat = {k: [] for k in kinds}
+    for _ in range(rounds):
+        for k, urls in kinds.items():
+            for u in urls:
+                t = time.perf_counter()
+                r = requests.get(u, headers={"Accept": "application/dicom+json"}, timeout=60)
+                lat[k].append((time.perf_counter() - t) * 1000)
+                assert r.status_code in (200, 204), (u, r.status_code, r.text[:200])
+    every = [x for v in lat.values() for x in v]
+    return {"requests": len(every), "p50_ms": round(statistics.median(every), 2),
+            "p95_ms": round(percentile(every, 95), 2), "max_ms": round(max(every), 2),
+            "by_kind": {k: {"n": len(v), "p50_ms": round(statistics.median(v), 2),
+                            "p95_ms": round(percentile(v, 95), 2)} for k, v in lat.items()}}
+
+
+def retrieve(base: str, warehouse: Path, studies: int) -> dict:
+    from deltalake import DeltaTable
+
+    t = DeltaTable(str(warehouse / "bench" / "web" / "catalog")).to_pyarrow_dataset().to_table(
+        columns=["path", "study_instance_uid", "status", "length"], use_threads=False).to_pylist()
+    by_study: dict[str, list] = {}
+    for r in t:
+        if r["study_instance_uid"] and r["status"].startswith("ok"):
+            by_study.setdefault(r["study_instance_uid"], []).append(r)
+    chosen = sorted(by_study, key=lambda s: -sum(r["length"] for r in by_study[s]))[:studies]
+    paths = sorted({r["path"].removeprefix("file:") for s in chosen for r in by_study[s]})
+    nbytes = sum(os.path.getsize(p) for p in paths)
+
+    def read_disk():
+        for p in paths:
+            with open(p, "rb") as f:
+                while f.read(1 << 20):
+                    pass
+
+    read_disk()  # page cache warm for both
+    t0 = time.perf_counter()
+    read_disk()
+    disk_s = time.perf_counter() - t0
+    got = 0
+    t0 = time.perf_counter()
+    for s in chosen:
+        with requests.get(f"{base}/studies/{s}", stream=True, timeout=600,
+                          headers={"Accept": 'multipart/related; type="application/dicom"'}) as r:
+            assert r.status_code == 200, r.status_code
+            for piece in r.iter_content(1 << 20):
+                got += len(piece)
+    wado_s = time.perf_counter() - t0
+    assert got >= nbytes
+    return {"studies": len(chosen), "files": len(paths), "mb": round(nbytes / 2**20, 1),
+            "disk_mb_s": round(nbytes / 2**20 / disk_s, 1), "wado_mb_s": round(nbytes / 2**20 / wado_s, 1),
+            "wado_vs_disk": round(disk_s / wado_s, 2)}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--files", type=int, default=10_000)
+    ap.add_argument("--corpus", type=Path, default=None)
+    ap.add_argument("--rounds", type=int, default=5, help="times each query is asked")
+    ap.add_argument("--studies", type=int, default=20, help="largest studies retrieved")
+    ap.add_argument("--json", type=Path, default=None)
+    a = ap.parse_args(argv)
+    corpus = a.corpus or HERE / "corpus" / str(a.files)
+    if not corpus.exists() or not any(corpus.iterdir()):
+        from make_corpus import build
+
+        print(f"building corpus of {a.files} files in {corpus}", file=sys.stderr)
+        build(a.files, corpus)
+    res = {"date": dt.date.today().isoformat(), "cores": os.cpu_count(), "corpus": str(corpus)}
+    with tempfile.TemporaryDirectory() as tmp:
+        wh = Path(tmp)
+        t0 = time.perf_counter()
+        res["rows"] = build_table(corpus, wh)
+        res["table_build_s"] = round(time.perf_counter() - t0, 1)
+        print(f"table of {res['rows']} rows in {res['table_build_s']} s", file=sys.stderr)
+        t0 = time.perf_counter()
+        p = subprocess.Popen([sys.executable, str(ROOT / "RUNME.py"), "--warehouse", str(wh), "serve",
+                              "--table", "bench.web.catalog", "--port", "0"], stderr=subprocess.PIPE, text=True)
+        try:
+            line = ""
+            while "DICOMweb for" not in line:
+                line = p.stderr.readline()
+                if not line:
+                    raise RuntimeError("serve ended before it listened")
+            res["serve_start_s"] = round(time.perf_counter() - t0, 2)
+            base = re.search(r"at (http://\S+/dicomweb)", line).group(1)
+            res["qido"] = qido(base, a.rounds)
+            print(f"QIDO: {res['qido']['requests']} requests, p50 {res['qido']['p50_ms']} ms, "
+                  f"p95 {res['qido']['p95_ms']} ms", file=sys.stderr)
+            res["retrieve"] = retrieve(base, wh, a.studies)
+            print(f"retrieve: {res['retrieve']}", file=sys.stderr)
+        finally:
+            p.terminate()
+            res["serve_exit"] = p.wait(timeout=30)
+    out = a.json or HERE / "results" / f"dicomweb-{res['date']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    print(json.dumps(res, indent=2))
+    print(f"\nfigures in {out}")
+
+
+if __name__ == "__main__":
+    main()
