@@ -4,6 +4,7 @@ on a table built by the job's steps from pydicom's test files (one of them insid
 from __future__ import annotations
 
 import io
+import json
 import re
 import shutil
 import subprocess
@@ -296,3 +297,42 @@ def test_serve_command_starts_answers_and_stops_cleanly(served):
     finally:
         p.send_signal(signal.SIGTERM)
         assert p.wait(timeout=30) == 0
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+def test_ohif_viewer_lists_the_studies_and_shows_an_image(served):
+    """OHIF's released viewer (from npm, fetched by .ci/run), served with the service and pointed at
+    it: its study list shows every patient, and its viewer draws the CT image."""
+    from dicom_lakehouse.ohif import fetch
+
+    if shutil.which("npm") is None and not (Path.home() / ".cache" / "dicom-lakehouse" / "ohif").exists():
+        pytest.skip("npm is not installed and OHIF's viewer is not cached (.ci/run fetches it)")
+    server, url = None, None
+    server = make_server("main.pixels.object_catalog", str(served["wh"]), port=0, viewer=fetch())
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    profile = ["--user-data-dir=" + str(served["tmp"] / "chrome-ohif")]
+    try:
+        dom = subprocess.run([CHROMIUM, *FLAGS, *profile, "--virtual-time-budget=20000", "--dump-dom", url + "/"],
+                             capture_output=True, text=True, timeout=180).stdout
+        names = {json.loads(r["meta"])["00100010"]["Value"][0]["Alphabetic"] for r in served["rows"]
+                 if "Value" in json.loads(r["meta"]).get("00100010", {})}
+        # OHIF writes "Family, Given ..."; every patient's family name is on the list
+        shown = {n for n in names if f">{n.split('^')[0]}" in dom}
+        assert "CompressedSamples, CT1" in dom and shown == names, names - shown
+        ct = next(r for r in served["rows"] if r["relative_path"] == "CT_small.dcm")
+        out = Path(__file__).resolve().parent.parent / "build" / "test-artifacts"
+        out.mkdir(parents=True, exist_ok=True)
+        shot = out / "ohif-viewer.png"
+        shot.unlink(missing_ok=True)
+        subprocess.run([CHROMIUM, *[f for f in FLAGS if f != "--disable-gpu"], *profile, "--enable-unsafe-swiftshader",
+                        "--window-size=1280,900", "--virtual-time-budget=30000", f"--screenshot={shot}",
+                        f"{url}/viewer?StudyInstanceUIDs={ct['study_instance_uid']}"], capture_output=True, timeout=240)
+        img = np.asarray(Image.open(shot).convert("L"), dtype=float)
+        viewport = img[150:750, 400:1150]  # the image area, right of the study panel
+        # the CT slice: bright bone and dark air, not an empty black viewport
+        assert viewport.std() > 30 and (viewport > 180).mean() > 0.02 and (viewport < 40).mean() > 0.02, \
+            (viewport.mean(), viewport.std())
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -254,8 +254,9 @@ def gallery(ctx, table_name, where, limit, out):
               help="Published table (three-part name).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
 @click.option("--port", default=8042, show_default=True, help="Port; the service is at http://HOST:PORT/dicomweb.")
+@click.option("--viewer", is_flag=True, help="Also serve OHIF's viewer at / (fetched once from npm into the cache).")
 @click.pass_context
-def serve(ctx, table_name, host, port):
+def serve(ctx, table_name, host, port, viewer):
     """Serve the published table over DICOMweb (QIDO-RS, WADO-RS, rendered, thumbnail).
 
     Set DICOM_LAKEHOUSE_DICOMWEB_TOKEN to require that bearer token on every DICOMweb request."""
@@ -267,12 +268,19 @@ def serve(ctx, table_name, host, port):
     conf = load_conf(ctx.obj.get("target") or "local")
     token = token_from_env()
     try:
-        server = make_server(table_name, str(warehouse_dir(conf, ctx.obj.get("warehouse"))), host, port, token)
-    except (ValueError, OSError) as e:
+        ohif = None
+        if viewer:
+            from .ohif import fetch
+
+            ohif = fetch()
+        server = make_server(table_name, str(warehouse_dir(conf, ctx.obj.get("warehouse"))), host, port, token, ohif)
+    except (ValueError, OSError, RuntimeError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     h, p = server.server_address[:2]
-    click.echo(f"DICOMweb for {table_name} at http://{h}:{p}/dicomweb (study list at http://{h}:{p}/); "
+    page = f"OHIF viewer at http://{h}:{p}/, study list at http://{h}:{p}/studies.html" if viewer else \
+        f"study list at http://{h}:{p}/"
+    click.echo(f"DICOMweb for {table_name} at http://{h}:{p}/dicomweb ({page}); "
                f"{'bearer token from ' + TOKEN_ENV if token else 'no token'}; Ctrl-C stops", err=True)
     import signal
 

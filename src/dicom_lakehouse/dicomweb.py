@@ -132,7 +132,13 @@ def _accepts(header: str, *types: str) -> str | None:
     return None
 
 
-def make_handler(catalog: Catalog, token: str | None):
+STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", ".css": "text/css",
+                ".json": "application/json", ".wasm": "application/wasm", ".png": "image/png", ".ico": "image/x-icon",
+                ".svg": "image/svg+xml", ".woff2": "font/woff2", ".woff": "font/woff", ".map": "application/json",
+                ".txt": "text/plain"}
+
+
+def make_handler(catalog: Catalog, token: str | None, viewer: Path | None = None):
     from .sources import open_source
 
     class Handler(BaseHTTPRequestHandler):
@@ -186,8 +192,10 @@ def make_handler(catalog: Catalog, token: str | None):
 
         def _dispatch(self):
             url = urlsplit(self.path)
-            if url.path in ("/", "/index.html"):
+            if url.path == "/studies.html" or (viewer is None and url.path in ("/", "/index.html")):
                 return self._send(200, PAGE.encode(), "text/html; charset=utf-8")
+            if viewer is not None and not url.path.startswith(ROOT + "/") and url.path != ROOT:
+                return self._static(url.path)
             if not self._authorized():
                 return self._send(401, _error_body("a valid bearer token is required"), DICOM_JSON,
                                   {"WWW-Authenticate": 'Bearer realm="dicomweb"'})
@@ -197,6 +205,17 @@ def make_handler(catalog: Catalog, token: str | None):
                 if m:
                     return getattr(self, name)(catalog.refresh(), params, **m.groupdict())
             raise HttpError(404, "no such DICOMweb resource")
+
+        def _static(self, path: str):
+            """OHIF's files; its app-config.js made here; index.html for the viewer's own routes."""
+            from .ohif import app_config
+
+            if path == "/app-config.js":
+                return self._send(200, app_config(self._base()).encode(), "text/javascript")
+            target = (viewer / path.lstrip("/")).resolve()
+            if not target.is_relative_to(viewer) or not target.is_file():
+                target = viewer / "index.html"
+            self._send(200, target.read_bytes(), STATIC_TYPES.get(target.suffix, "application/octet-stream"))
 
         def _base(self) -> str:
             port = self.server.server_address[1]
@@ -354,9 +373,9 @@ def table_location(table: str, warehouse: str) -> str:
 
 
 def make_server(table: str, warehouse: str, host: str = "127.0.0.1", port: int = 8042,
-                token: str | None = None) -> ThreadingHTTPServer:
+                token: str | None = None, viewer: Path | None = None) -> ThreadingHTTPServer:
     catalog = Catalog(table_location(table, warehouse))
-    server = ThreadingHTTPServer((host, port), make_handler(catalog, token))
+    server = ThreadingHTTPServer((host, port), make_handler(catalog, token, viewer.resolve() if viewer else None))
     server.daemon_threads = True
     server.catalog = catalog
     return server
