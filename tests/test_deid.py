@@ -318,3 +318,33 @@ def test_hostile_corpus_through_the_step_functions(tmp_path):
     assert not [r for r in rows if r["status"] != "ok" and not r["path"].startswith("urn:dicom-lakehouse:not-copied:")]
     assert sorted(str(p) for p in out.rglob("*.dcm")) == sorted(r["path"] for r in copied)
     assert not list(out.rglob("*.tmp"))
+
+
+def test_key_from_a_databricks_secret_scope(monkeypatch):
+    """On Databricks the key comes from dbutils.secrets (a stand-in module here: the workspace's secret
+    API cannot be reached); the environment variable wins when both are set."""
+    import types
+
+    calls = []
+
+    class Secrets:
+        def get(self, scope, key):
+            calls.append((scope, key))
+            if (scope, key) != ("dicom-lakehouse", "deid-key"):
+                raise RuntimeError("Secret does not exist")
+            return KEY
+
+    class DBUtils:
+        def __init__(self, spark):
+            self.secrets = Secrets()
+
+    monkeypatch.setitem(sys.modules, "pyspark.dbutils", types.SimpleNamespace(DBUtils=DBUtils))
+    conf = {"deid": {"secret_scope": "dicom-lakehouse", "secret_key": "deid-key"}}
+    p = resolve_key(conf, spark=object(), environ={})
+    assert calls == [("dicom-lakehouse", "deid-key")] and p.uid("1.2.3") == Pseudonyms(KEY).uid("1.2.3")
+    with pytest.raises(DeidError, match="secret scope 'other', key 'deid-key'.*put-secret other deid-key"):
+        resolve_key({"deid": {"secret_scope": "other", "secret_key": "deid-key"}}, spark=object(), environ={})
+    other = "env-key-of-enough-length-0000000"
+    assert resolve_key(conf, spark=object(), environ={"DICOM_LAKEHOUSE_DEID_KEY": other}).uid("1.2.3") == \
+        Pseudonyms(other).uid("1.2.3")
+    assert len(calls) == 2
