@@ -57,8 +57,11 @@ def test_demo_command_then_overwrite_again(tmp_path):
     assert "Spark Connect server for this run at sc://localhost:" in r.stdout
     second = ROOT / "build" / "local" / "runs" / r.stdout.split("run ")[1].split(":")[0]
     assert (second / "connect-server.log").is_file()
-    assert all(json.loads(rec_line)["engine"] == "spark" for f in second.glob("*.1.log")
-               for rec_line in [_result_line(f)])
+    results = {f.name: json.loads(_result_line(f)) for f in second.glob("*.1.log")}
+    assert results.pop("deidentify.1.log") == {"deid": "none", "errors": 0, "files_in": 0, "rows_out": 0,
+                                                "run_id": results["catalog.1.log"]["run_id"], "seconds": 0.0,
+                                                "step": "deidentify"}  # deid none: no session, no work
+    assert len(results) == 4 and all(r["engine"] == "spark" for r in results.values())
     # no patient identifier in any log of either run (Delta logs column statistics in places)
     phi = {x for row in rows.values() for x in (row["patient_id"], _name(row["meta"])) if x and len(x) >= 4}
     assert "CompressedSamples^CT1" in phi
