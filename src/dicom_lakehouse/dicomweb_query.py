@@ -264,6 +264,7 @@ def search(index: Index, level: str, q: Query, study: str | None = None, series:
            base_url: str = "") -> list[dict]:
     """Matching studies, series or instances as DICOM JSON objects, in a stable order."""
     out = []
+    enough = q.offset + q.limit if q.limit is not None else None  # matches beyond the page are not built
     if level == "study":
         for s in sorted(index.studies.values(), key=lambda s: s.uid):
             if _match(s.attrs, q.filters):
@@ -282,6 +283,8 @@ def search(index: Index, level: str, q: Query, study: str | None = None, series:
                 if series and se.uid != series:
                     continue
                 for inst in se.instances:
+                    if enough is not None and len(out) >= enough:
+                        break
                     attrs = {**st.attrs, **se.attrs, **inst.attrs}
                     if _match(attrs, q.filters):
                         out.append((attrs, inst, f"{base_url}/studies/{st.uid}/series/{se.uid}/instances/{inst.sop}"))
