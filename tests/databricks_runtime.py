@@ -13,6 +13,24 @@ import runpy
 import sys
 
 
+def _install_dbutils(secrets: dict) -> None:
+    """`pyspark.dbutils.DBUtils(spark).secrets.get(scope, key)`, as a runtime has it, answering from the
+    spec's secrets ('scope/key' -> value): the workspace's secret store cannot be reached here."""
+    import types
+
+    class _Secrets:
+        def get(self, scope, key):
+            if f"{scope}/{key}" not in secrets:
+                raise RuntimeError(f"Secret does not exist with scope: {scope} and key: {key}")
+            return secrets[f"{scope}/{key}"]
+
+    class DBUtils:
+        def __init__(self, spark):
+            self.secrets = _Secrets()
+
+    sys.modules["pyspark.dbutils"] = types.SimpleNamespace(DBUtils=DBUtils)
+
+
 def main(spec_path: str) -> int:
     with open(spec_path) as f:
         spec = json.load(f)
@@ -27,6 +45,7 @@ def main(spec_path: str) -> int:
              .config("spark.ui.enabled", "false")
              .getOrCreate())
     spark.sparkContext.setLogLevel("ERROR")
+    _install_dbutils(spec.get("secrets") or {})
     import dicom_lakehouse.taskmain
 
     report = {"library": dicom_lakehouse.taskmain.__file__, "sys_path": list(sys.path), "tasks": []}
@@ -51,6 +70,8 @@ def main(spec_path: str) -> int:
         import pyarrow.parquet as pq
 
         pq.write_table(spark.table(table).toArrow(), spec["out"])
+        if spark.catalog.tableExists(f"{table}_deid"):
+            report["deid"] = [r.asDict() for r in spark.table(f"{table}_deid").select("path", "status").collect()]
         for suffix in ("studies", "series"):
             name = f"{table}_{suffix}"
             kind = spark.sql(f"DESCRIBE TABLE EXTENDED {name}").filter("col_name = 'Type'").first()

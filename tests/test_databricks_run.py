@@ -35,6 +35,7 @@ pytestmark = pytest.mark.e2e
 RUNTIME = ["pyspark==4.2.0", "pandas>=2.2,<3", "pyarrow>=16,<27", "numpy>=1.26,<3"]
 NOT_IN_WHEEL = ("pyspark", "delta-spark", "databricks-sdk", "deltalake")
 IGNORE = ("run_id", "ingested_at")
+DEID_KEY = "secret-scope-key-" + "9c" * 16
 
 
 def _pip(py: Path, *args: str) -> None:
@@ -105,8 +106,10 @@ def test_job_runs_as_on_databricks_and_equals_a_local_run(deployed, tmp_path, sa
     files, wheel, py = deployed
     resolved = resolve("dev", root=ROOT, file_path=str(files))
     settings = resolved.jobs["dicom_lakehouse"]
+    # de-identification on, its key from the dev target's secret scope (conf deid.secret_scope/secret_key)
     values = job_parameters(settings, {"path": str(sample_dir), "catalog": "spark_catalog",
-                                       "schema": "pixels_dev", "mode": "overwrite"}, ROOT)
+                                       "schema": "pixels_dev", "mode": "overwrite", "deid": "basic",
+                                       "deid_path": str(tmp_path / "deid")}, ROOT)
     tasks = []
     for t in task_order(settings):
         assert glob.glob(t["libraries"][0]["whl"]) == [wheel]  # the job's library is the built wheel
@@ -114,7 +117,8 @@ def test_job_runs_as_on_databricks_and_equals_a_local_run(deployed, tmp_path, sa
                       "argv": task_argv(t, values, "987654")})
     table = "spark_catalog.pixels_dev.object_catalog"
     spec = {"jars": fetch(coordinate()), "spark_warehouse": str(tmp_path / "uc"), "tasks": tasks,
-            "table": table, "out": str(tmp_path / "published.parquet"), "report": str(tmp_path / "report.json")}
+            "table": table, "out": str(tmp_path / "published.parquet"), "report": str(tmp_path / "report.json"),
+            "secrets": {"dicom-lakehouse/deid-key": DEID_KEY}}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     harness = tmp_path / "driver" / "databricks_runtime.py"
     harness.parent.mkdir()
@@ -138,6 +142,11 @@ def test_job_runs_as_on_databricks_and_equals_a_local_run(deployed, tmp_path, sa
     meta = json.loads(report["history"][0]["userMetadata"])
     assert (meta["dicom_lakehouse.run_id"], meta["dicom_lakehouse.step"]) == ("987654", "publish")
     assert "catalog: run 987654 on" in r.stderr and "publish done: files in 13, rows out 13, errors 0" in r.stderr
+    # deidentify ran from the wheel with the key from the secret scope: 7 copies, 13 rows, no key in the log
+    assert "deidentify: 13 files in, 7 copied" in r.stderr and DEID_KEY not in r.stderr + r.stdout
+    assert sorted(x["status"] for x in report["deid"]).count("ok") == 7 and len(report["deid"]) == 13
+    assert sorted(f"file:{p}" for p in (tmp_path / "deid").rglob("*.dcm")) == sorted(
+        x["path"] for x in report["deid"] if x["status"] == "ok")
     # the same files, run locally in-process
     p = validate({"path": str(sample_dir), "catalog": "main", "schema": "pixels", "table": "object_catalog",
                   "mode": "overwrite", "run_id": "local1"})
