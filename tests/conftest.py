@@ -57,6 +57,21 @@ def sample_dir(tmp_path) -> Path:
     return tmp_path / "sample"
 
 
+def publish_in_process(spark, conf, src: Path, wh: Path, run_id: str) -> Path:
+    """main.pixels.object_catalog from `src`, the four steps in this session on delta-rs: a table for
+    tests of what reads it (gallery, DICOMweb). Returns the table's folder."""
+    from dicom_lakehouse.params import validate
+    from dicom_lakehouse.pipeline import STEP_FUNCS
+    from dicom_lakehouse.tables import DeltaRsStore
+
+    store = DeltaRsStore(spark, wh)
+    p = validate({"path": str(src), "catalog": "main", "schema": "pixels", "table": "object_catalog",
+                  "mode": "overwrite", "run_id": run_id})
+    for step in ("catalog", "extract_meta", "thumbnail", "publish"):
+        STEP_FUNCS[step](spark, store, p, conf)
+    return wh / "main" / "pixels" / "object_catalog"
+
+
 def copy_dicom_files(dest: Path, names: list[str]) -> list[Path]:
     dest.mkdir(parents=True, exist_ok=True)
     out = []

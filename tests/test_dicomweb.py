@@ -16,7 +16,7 @@ import numpy as np
 import pydicom
 import pytest
 import requests
-from conftest import copy_dicom_files, dicom_file
+from conftest import copy_dicom_files, dicom_file, publish_in_process
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 
@@ -41,10 +41,6 @@ def _serve(wh: Path, token: str | None = None):
 
 @pytest.fixture(scope="module")
 def served(spark, conf, tmp_path_factory):
-    from dicom_lakehouse.params import validate
-    from dicom_lakehouse.pipeline import STEP_FUNCS
-    from dicom_lakehouse.tables import DeltaRsStore
-
     tmp = tmp_path_factory.mktemp("dicomweb")
     src = tmp / "src"
     copy_dicom_files(src, FILES)
@@ -55,12 +51,7 @@ def served(spark, conf, tmp_path_factory):
     with zipfile.ZipFile(src / "archive.zip", "w") as z:
         z.write(dicom_file("rtstruct.dcm"), "inner/rtstruct.dcm")
     wh = tmp / "wh"
-    store = DeltaRsStore(spark, wh)
-    p = validate({"path": str(src), "catalog": "main", "schema": "pixels", "table": "object_catalog",
-                  "mode": "overwrite", "run_id": "web1"})
-    for step in ("catalog", "extract_meta", "thumbnail", "publish"):
-        STEP_FUNCS[step](spark, store, p, conf)
-    rows = [r for r in read_delta(str(wh / "main" / "pixels" / "object_catalog")).to_pylist()
+    rows = [r for r in read_delta(str(publish_in_process(spark, conf, src, wh, "web1"))).to_pylist()
             if r["sop_instance_uid"] and r["status"].startswith("ok")]
     server, url = _serve(wh)
     yield {"url": url, "rows": rows, "wh": wh, "client": DICOMwebClient(url + "/dicomweb"), "tmp": tmp}

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, publish_in_process
 from PIL import Image
 
 from dicom_lakehouse.gallery import card, write_gallery
@@ -26,16 +26,8 @@ def test_card_escapes_text():
 @pytest.mark.e2e
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
 def test_gallery_images_load_in_a_browser(tmp_path, sample_dir, spark, conf):
-    from dicom_lakehouse.params import validate
-    from dicom_lakehouse.pipeline import STEP_FUNCS
-    from dicom_lakehouse.tables import DeltaRsStore
-
     wh = tmp_path / "wh"
-    store = DeltaRsStore(spark, wh)
-    p = validate({"path": str(sample_dir), "catalog": "main", "schema": "pixels", "table": "object_catalog",
-                  "mode": "overwrite", "run_id": "g1"})
-    for step in ("catalog", "extract_meta", "thumbnail", "publish"):
-        STEP_FUNCS[step](spark, store, p, conf)
+    publish_in_process(spark, conf, sample_dir, wh, "g1")
     out = tmp_path / "gallery.html"
     r = subprocess.run([sys.executable, str(ROOT / "RUNME.py"), "--warehouse", str(wh), "gallery", "--out", str(out),
                         "--where", "thumbnail_status = 'ok'"], capture_output=True, text=True, timeout=300, cwd=ROOT)
