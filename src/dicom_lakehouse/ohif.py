@@ -43,7 +43,8 @@ def fetch() -> Path:
         (tgz,) = Path(tmp).glob("*.tgz")
         with tarfile.open(tgz) as tar:
             members = [m for m in tar.getmembers() if m.name.startswith("package/dist/") and (m.isfile() or m.isdir())]
-            tar.extractall(tmp, members=members, filter="data")
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.11.4
+            tar.extractall(tmp, members=[m for m in members if ".." not in Path(m.name).parts], **safe)
         target.mkdir(parents=True, exist_ok=True)
         partial = target / "dist.partial"
         shutil.rmtree(partial, ignore_errors=True)
