@@ -301,7 +301,7 @@ def _clean(ds: Dataset, ctx: _Context) -> None:
             continue
         if ctx.shift is not None and elem.VR == "TM":
             continue  # times of day stay with the dates option; the dates are shifted
-        if code.startswith("X") and code not in ("X/Z", "X/D", "X/Z/D", "X/Z/U*"):
+        if code == "X":
             del ds[tag]
         elif code in ("Z", "X/Z", "X/Z/U*"):
             _empty(elem)

@@ -310,7 +310,7 @@ def deid_batches(pseudo, options, out_root: str, threshold: int, max_inflated: i
             cols = {c: b.column(c).to_pylist() for c in ("path", "status", "file_key", "run_id")}
             rows = {n: [] for n in names}
             for i, path in enumerate(cols["path"]):
-                token = pseudo.token("path", path, 32)
+                not_copied = f"urn:dicom-lakehouse:not-copied:{pseudo.token('path', path, 32)}"
                 if cols["status"][i] not in OK:
                     status, error = cols["status"][i], f"not de-identified: the file's status is {cols['status'][i]}"
                     res = None
@@ -321,7 +321,7 @@ def deid_batches(pseudo, options, out_root: str, threshold: int, max_inflated: i
                     except Exception as e:  # noqa: BLE001
                         res = DeidResult("error", f"cannot open: {type(e).__name__}")
                     status, error = res.status, res.error
-                header, new_path, rel = None, f"urn:dicom-lakehouse:not-copied:{token}", None
+                header, new_path, rel = None, not_copied, None
                 if res is not None and res.status == "ok":
                     rel = output_name(pseudo, res, path)
                     new_path = f"{out_root}/{rel}"
@@ -329,8 +329,8 @@ def deid_batches(pseudo, options, out_root: str, threshold: int, max_inflated: i
                         write_file(new_path, res.data)
                         header = extract_header(io.BytesIO(res.data), new_path, threshold, max_inflated)
                     except OSError as e:
-                        status, error, new_path, rel = "error", f"cannot write the copy: {e.strerror or type(e).__name__}", \
-                            f"urn:dicom-lakehouse:not-copied:{token}", None
+                        status, error = "error", f"cannot write the copy: {e.strerror or type(e).__name__}"
+                        new_path, rel = not_copied, None
                 row = {"path": new_path, "relative_path": rel, "archive_path": None,
                        "extension": "dcm" if rel else "", "length": len(res.data) if rel else None,
                        "modification_time": None, "path_tags": rel.split("/")[:-1] if rel else [],
