@@ -10,7 +10,8 @@ import pytest
 from pydicom.data import get_testdata_file
 
 ROOT = Path(__file__).resolve().parent.parent
-SCHEMA = ROOT.parent / "shared" / "schemas" / "databricks-bundle.schema.json"
+# The Databricks CLI's `bundle schema`, committed (tests/test_databricks_cli.py checks it is the pinned CLI's).
+SCHEMA = ROOT / "schemas" / "databricks-bundle.schema.json"
 
 
 def dicom_file(name: str) -> str:

@@ -1,5 +1,6 @@
 """RUNME's Databricks path through the real WorkspaceClient against a stand-in on 127.0.0.1."""
 
+import json
 import subprocess
 import sys
 
@@ -161,3 +162,52 @@ def test_a_secret_is_masked_by_value_whatever_its_source(tmp_path, source):
         assert "[thumbnail] error: thumbnail failed: OSError: No space left on device token=***" in r.stdout
         assert "    log line 99 token=***" in r.stdout
         assert secret not in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("cloud, node, ok", [("AZURE", "i3.xlarge", False), ("AWS", "i3.xlarge", True),
+                                             ("AZURE", "Standard_D4ds_v5", True), ("GCP", "Standard_D4ds_v5", False)])
+def test_a_node_type_of_another_cloud_is_refused_before_deploying(tmp_path, cloud, node, ok):
+    with StandIn(token=TOKEN, cloud=cloud) as s:
+        r = runme(s, "--var", f"node_type_id={node}", tmp_path=tmp_path)
+        if ok:
+            assert r.returncode == 0, r.stdout + r.stderr
+            assert len(s.jobs) == 1
+        else:
+            assert r.returncode == 2
+            assert f"node_type_id '{node}' is a" in r.stdout and f"workspace runs on {cloud}" in r.stdout
+            assert s.jobs == {} and s.files == {} and s.schemas == {}
+
+
+def test_prod_creates_its_schema_and_volume_and_sets_permissions(tmp_path):
+    with StandIn(token=TOKEN) as s:
+        s.schemas["main.pixels"] = {"catalog_name": "main", "name": "pixels", "full_name": "main.pixels"}
+        r = subprocess.run([sys.executable, str(ROOT / "RUNME.py"), "--target", "prod"], capture_output=True,
+                           text=True, timeout=300, cwd=ROOT,
+                           env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "DATABRICKS_HOST": s.host,
+                                "DATABRICKS_TOKEN": TOKEN})
+        assert r.returncode == 0, r.stdout + r.stderr
+        # the existing schema is kept as it is; the missing volume is created in it
+        assert "schema main.pixels created" not in r.stdout and "volume main.pixels.dicom created" in r.stdout
+        assert s.volumes["main.pixels.dicom"]["volume_type"] == "MANAGED"
+        (job_id, settings), = s.jobs.items()
+        assert settings["run_as"] == {"user_name": "ana@example.com"}
+        assert s.permissions[f"jobs/{job_id}"] == [
+            {"user_name": "ana@example.com", "permission_level": "IS_OWNER"},
+            {"group_name": "admins", "permission_level": "CAN_MANAGE"},
+            {"group_name": "users", "permission_level": "CAN_VIEW"}]
+        root = "/Workspace/Users/ana@example.com/.bundle/dicom-lakehouse/prod"
+        meta = json.loads(s.files[f"{root}/state/metadata.json"])
+        assert meta["config"]["resources"]["jobs"]["dicom_lakehouse"] == {
+            "id": str(job_id), "relative_path": "jobs/dicom_lakehouse.job.yml"}
+        assert settings["deployment"] == {"kind": "BUNDLE", "metadata_file_path": f"{root}/state/metadata.json"}
+
+
+def test_a_job_deleted_in_the_workspace_is_deployed_anew(tmp_path):
+    with StandIn(token=TOKEN) as s:
+        assert runme(s, tmp_path=tmp_path).returncode == 0
+        (first,) = s.jobs
+        del s.jobs[first]
+        r = runme(s, tmp_path=tmp_path)
+        assert r.returncode == 0, r.stdout + r.stderr
+        (second,) = s.jobs
+        assert second != first and f"created: {s.host}/jobs/{second}" in r.stdout

@@ -31,7 +31,11 @@ class BundleError(ValueError):
 class Bundle:
     root: Path
     doc: dict
-    job_dirs: dict = field(default_factory=dict)  # job key -> folder of the file that defines it
+    job_files: dict = field(default_factory=dict)  # job key -> the file that defines it
+
+    @property
+    def job_dirs(self) -> dict:
+        return {k: f.parent for k, f in self.job_files.items()}
 
     @property
     def name(self) -> str:
@@ -68,15 +72,15 @@ def load_bundle(root: str | Path | None = None) -> Bundle:
     if not main.exists():
         raise BundleError(f"{main} not found")
     doc = _read_yaml(main)
-    job_dirs = {}
+    job_files = {}
     for f in included_files(root, doc):
         part = _read_yaml(f)
         for key in ((part.get("resources") or {}).get("jobs") or {}):
-            job_dirs[key] = f.parent
+            job_files[key] = f
         doc = deep_merge(doc, part)
     for key in ((doc.get("resources") or {}).get("jobs") or {}):
-        job_dirs.setdefault(key, root)
-    return Bundle(root, doc, job_dirs)
+        job_files.setdefault(key, main)
+    return Bundle(root, doc, job_files)
 
 
 def merged_document(root: str | Path | None = None) -> dict:
@@ -104,31 +108,60 @@ def schema_errors(doc: dict, schema_path: str | Path) -> list[str]:
             for e in cls(schema).iter_errors(doc)]
 
 
+def normalize_name(text: str) -> str:
+    """The Databricks CLI's textutil.NormalizeString: lower case, every run of characters that are
+    not letters or digits made one '_', no '_' at either end."""
+    out = "".join(c if c.isalpha() or c.isdecimal() else "_" for c in text.lower())
+    return re.sub(r"_+", "_", out).strip("_")
+
+
 def short_user_name(user: str) -> str:
-    """The Databricks CLI's short name: the part before '@', every character that is not a letter or a
-    digit made '_' (ana.maria@example.com -> ana_maria), as in its development-mode prefix."""
-    local = user.split("@", 1)[0]
-    return "".join(c if c.isalnum() else "_" for c in local)
+    """The CLI's `workspace.current_user.short_name`: the normalised part before '@'
+    (ana.maria@example.com -> ana_maria)."""
+    return normalize_name(user.split("@", 1)[0])
 
 
-def _substitute(value, ctx: dict, key: str | None = None):
-    if isinstance(value, dict):
-        return {k: _substitute(v, ctx, k) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_substitute(v, ctx, key) for v in value]
-    if not isinstance(value, str):
-        return value
+def dev_prefix(short_name: str) -> tuple[str, str]:
+    """Development mode's name prefixes, as the CLI makes them: '[dev ana_maria] ' for jobs and
+    'dev_ana_maria_' for Unity Catalog schemas."""
+    prefix = f"[dev {short_name}] "
+    return prefix, normalize_name(prefix.replace("[", "").strip()) + "_"
 
-    def one(m):
-        name = m.group(1)
-        if name not in ctx:
+
+class _Refs:
+    """`${...}` references, resolved on demand so that variables, resources and workspace paths may
+    refer to one another in any order; a cycle or an unknown name is an error that names it."""
+
+    def __init__(self, raw: dict):
+        self.raw, self.done = raw, {}
+
+    def get(self, name: str, chain: tuple = ()):
+        if name in self.done:
+            return self.done[name]
+        if name not in self.raw:
             raise BundleError(f"unknown reference ${{{name}}} in the bundle")
-        return str(ctx[name])
+        if name in chain:
+            raise BundleError(f"reference cycle: {' -> '.join((*chain, name))}")
+        v = self.raw[name]
+        v = v(lambda x: self.sub(x, (*chain, name))) if callable(v) else self.sub(v, (*chain, name))
+        self.done[name] = v
+        return v
 
-    out = REF.sub(one, value)
-    if key in INT_KEYS and isinstance(out, str) and re.fullmatch(r"-?\d+", out):
-        return int(out)
-    return out
+    def sub(self, value, chain: tuple = (), key: str | None = None):
+        if isinstance(value, dict):
+            return {k: self.sub(v, chain, k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.sub(v, chain, key) for v in value]
+        if not isinstance(value, str):
+            return value
+        whole = REF.fullmatch(value)
+        if whole:  # a whole-value reference keeps its type (a complex variable's list)
+            out = self.get(whole.group(1), chain)
+        else:
+            out = REF.sub(lambda m: str(self.get(m.group(1), chain)), value)
+        if key in INT_KEYS and isinstance(out, str) and re.fullmatch(r"-?\d+", out):
+            return int(out)
+        return out
 
 
 @dataclass
@@ -139,6 +172,10 @@ class Resolved:
     jobs: dict  # job key -> Jobs API settings (dict)
     workspace: dict
     bundle: Bundle
+    # Unity Catalog objects the bundle declares: key -> create-call arguments (names resolved).
+    schemas: dict = field(default_factory=dict)
+    volumes: dict = field(default_factory=dict)
+    permissions: list = field(default_factory=list)  # the bundle's access control list for its jobs
 
 
 def resolve(
@@ -148,7 +185,8 @@ def resolve(
     user_name: str | None = None,
     file_path: str | None = None,
 ) -> Resolved:
-    """Resolve the bundle for `target`: target overrides, variables, references, relative paths.
+    """Resolve the bundle for `target` as `databricks bundle deploy` does: target overrides,
+    variables, references, development-mode names and tags, relative paths.
 
     `{{job.parameters.x}}` and `{{job.run_id}}` are left for run time. Task files are made
     absolute local paths, or put under `file_path` (the workspace folder) when given.
@@ -160,7 +198,9 @@ def resolve(
         raise BundleError(f"unknown target {target!r}: the bundle defines {', '.join(targets)}")
     t = targets[target] or {}
     doc = deep_merge({k: v for k, v in b.doc.items() if k != "targets"}, {
-        k: v for k, v in t.items() if k in ("resources", "workspace", "artifacts", "bundle")})
+        k: v for k, v in t.items() if k in ("resources", "workspace", "artifacts", "bundle", "run_as")})
+    if "permissions" in t:
+        doc["permissions"] = t["permissions"]
     declared = b.doc.get("variables") or {}
     values = {k: (v or {}).get("default") for k, v in declared.items()}
     values.update(t.get("variables") or {})
@@ -171,31 +211,51 @@ def resolve(
     missing = [k for k, v in values.items() if v is None]
     if missing:
         raise BundleError(f"variables without a value for target {target}: {', '.join(missing)}")
-    user = user_name or getpass.getuser()
-    workspace = dict(doc.get("workspace") or {})
-    root_path = workspace.get("root_path") or f"/Workspace/Users/{user}/.bundle/{b.name}/{target}"
-    ctx = {"bundle.name": b.name, "bundle.target": target,
-           "workspace.current_user.userName": user, "workspace.current_user.short_name": short_user_name(user)}
-    # A variable's value may name the user (dev's per-user schema).
-    values = {k: _substitute(v, ctx) for k, v in values.items()}
-    ctx.update({f"var.{k}": v for k, v in values.items()})
-    ctx["workspace.root_path"] = _substitute(root_path, ctx)
-    ctx["workspace.file_path"] = file_path or f"{ctx['workspace.root_path']}/files"
-    ctx["workspace.artifact_path"] = f"{ctx['workspace.root_path']}/artifacts"
-    workspace = _substitute(workspace, ctx)
     mode = t.get("mode", "production")
+    user = user_name or getpass.getuser()
+    short = short_user_name(user)
+    job_prefix, uc_prefix = dev_prefix(short) if mode == "development" else ("", "")
+    resources = doc.get("resources") or {}
+    workspace = dict(doc.get("workspace") or {})
+    raw = {"bundle.name": b.name, "bundle.target": target,
+           "workspace.current_user.userName": user, "workspace.current_user.short_name": short,
+           "workspace.root_path": workspace.get("root_path") or f"/Workspace/Users/{user}/.bundle/{b.name}/{target}",
+           "workspace.file_path": file_path or "${workspace.root_path}/files",
+           "workspace.artifact_path": "${workspace.root_path}/artifacts",
+           **{f"var.{k}": v for k, v in values.items()}}
+    def prefixed(name: str):
+        return lambda sub: uc_prefix + sub(name)
+
+    for key, schema in (resources.get("schemas") or {}).items():
+        raw[f"resources.schemas.{key}.name"] = prefixed(schema.get("name", key))
+    for key, volume in (resources.get("volumes") or {}).items():
+        raw[f"resources.volumes.{key}.name"] = volume.get("name", key)
+    refs = _Refs(raw)
+    values = {k: refs.get(f"var.{k}") for k in values}
+    workspace = refs.sub(workspace)
     jobs = {}
-    for key, job in ((doc.get("resources") or {}).get("jobs") or {}).items():
-        settings = _substitute({k: v for k, v in job.items() if k not in BUNDLE_ONLY_KEYS}, ctx)
+    for key, job in (resources.get("jobs") or {}).items():
+        settings = refs.sub({k: v for k, v in job.items() if k not in BUNDLE_ONLY_KEYS})
         if mode == "development":
-            settings["name"] = f"[dev {ctx['workspace.current_user.short_name']}] {settings['name']}"
+            settings["name"] = job_prefix + settings["name"]
+            settings["tags"] = {**(settings.get("tags") or {}), "dev": short}
             if "schedule" in settings:
                 settings["schedule"]["pause_status"] = "PAUSED"
+        if "run_as" in doc:
+            settings["run_as"] = refs.sub(doc["run_as"])
+        # The CLI's defaults for a job it deploys.
+        settings.setdefault("queue", {"enabled": True})
+        settings.setdefault("format", "MULTI_TASK")
         _place_files(settings, b.job_dirs[key], b.root, file_path)
         if values.get("compute", "job_cluster") == "serverless":
             to_serverless(settings, str(values.get("serverless_environment_version") or "4"))
         jobs[key] = settings
-    return Resolved(target, mode, values, jobs, workspace, b)
+    schemas = {k: {**refs.sub(v), "name": refs.get(f"resources.schemas.{k}.name")}
+               for k, v in (resources.get("schemas") or {}).items()}
+    volumes = {k: refs.sub(v) for k, v in (resources.get("volumes") or {}).items()}
+    permissions = [{("permission_level" if k == "level" else k): v for k, v in p.items()}
+                   for p in refs.sub(doc.get("permissions") or [])]
+    return Resolved(target, mode, values, jobs, workspace, b, schemas, volumes, permissions)
 
 
 def to_serverless(settings: dict, environment_version: str = "4") -> None:
@@ -269,8 +329,10 @@ def job_settings_roundtrip(settings: dict):
 
 
 def _normalize(v):
+    """Empty values are absent to the Jobs API: drop them, inside out."""
     if isinstance(v, dict):
-        return {k: _normalize(x) for k, x in v.items() if x not in (None, [], {})}
+        out = {k: _normalize(x) for k, x in v.items()}
+        return {k: x for k, x in out.items() if x not in (None, [], {})}
     if isinstance(v, list):
         return [_normalize(x) for x in v]
     return v

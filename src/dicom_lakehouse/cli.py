@@ -174,7 +174,8 @@ def validate():
     """Check bundle.yml and its includes against the Databricks bundle schema."""
     from .bundle import merged_document, schema_errors
 
-    schema = repo_root().parent / "shared" / "schemas" / "databricks-bundle.schema.json"
+    # `databricks bundle schema` of the CLI version the tests pin (dicom_lakehouse.databricks_cli).
+    schema = repo_root() / "schemas" / "databricks-bundle.schema.json"
     if not schema.exists():
         click.echo(f"schema not found at {schema}", err=True)
         sys.exit(2)

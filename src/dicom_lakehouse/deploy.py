@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import configparser
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -108,6 +109,36 @@ def _api_error(e: Exception, what: str) -> DeployError:
     return DeployError(f"{what}: {type(e).__name__}: {_scrub(str(e))}")
 
 
+NODE_TYPE_EXAMPLES = {"AWS": "i3.xlarge", "AZURE": "Standard_D4ds_v5", "GCP": "n2-highmem-4"}
+
+
+def workspace_cloud(w) -> str:
+    """AWS, AZURE or GCP: from the workspace's discovery document, else from its host name."""
+    try:
+        cloud = str(w.api_client.do("GET", "/.well-known/databricks-config").get("cloud") or "").upper()
+        if cloud in NODE_TYPE_EXAMPLES:
+            return cloud
+    except Exception:  # noqa: BLE001 - older workspaces have no discovery document
+        pass
+    return "AZURE" if w.config.is_azure else "GCP" if w.config.is_gcp else "AWS"
+
+
+def node_type_cloud(node_type: str) -> str:
+    """Node type names differ per cloud: i3.xlarge (AWS), Standard_D4ds_v5 (Azure), n2-highmem-4 (GCP)."""
+    return "AZURE" if node_type.startswith("Standard_") else "AWS" if "." in node_type else "GCP"
+
+
+def check_node_types(settings: dict, cloud: str) -> None:
+    """Refuse a job cluster whose node type belongs to another cloud, before anything is deployed."""
+    for jc in settings.get("job_clusters") or []:
+        node = (jc.get("new_cluster") or {}).get("node_type_id")
+        if node and node_type_cloud(node) != cloud:
+            raise DeployError(
+                f"node_type_id {node!r} is a {node_type_cloud(node)} node type, but the workspace runs on {cloud}: "
+                f"pass --var node_type_id={NODE_TYPE_EXAMPLES[cloud]} (or another {cloud} node type), "
+                "or --var compute=serverless")
+
+
 def build_wheel(root: Path, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.glob("dicom_lakehouse-*.whl"):
@@ -153,18 +184,114 @@ def _set_wheel(settings: dict, remote_wheel: str) -> None:
         env["spec"]["dependencies"] = [remote_wheel if d.endswith(".whl") else d for d in deps]
 
 
-def create_or_reset(w, settings: dict) -> tuple[int, str]:
-    """Find the job by name: reset it if it exists, else create it. Returns (job_id, 'created'|'updated')."""
+def _state_path(root_path: str) -> str:
+    """The deployment metadata the CLI writes (`state/metadata.json`); RUNME writes the same file, so
+    each finds the job the other deployed by its id."""
+    return f"{root_path}/state/metadata.json"
+
+
+def read_job_ids(w, root_path: str) -> dict:
+    """Job key -> id from the deployment metadata, or {} before the first deployment."""
+    from databricks.sdk.errors import NotFound
+
+    try:
+        content = w.workspace.export(_state_path(root_path)).content
+    except NotFound:
+        return {}
+    try:
+        meta = json.loads(base64.b64decode(content or ""))
+        return {k: int(v["id"]) for k, v in meta["config"]["resources"]["jobs"].items()}
+    except (ValueError, KeyError, TypeError):
+        return {}
+
+
+def write_metadata(w, resolved, root_path: str, file_path: str, job_ids: dict) -> None:
+    """The deployment metadata in the CLI's format (version 1): the workspace shows the job as
+    deployed from a bundle, and the next deploy, by RUNME or the CLI, finds it by id."""
+    from databricks.sdk.service.workspace import ImportFormat
+
+    b = resolved.bundle
+    meta = {"version": 1, "config": {
+        "bundle": {"name": b.name, "target": resolved.target, "mode": resolved.mode},
+        "workspace": {"file_path": file_path},
+        "resources": {"jobs": {k: {"id": str(i), "relative_path": b.job_files[k].relative_to(b.root).as_posix()}
+                               for k, i in job_ids.items()}}}, "extra": {}}
+    w.workspace.mkdirs(f"{root_path}/state")
+    w.workspace.import_(_state_path(root_path), content=base64.b64encode(json.dumps(meta, indent=2).encode()).decode(),
+                        format=ImportFormat.AUTO, overwrite=True)
+
+
+def create_or_reset(w, settings: dict, job_id: int | None = None) -> tuple[int, str]:
+    """Reset the job the deployment metadata names; without one, the one job of that name; else
+    create it. Returns (job_id, 'created'|'updated')."""
+    from databricks.sdk.errors import NotFound
+
     js = job_settings_roundtrip(settings)
-    existing = [j for j in w.jobs.list(name=settings["name"]) if j.settings and j.settings.name == settings["name"]]
-    if len(existing) > 1:
-        raise DeployError(f"{len(existing)} jobs are named {settings['name']!r}; delete the extras first "
-                          f"(job ids {[j.job_id for j in existing]})")
-    if existing:
-        w.jobs.reset(existing[0].job_id, new_settings=js)
-        return existing[0].job_id, "updated"
+    if job_id is not None:
+        try:
+            w.jobs.get(job_id)
+        except NotFound:
+            job_id = None  # deleted in the workspace since: deploy it anew
+    if job_id is None:
+        existing = [j for j in w.jobs.list(name=settings["name"]) if j.settings and j.settings.name == settings["name"]]
+        if len(existing) > 1:
+            raise DeployError(f"{len(existing)} jobs are named {settings['name']!r}; delete the extras first "
+                              f"(job ids {[j.job_id for j in existing]})")
+        job_id = existing[0].job_id if existing else None
+    if job_id is not None:
+        w.jobs.reset(job_id, new_settings=js)
+        return job_id, "updated"
     kwargs = {f.name: getattr(js, f.name) for f in dataclasses.fields(js) if getattr(js, f.name) is not None}
     return w.jobs.create(**kwargs).job_id, "created"
+
+
+def job_acl(permissions: list, user: str) -> list[dict]:
+    """The bundle's permissions for a job, as the CLI sets them: the deployer is the owner
+    (their CAN_MANAGE becomes IS_OWNER unless someone else is owner)."""
+    acl = [dict(p) for p in permissions]
+    owner = any(p["permission_level"] == "IS_OWNER" for p in acl)
+    mine = [p for p in acl if p.get("user_name") == user or p.get("service_principal_name") == user]
+    if not owner:
+        if mine:
+            mine[0]["permission_level"] = "IS_OWNER"
+        else:
+            acl.insert(0, {"user_name": user, "permission_level": "IS_OWNER"})
+    return acl
+
+
+def folder_acl(permissions: list) -> list[dict]:
+    """The same principals on the bundle's workspace folder, whose levels are CAN_READ, CAN_RUN, CAN_MANAGE."""
+    levels = {"CAN_VIEW": "CAN_READ", "CAN_MANAGE_RUN": "CAN_RUN", "IS_OWNER": "CAN_MANAGE", "CAN_MANAGE": "CAN_MANAGE"}
+    return [{**p, "permission_level": levels[p["permission_level"]]} for p in permissions]
+
+
+def ensure_unity_catalog(w, resolved, echo) -> None:
+    """Create the schemas and volumes the bundle declares when they do not exist yet (the CLI
+    creates them the same way); existing ones are left as they are."""
+    from databricks.sdk.errors import NotFound
+    from databricks.sdk.service.catalog import VolumeType
+
+    for spec in resolved.schemas.values():
+        full = f"{spec['catalog_name']}.{spec['name']}"
+        try:
+            w.schemas.get(full)
+        except NotFound:
+            w.schemas.create(name=spec["name"], catalog_name=spec["catalog_name"], comment=spec.get("comment"))
+            echo(f"schema {full} created")
+    for spec in resolved.volumes.values():
+        full = f"{spec['catalog_name']}.{spec['schema_name']}.{spec['name']}"
+        try:
+            w.volumes.read(full)
+        except NotFound:
+            w.volumes.create(catalog_name=spec["catalog_name"], schema_name=spec["schema_name"], name=spec["name"],
+                             volume_type=VolumeType(spec.get("volume_type", "MANAGED")), comment=spec.get("comment"))
+            echo(f"volume {full} created")
+
+
+def _acl(entries: list[dict]):
+    from databricks.sdk.service.iam import AccessControlRequest
+
+    return [AccessControlRequest.from_dict(e) for e in entries]
 
 
 def follow_run(w, run_id: int, echo, poll_seconds: float = 10.0, timeout_seconds: float = 6 * 3600):
@@ -204,10 +331,15 @@ def deploy_and_run(target: str, variables: dict, do_run: bool, params: dict, pro
             user = w.current_user.me().user_name
         except Exception as e:  # noqa: BLE001
             raise _api_error(e, "reading the current user") from None
+        # The root path may name the user (prod's does): resolve again now that the user is known.
+        resolved = resolve(target, root=root, variables=variables, user_name=user)
         root_path = (resolved.workspace or {}).get("root_path") or \
             f"/Workspace/Users/{user}/.bundle/{resolved.bundle.name}/{resolved.target}"
         file_path, artifact_path = f"{root_path}/files", f"{root_path}/artifacts"
         resolved = resolve(target, root=root, variables=variables, user_name=user, file_path=file_path)
+        cloud = workspace_cloud(w)
+        for settings in resolved.jobs.values():
+            check_node_types(settings, cloud)
         with tempfile.TemporaryDirectory() as tmp:
             wheel = build_wheel(resolved.bundle.root, Path(tmp))
             try:
@@ -215,18 +347,36 @@ def deploy_and_run(target: str, variables: dict, do_run: bool, params: dict, pro
             except Exception as e:  # noqa: BLE001
                 raise _api_error(e, f"uploading files to {root_path}") from None
         url = w.config.host.rstrip("/")
-        code = 0
-        for settings in resolved.jobs.values():
+        try:
+            ensure_unity_catalog(w, resolved, echo)
+        except Exception as e:  # noqa: BLE001
+            raise _api_error(e, "creating the bundle's Unity Catalog schema and volume") from None
+        known = read_job_ids(w, root_path)
+        job_ids = {}
+        for key, settings in resolved.jobs.items():
             _set_wheel(settings, remote_wheel)
+            settings["deployment"] = {"kind": "BUNDLE", "metadata_file_path": _state_path(root_path)}
+            settings["edit_mode"] = "UI_LOCKED"
             try:
-                job_id, how = create_or_reset(w, settings)
+                job_ids[key], how = create_or_reset(w, settings, known.get(key))
+                if resolved.permissions:
+                    w.permissions.set("jobs", str(job_ids[key]),
+                                      access_control_list=_acl(job_acl(resolved.permissions, user)))
             except DeployError:
                 raise
             except Exception as e:  # noqa: BLE001
                 raise _api_error(e, f"creating or updating job {settings['name']!r}") from None
-            echo(f"job {settings['name']!r} {how}: {url}/jobs/{job_id}")
-            if do_run:
-                code = max(code, _run(w, job_id, params, echo, poll_seconds))
+            echo(f"job {settings['name']!r} {how}: {url}/jobs/{job_ids[key]}")
+        try:
+            write_metadata(w, resolved, root_path, file_path, job_ids)
+            if resolved.permissions:
+                folder = w.workspace.get_status(root_path).object_id
+                w.permissions.set("directories", str(folder), access_control_list=_acl(folder_acl(resolved.permissions)))
+        except Exception as e:  # noqa: BLE001
+            raise _api_error(e, f"writing the deployment state under {root_path}") from None
+        code = 0
+        for job_id in job_ids.values() if do_run else ():
+            code = max(code, _run(w, job_id, params, echo, poll_seconds))
         return code
     except DeployError as e:
         echo(f"error: {e}")
