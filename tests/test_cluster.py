@@ -99,6 +99,16 @@ def test_connect_server_refuses_clients_without_its_token(tmp_path, conf):
             r = subprocess.run([sys.executable, "-c", code, url], capture_output=True, text=True, timeout=180,
                                env={**env, **extra})
             answers[name] = (r.returncode, r.stdout.strip(), r.stderr)
+        # The same server serves as a serverless-like session: no JVM on the client, so a bucket URI
+        # is refused with a message that names the way out, not an AttributeError.
+        listing = ("import sys; from pyspark.sql import SparkSession as S; "
+                   "from dicom_lakehouse.listing import iter_entries\n"
+                   "try:\n list(iter_entries(S.builder.remote(sys.argv[1]).getOrCreate(), 's3a://b/dicom', {}))\n"
+                   "except ValueError as e:\n print('REFUSED', e)")
+        r = subprocess.run([sys.executable, "-c", listing, url], capture_output=True, text=True, timeout=180,
+                           env={**env, TOKEN_ENV: token})
+        assert r.returncode == 0 and r.stdout.startswith("REFUSED path 's3a://b/dicom'"), r.stdout + r.stderr[-2000:]
+        assert "/Volumes/<catalog>/<schema>/<volume>" in r.stdout
     assert answers["right"][:2] == (0, "COUNT 5"), answers["right"][2][-2000:]
     for name in ("none", "wrong"):
         code_, out, err = answers[name]

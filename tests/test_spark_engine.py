@@ -12,7 +12,7 @@ from deltalake import DeltaTable
 from dicom_lakehouse import schema as S
 from dicom_lakehouse.config import find_conf_dir
 from dicom_lakehouse.params import validate
-from dicom_lakehouse.pipeline import STEP_FUNCS
+from dicom_lakehouse.pipeline import STEP_FUNCS, _file_per_partition
 from dicom_lakehouse.tables import DeltaRsStore, SparkDeltaStore, TableRef, read_delta
 
 IGNORE = ("run_id", "ingested_at")
@@ -148,3 +148,38 @@ def test_unresolvable_jars_fall_back_to_delta_rs_or_stop(tmp_path, monkeypatch, 
     settings = delta_jars.delta_settings({"table_engine": "auto"})
     assert settings["spark.sql.extensions"] == delta_jars.EXTENSION
     assert any("io.delta_delta-spark_4.2_2.13-4.4.0.jar" in j for j in settings["spark.jars"].split(","))
+
+
+# The settings a serverless session may set (Databricks: "Configure Spark properties for serverless
+# notebooks and jobs"); it refuses every other key with CONFIG_NOT_AVAILABLE.
+SERVERLESS_SETTINGS = {"spark.sql.legacy.timeParserPolicy", "spark.sql.session.timeZone", "spark.sql.shuffle.partitions",
+                       "spark.sql.ansi.enabled", "spark.sql.files.maxPartitionBytes", "spark.databricks.execution.timeout"}
+
+
+def test_the_steps_run_where_only_serverless_settings_may_be_set(spark, conf, sample_dir, tmp_path, monkeypatch):
+    from pyspark.errors import AnalysisException
+    from pyspark.sql.conf import RuntimeConfig
+
+    refused, real_set = [], RuntimeConfig.set
+
+    def serverless_set(self, key, value):
+        if key not in SERVERLESS_SETTINGS:
+            refused.append(key)
+            raise AnalysisException(f"[CONFIG_NOT_AVAILABLE] Configuration {key} is not available. SQLSTATE: 42K0I")
+        return real_set(self, key, value)
+
+    monkeypatch.setattr(RuntimeConfig, "set", serverless_set)
+    store = SparkDeltaStore(spark, tmp_path / "wh")
+    p = params(sample_dir, "sl1")
+    stats = {s: STEP_FUNCS[s](spark, store, p, conf) for s in STEP_FUNCS}
+    with _file_per_partition(spark):  # what a large folder asks for (the sample is too small to)
+        pass
+    monkeypatch.undo()
+    assert {"spark.sql.files.openCostInBytes", "spark.databricks.delta.commitInfo.userMetadata"} <= set(refused)
+    assert stats["catalog"]["rows_out"] == 13 and stats["extract_meta"]["rows_out"] == 13
+    assert stats["publish"]["rows_out"] == 13
+    table = read_delta(tmp_path / "wh" / "main" / "pixels" / "object_catalog")
+    assert table.num_rows == 13 and sorted(set(table.column("status").to_pylist())) == ["not_dicom", "ok", "ok_with_warnings"]
+    statuses = table.column("thumbnail_status").to_pylist()
+    assert [t is not None for t in table.column("thumbnail").to_pylist()] == [x == "ok" for x in statuses]
+    assert sorted(x for x in statuses if x) == ["no_pixels"] * 2 + ["ok"] * 10 + ["skipped"], statuses

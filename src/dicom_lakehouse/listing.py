@@ -189,6 +189,13 @@ def _hadoop_statuses(jvm, statuses) -> list[tuple[str, bool, int, int]]:
 
 def _walk_hadoop(spark, path: str) -> Iterator[Entry]:
     """List through the session's Hadoop FileSystem (s3a://, abfss://, dbfs:/, hdfs://, file:)."""
+    from .session import is_connect
+
+    if is_connect(spark):
+        # Serverless compute and Spark Connect clients have no JVM to list a bucket through.
+        raise ValueError(f"path {path!r}: a cloud URI is listed through the Spark driver's Hadoop FileSystem, which "
+                         "this session (serverless compute or Spark Connect) does not expose; use a Unity Catalog "
+                         "volume path (/Volumes/<catalog>/<schema>/<volume>/...) or run on a job cluster")
     jvm = spark._jvm
     hconf = spark._jsc.hadoopConfiguration()
     hpath = jvm.org.apache.hadoop.fs.Path(path)

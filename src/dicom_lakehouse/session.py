@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -71,6 +72,20 @@ def quiet_delta_logs(spark) -> None:
                 name, jvm.org.apache.logging.log4j.Level.WARN)
     except Exception:  # noqa: BLE001 - a session without log4j 2
         pass
+
+
+def try_set_conf(spark, key: str, value: str) -> bool:
+    """Set a session setting the caller can do without. Serverless compute lets a session set only a
+    few keys and refuses the rest (CONFIG_NOT_AVAILABLE): then this returns False and sets nothing."""
+    from pyspark.errors import AnalysisException
+
+    try:
+        spark.conf.set(key, value)
+        return True
+    except AnalysisException as e:
+        logging.getLogger(__name__).warning("session setting %s refused, going on without it: %s", key,
+                                            str(e).splitlines()[0][:200])
+        return False
 
 
 def is_connect(spark) -> bool:

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from . import schema as S
 from .params import IDENTIFIER
-from .session import has_spark_delta
+from .session import has_spark_delta, try_set_conf
 
 log = logging.getLogger(__name__)
 
@@ -327,15 +327,26 @@ class SparkDeltaStore(TableStore):
 
     _commit_lock = threading.Lock()
 
-    def _with_metadata(self, metadata: dict, fn):
-        """SQL statements take the commit metadata from a session setting: writers of one process take turns."""
+    def _commit(self, ref: TableRef, metadata: dict, mode: str, run) -> int:
+        """Run one SQL statement that commits to `ref`; return the rows it took in. SQL statements take
+        the commit metadata from a session setting, and a nonce there finds this commit among other
+        writers' (writers of one process take turns). Where the setting is refused (serverless), the
+        first commit after the table's version before the statement is this one."""
         key = "spark.databricks.delta.commitInfo.userMetadata"
         with self._commit_lock:
-            self.spark.conf.set(key, user_metadata(metadata))
+            if not try_set_conf(self.spark, key, user_metadata(metadata)):
+                before = self._latest_version(ref)
+                run()
+                return self._committed_rows(ref, mode, after_version=before)
             try:
-                return fn()
+                run()
             finally:
                 self.spark.conf.unset(key)
+        return self._committed_rows(ref, mode, nonce=metadata["dicom_lakehouse.commit"])
+
+    def _latest_version(self, ref: TableRef) -> int:
+        first = self.spark.sql(f"DESCRIBE HISTORY {self.ident(ref)} LIMIT 1").select("version").first()
+        return int(first[0]) if first else -1
 
     def _ensure_schema(self, ref: TableRef) -> None:
         """Unity Catalog schemas may be missing on a first run; creating one needs the privilege, checking does not."""
@@ -370,18 +381,21 @@ class SparkDeltaStore(TableStore):
         df.createOrReplaceTempView(view)
         try:
             stmt = merge_sql(target, view, cols) if mode == "upsert" else insert_overwrite_sql(target, view, cols)
-            self._with_metadata(metadata, lambda: _retry(f"{mode} {ref.name}", lambda: self.spark.sql(stmt)))
+            return self._commit(ref, metadata, mode,
+                                lambda: _retry(f"{mode} {ref.name}", lambda: self.spark.sql(stmt)))
         finally:
             self.spark.catalog.dropTempView(view)
-        return self._committed_rows(ref, metadata["dicom_lakehouse.commit"], mode)
 
-    def _committed_rows(self, ref: TableRef, nonce: str, mode: str) -> int:
+    def _committed_rows(self, ref: TableRef, mode: str, nonce: str | None = None, after_version: int = -1) -> int:
         """Rows the commit took in, from Delta's own operation metrics: counting the source again
-        would run the whole step a second time."""
+        would run the whole step a second time. The commit is the one whose metadata holds `nonce`,
+        or without a nonce the first one after `after_version`."""
         key = "numSourceRows" if mode == "upsert" else "numOutputRows"
-        for r in self.spark.sql(f"DESCRIBE HISTORY {self.ident(ref)} LIMIT 100").select(
-                "userMetadata", "operationMetrics").collect():
-            if r["userMetadata"] and nonce in r["userMetadata"]:
+        rows = self.spark.sql(f"DESCRIBE HISTORY {self.ident(ref)} LIMIT 100").select(
+            "version", "userMetadata", "operationMetrics").collect()
+        for r in sorted(rows, key=lambda r: r["version"]):
+            if (nonce and r["userMetadata"] and nonce in r["userMetadata"]) or (
+                    nonce is None and r["version"] > after_version):
                 return int((r["operationMetrics"] or {}).get(key, 0))
         # Delta makes no commit when there is nothing to change: an empty source (MERGE), or an
         # empty source overwriting an empty table.
