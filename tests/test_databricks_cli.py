@@ -174,3 +174,22 @@ def test_runme_after_the_cli_updates_the_clis_job_by_id(bundle_copy, tmp_path):
         assert list(s.jobs) == [job_id] and s.jobs[job_id]["name"] == "[dev ana_maria] dicom-lakehouse-dev"
         calls = [(m, p) for m, p, _ in s.requests[before:]]
         assert ("POST", "/api/2.2/jobs/reset") in calls and ("POST", "/api/2.2/jobs/create") not in calls
+
+
+def test_the_cli_honours_the_lock_runme_takes(bundle_copy, tmp_path):
+    """RUNME writes the CLI's lock state (ID, AcquisitionTime, IsForced, User): a CLI deploy of the
+    same target while RUNME deploys stops and names the holder; after RUNME it goes through."""
+    from databricks.sdk import WorkspaceClient
+
+    from dicom_lakehouse.deploy import deploy_lock
+
+    root = f"/Workspace/Users/{USER}/.bundle/dicom-lakehouse/prod"
+    with StandIn(token=TOKEN, user=USER) as s:
+        w = WorkspaceClient(host=s.host, token=TOKEN)
+        with deploy_lock(w, root, "bo@example.com", enabled=True):
+            r = cli(s, "bundle", "deploy", "-t", "prod", cwd=bundle_copy, home=tmp_path)
+            assert r.returncode != 0 and "deploy lock acquired by bo@example.com" in r.stderr, r.stderr
+            assert s.jobs == {}
+        r = cli(s, "bundle", "deploy", "-t", "prod", cwd=bundle_copy, home=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert len(s.jobs) == 1 and f"{root}/state/deploy.lock" not in s.files

@@ -1,5 +1,6 @@
 """RUNME's Databricks path through the real WorkspaceClient against a stand-in on 127.0.0.1."""
 
+import base64
 import json
 import subprocess
 import sys
@@ -211,3 +212,25 @@ def test_a_job_deleted_in_the_workspace_is_deployed_anew(tmp_path):
         assert r.returncode == 0, r.stdout + r.stderr
         (second,) = s.jobs
         assert second != first and f"created: {s.host}/jobs/{second}" in r.stdout
+
+
+def test_prod_deploys_under_the_clis_lock_and_refuses_a_held_one(tmp_path):
+    root = "/Workspace/Users/ana@example.com/.bundle/dicom-lakehouse/prod"
+    lock = f"{root}/state/deploy.lock"
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "DATABRICKS_TOKEN": TOKEN}
+    with StandIn(token=TOKEN) as s:
+        r = subprocess.run([sys.executable, str(ROOT / "RUNME.py"), "--target", "prod"], capture_output=True,
+                           text=True, timeout=300, cwd=ROOT, env={**env, "DATABRICKS_HOST": s.host})
+        assert r.returncode == 0, r.stdout + r.stderr
+        taken = [b for m, p, b in s.requests if p == "/api/2.0/workspace/import" and b["path"] == lock]
+        assert len(taken) == 1 and taken[0]["overwrite"] is False
+        assert json.loads(base64.b64decode(taken[0]["content"]))["User"] == "ana@example.com"
+        assert lock not in s.files  # released
+        jobs_before = dict(s.jobs)
+        s.files[lock] = json.dumps({"ID": "x", "AcquisitionTime": "2026-11-27T01:00:00Z", "IsForced": False,
+                                    "User": "bo@example.com"}).encode()
+        r = subprocess.run([sys.executable, str(ROOT / "RUNME.py"), "--target", "prod"], capture_output=True,
+                           text=True, timeout=300, cwd=ROOT, env={**env, "DATABRICKS_HOST": s.host})
+        assert r.returncode == 2
+        assert "locked by bo@example.com since 2026-11-27T01:00:00Z" in r.stdout
+        assert s.jobs == jobs_before and lock in s.files  # nothing deployed, the other's lock kept

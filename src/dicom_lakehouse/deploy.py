@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import configparser
+import contextlib
 import dataclasses
 import json
 import os
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 from .bundle import job_settings_roundtrip, resolve
@@ -318,6 +320,43 @@ def follow_run(w, run_id: int, echo, poll_seconds: float = 10.0, timeout_seconds
         time.sleep(poll_seconds)
 
 
+LOCK_FILE = "deploy.lock"
+
+
+@contextlib.contextmanager
+def deploy_lock(w, root_path: str, user: str, enabled: bool):
+    """The CLI's deployment lock (`<root>/state/deploy.lock`, on by default outside development mode):
+    created only if absent, so two deployments of one target, by RUNME or the CLI, never interleave."""
+    if not enabled:
+        yield
+        return
+    from databricks.sdk.errors import NotFound, ResourceAlreadyExists
+    from databricks.sdk.service.workspace import ImportFormat
+
+    path = f"{root_path}/state/{LOCK_FILE}"
+    state = {"ID": str(uuid.uuid4()), "AcquisitionTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+             "IsForced": False, "User": user}
+    try:
+        w.workspace.mkdirs(f"{root_path}/state")
+        w.workspace.import_(path, content=base64.b64encode(json.dumps(state).encode()).decode(),
+                            format=ImportFormat.AUTO, overwrite=False)
+    except ResourceAlreadyExists:
+        try:
+            held = json.loads(base64.b64decode(w.workspace.export(path).content or ""))
+        except (NotFound, ValueError):
+            held = {}
+        raise DeployError(f"the deployment of this target is locked by {held.get('User', 'someone')} since "
+                          f"{held.get('AcquisitionTime', '?')} ({path}): wait for that deployment to end; if none "
+                          "is running, delete the file or run `databricks bundle deploy --force-lock`") from None
+    except Exception as e:  # noqa: BLE001
+        raise _api_error(e, f"taking the deployment lock {path}") from None
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):  # a lock left behind names its holder on the next deploy
+            w.workspace.delete(path)
+
+
 def deploy_and_run(target: str, variables: dict, do_run: bool, params: dict, profile: str | None, echo=print,
                    poll_seconds: float = 10.0, root: Path | None = None) -> int:
     """RUNME's Databricks path. Returns the process exit code. All it prints passes the secret mask."""
@@ -340,40 +379,41 @@ def deploy_and_run(target: str, variables: dict, do_run: bool, params: dict, pro
         cloud = workspace_cloud(w)
         for settings in resolved.jobs.values():
             check_node_types(settings, cloud)
-        with tempfile.TemporaryDirectory() as tmp:
-            wheel = build_wheel(resolved.bundle.root, Path(tmp))
+        with deploy_lock(w, root_path, user, enabled=resolved.mode != "development"):
+            with tempfile.TemporaryDirectory() as tmp:
+                wheel = build_wheel(resolved.bundle.root, Path(tmp))
+                try:
+                    remote_wheel = upload(w, resolved.bundle.root, file_path, artifact_path, wheel)
+                except Exception as e:  # noqa: BLE001
+                    raise _api_error(e, f"uploading files to {root_path}") from None
+            url = w.config.host.rstrip("/")
             try:
-                remote_wheel = upload(w, resolved.bundle.root, file_path, artifact_path, wheel)
+                ensure_unity_catalog(w, resolved, echo)
             except Exception as e:  # noqa: BLE001
-                raise _api_error(e, f"uploading files to {root_path}") from None
-        url = w.config.host.rstrip("/")
-        try:
-            ensure_unity_catalog(w, resolved, echo)
-        except Exception as e:  # noqa: BLE001
-            raise _api_error(e, "creating the bundle's Unity Catalog schema and volume") from None
-        known = read_job_ids(w, root_path)
-        job_ids = {}
-        for key, settings in resolved.jobs.items():
-            _set_wheel(settings, remote_wheel)
-            settings["deployment"] = {"kind": "BUNDLE", "metadata_file_path": _state_path(root_path)}
-            settings["edit_mode"] = "UI_LOCKED"
+                raise _api_error(e, "creating the bundle's Unity Catalog schema and volume") from None
+            known = read_job_ids(w, root_path)
+            job_ids = {}
+            for key, settings in resolved.jobs.items():
+                _set_wheel(settings, remote_wheel)
+                settings["deployment"] = {"kind": "BUNDLE", "metadata_file_path": _state_path(root_path)}
+                settings["edit_mode"] = "UI_LOCKED"
+                try:
+                    job_ids[key], how = create_or_reset(w, settings, known.get(key))
+                    if resolved.permissions:
+                        w.permissions.set("jobs", str(job_ids[key]),
+                                          access_control_list=_acl(job_acl(resolved.permissions, user)))
+                except DeployError:
+                    raise
+                except Exception as e:  # noqa: BLE001
+                    raise _api_error(e, f"creating or updating job {settings['name']!r}") from None
+                echo(f"job {settings['name']!r} {how}: {url}/jobs/{job_ids[key]}")
             try:
-                job_ids[key], how = create_or_reset(w, settings, known.get(key))
+                write_metadata(w, resolved, root_path, file_path, job_ids)
                 if resolved.permissions:
-                    w.permissions.set("jobs", str(job_ids[key]),
-                                      access_control_list=_acl(job_acl(resolved.permissions, user)))
-            except DeployError:
-                raise
+                    folder = w.workspace.get_status(root_path).object_id
+                    w.permissions.set("directories", str(folder), access_control_list=_acl(folder_acl(resolved.permissions)))
             except Exception as e:  # noqa: BLE001
-                raise _api_error(e, f"creating or updating job {settings['name']!r}") from None
-            echo(f"job {settings['name']!r} {how}: {url}/jobs/{job_ids[key]}")
-        try:
-            write_metadata(w, resolved, root_path, file_path, job_ids)
-            if resolved.permissions:
-                folder = w.workspace.get_status(root_path).object_id
-                w.permissions.set("directories", str(folder), access_control_list=_acl(folder_acl(resolved.permissions)))
-        except Exception as e:  # noqa: BLE001
-            raise _api_error(e, f"writing the deployment state under {root_path}") from None
+                raise _api_error(e, f"writing the deployment state under {root_path}") from None
         code = 0
         for job_id in job_ids.values() if do_run else ():
             code = max(code, _run(w, job_id, params, echo, poll_seconds))
