@@ -6,7 +6,8 @@ next to reading the same files from disk, measured in one run.
 The table is built from a corpus of real files (make_corpus.py) by the job's own header code
 (extract_meta's per-file function, no Spark) and written with delta-rs. The service runs as
 `RUNME.py serve` in its own process; requests come one at a time from this process (Python's
-requests), and the retrieves once more from curl. Disk reads and retrieves both read warm files
+requests), and the retrieves twice more: from a plain socket reading into one reused buffer (the
+service's own rate; the figure the target is checked on), and from curl. Disk reads and retrieves both read warm files
 (the page cache is filled first), so the ratio compares the service with reading the same bytes.
 """
 
@@ -90,6 +91,39 @@ def qido(base: str, rounds: int) -> dict:
                             "p95_ms": round(percentile(v, 95), 2)} for k, v in lat.items()}}
 
 
+_BUF = bytearray(4 << 20)
+
+
+def fetch_raw(base: str, path: str) -> int:
+    """One retrieve over a plain socket into a reused buffer: the body's bytes are counted and
+    checked against Content-Length, not copied, so the figure is the service's rate, not a client
+    library's (requests copies every chunk into new bytes objects)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    u = urlsplit(base)
+    mv = memoryview(_BUF)
+    with socket.create_connection((u.hostname, u.port)) as sock:
+        sock.sendall((f"GET {u.path}{path} HTTP/1.1\r\nHost: {u.netloc}\r\n"
+                      'Accept: multipart/related; type="application/dicom"\r\nConnection: close\r\n\r\n').encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            n = sock.recv_into(mv)
+            if not n:
+                raise RuntimeError("connection closed in the response head")
+            head += bytes(mv[:n])
+        head, _, first = head.partition(b"\r\n\r\n")
+        status = head.split(b"\r\n", 1)[0]
+        assert b" 200 " in status, status
+        length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+        body = len(first)
+        while n := sock.recv_into(mv):
+            body += n
+    if length:
+        assert body == int(length.group(1)), (body, length.group(1))
+    return body
+
+
 def retrieve(base: str, warehouse: Path, studies: int) -> dict:
     from deltalake import DeltaTable
 
@@ -123,9 +157,16 @@ def retrieve(base: str, warehouse: Path, studies: int) -> dict:
                 got += len(piece)
     wado_s = time.perf_counter() - t0
     assert got >= nbytes
+    got = 0
+    t0 = time.perf_counter()
+    for s in chosen:
+        got += fetch_raw(base, f"/studies/{s}")
+    raw_s = time.perf_counter() - t0
+    assert got >= nbytes
     out = {"studies": len(chosen), "files": len(paths), "mb": round(nbytes / 2**20, 1),
            "disk_mb_s": round(nbytes / 2**20 / disk_s, 1), "wado_mb_s": round(nbytes / 2**20 / wado_s, 1),
-           "wado_vs_disk": round(disk_s / wado_s, 2)}
+           "wado_vs_disk": round(disk_s / wado_s, 2),
+           "wado_socket_mb_s": round(nbytes / 2**20 / raw_s, 1), "wado_socket_vs_disk": round(disk_s / raw_s, 2)}
     import shutil
 
     if shutil.which("curl"):  # a client that is not Python: how fast the service itself sends

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
+from databricks_fake import WorkspaceFake
 from databricks_standin import StandIn, _norm
 
 from dicom_lakehouse import databricks_cli
@@ -25,8 +26,9 @@ from dicom_lakehouse.deploy import job_acl
 
 CLI = databricks_cli.find()
 # .ci/run builds the CLI, so CI never skips these.
-pytestmark = pytest.mark.skipif(CLI is None and not os.environ.get("CI"),
-                                reason="the Databricks CLI is not built: python -m dicom_lakehouse.databricks_cli")
+pytestmark = pytest.mark.skipif(
+    (CLI is None or not databricks_cli.fake_path().exists()) and not os.environ.get("CI"),
+    reason="the Databricks CLI and its fake workspace are not built: python -m dicom_lakehouse.databricks_cli")
 TOKEN = "dapi-cli-test-0123456789"
 USER = "ana.maria@example.com"
 ARTIFACTS = ROOT / "build" / "test-artifacts"
@@ -43,15 +45,16 @@ def bundle_copy(tmp_path_factory) -> Path:
     return dst
 
 
-def cli(standin: StandIn, *args: str, cwd: Path, home: Path) -> subprocess.CompletedProcess:
+def cli(standin, *args: str, cwd: Path, home: Path, token: str = TOKEN) -> subprocess.CompletedProcess:
+    """The CLI against a workspace on loopback (the stand-in, or Databricks' own fake)."""
     assert CLI is not None, "the Databricks CLI is not built: python -m dicom_lakehouse.databricks_cli"
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(home),
-           "DATABRICKS_HOST": standin.host, "DATABRICKS_TOKEN": TOKEN, "DATABRICKS_CLI_DO_NOT_TRACK": "true"}
+           "DATABRICKS_HOST": standin.host, "DATABRICKS_TOKEN": token, "DATABRICKS_CLI_DO_NOT_TRACK": "true"}
     return subprocess.run([str(CLI), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
-def runme(standin: StandIn, target: str, cwd: Path, home: Path) -> subprocess.CompletedProcess:
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "DATABRICKS_HOST": standin.host, "DATABRICKS_TOKEN": TOKEN}
+def runme(standin, target: str, cwd: Path, home: Path, token: str = TOKEN) -> subprocess.CompletedProcess:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "DATABRICKS_HOST": standin.host, "DATABRICKS_TOKEN": token}
     return subprocess.run([sys.executable, str(cwd / "RUNME.py"), "--target", target], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 
@@ -193,3 +196,35 @@ def test_the_cli_honours_the_lock_runme_takes(bundle_copy, tmp_path):
         r = cli(s, "bundle", "deploy", "-t", "prod", cwd=bundle_copy, home=tmp_path)
         assert r.returncode == 0, r.stderr
         assert len(s.jobs) == 1 and f"{root}/state/deploy.lock" not in s.files
+
+
+@pytest.mark.parametrize("target", ["dev", "prod"])
+def test_on_databricks_own_fake_workspace_the_cli_and_runme_deploy_the_same(bundle_copy, tmp_path, target):
+    """The same comparison against the fake workspace Databricks wrote for the CLI's own tests
+    (libs/testserver of the pinned version): its model of the API, not one written here. Each token
+    is a workspace of its own."""
+    from databricks_fake import USER as FAKE_USER
+
+    shutil.copy(ROOT / "RUNME.py", bundle_copy / "RUNME.py")
+    by_cli, by_runme = f"dapi-cli-{target}", f"dapi-runme-{target}"
+    with WorkspaceFake() as fake:
+        r = cli(fake, "bundle", "deploy", "-t", target, cwd=bundle_copy, home=tmp_path, token=by_cli)
+        assert r.returncode == 0, r.stderr
+        r = runme(fake, target, cwd=bundle_copy, home=tmp_path, token=by_runme)
+        assert r.returncode == 0, r.stdout + r.stderr
+        ((cli_id, cli_job),), ((runme_id, runme_job),) = fake.jobs(by_cli).items(), fake.jobs(by_runme).items()
+        assert canonical(runme_job) == canonical(cli_job)
+        schema = "dev_tester_pixels" if target == "dev" else "pixels"
+        assert {p["name"]: p["default"] for p in cli_job["parameters"]}["schema"] == schema
+        for token in (by_cli, by_runme):
+            assert fake.get(token, f"/api/2.1/unity-catalog/schemas/main.{schema}")["name"] == schema
+            assert fake.get(token, f"/api/2.1/unity-catalog/volumes/main.{schema}.dicom")["volume_type"] == "MANAGED"
+        if target == "prod":
+            acl = [fake.get(t, f"/api/2.0/permissions/jobs/{i}")["access_control_list"]
+                   for t, i in ((by_cli, cli_id), (by_runme, runme_id))]
+            assert acl[0] == acl[1] and any(e.get("group_name") == "admins" for e in acl[0])
+            assert cli_job["run_as"] == {"user_name": FAKE_USER}
+        # a second RUNME deploy finds its job by id and resets it
+        r = runme(fake, target, cwd=bundle_copy, home=tmp_path, token=by_runme)
+        assert r.returncode == 0 and f"updated: {fake.host}/jobs/{runme_id}" in r.stdout, r.stdout + r.stderr
+        assert list(fake.jobs(by_runme)) == [runme_id]

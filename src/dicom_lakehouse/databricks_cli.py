@@ -8,6 +8,9 @@ quick. The flags are those of the CLI's release build (.goreleaser.yaml), so `--
 
     python -m dicom_lakehouse.databricks_cli            # build if missing, print the path
     python -m dicom_lakehouse.databricks_cli --schema F # also write `databricks bundle schema` to F
+
+It also builds tests/workspace_fake: a small program that serves the CLI's own fake workspace
+(libs/testserver, from the same module version) on loopback, for the deploy tests.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import sys
 from pathlib import Path
 
 MODULE = "github.com/databricks/cli"
-# The newest release the Go module proxy served here (v0.299.0 and later were refused, 2026-11-27).
-VERSION = "0.298.0"
+# The newest release the Go module proxy served here on 2026-11-27 (it refused v1.12.2-v1.14.1 and most others;
+# it lists no versions, so each was asked for by number).
+VERSION = "1.12.1"
 CACHE = Path(os.environ.get("DICOM_LAKEHOUSE_CACHE", "~/.cache/dicom-lakehouse")).expanduser()
 
 
@@ -79,6 +83,26 @@ def build(echo=print) -> Path:
     return out
 
 
+def fake_path() -> Path:
+    return CACHE / "bin" / f"workspace-fake-{VERSION}"
+
+
+def build_fake(source: Path, echo=print) -> Path:
+    """Build tests/workspace_fake (its go.mod pins the same CLI module version); returns the binary."""
+    out = fake_path()
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    echo(f"building the CLI's fake workspace (libs/testserver of v{VERSION})")
+    r = subprocess.run([_go(), "build", "-trimpath", "-o", str(tmp), "."], cwd=source, capture_output=True, text=True,
+                       env={**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-mod=readonly"})
+    if r.returncode != 0:
+        raise CliUnavailable(f"go build of {source} failed: {r.stderr[-2000:]}")
+    tmp.replace(out)
+    return out
+
+
 def bundle_schema(cli: Path) -> dict:
     """The bundle configuration's JSON schema, as this CLI prints it."""
     r = subprocess.run([str(cli), "bundle", "schema"], capture_output=True, text=True, timeout=120,
@@ -96,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         cli = build(echo=lambda m: print(m, file=sys.stderr))
+        fake_src = Path(__file__).resolve().parents[2] / "tests" / "workspace_fake"
+        if fake_src.is_dir():  # a checkout, not an installed wheel
+            print(build_fake(fake_src, echo=lambda m: print(m, file=sys.stderr)))
         if args.schema:
             args.schema.write_text(json.dumps(bundle_schema(cli), indent=1, sort_keys=True) + "\n")
     except CliUnavailable as e:

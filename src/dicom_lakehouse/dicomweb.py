@@ -8,12 +8,14 @@ in 1 MiB chunks, so memory stays flat however large the study.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
 import os
 import re
 import secrets
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -155,6 +157,22 @@ def read_frames(fp, total: int, numbers: list[int]) -> list[tuple[str, bytes]]:
     arr = ds.pixel_array  # big endian or deflated: sent as little-endian native frames
     arr = arr.reshape((total, -1)) if total > 1 else arr.reshape((1, -1))
     return [(native, arr[n - 1].astype(arr.dtype.newbyteorder("<")).tobytes()) for n in numbers]
+
+
+@contextlib.contextmanager
+def _corked(sock):
+    """Linux's TCP_CORK while a multipart body is sent: part heads and file contents leave in full
+    segments instead of a small segment per head."""
+    cork = getattr(socket, "TCP_CORK", None)
+    if cork is None:
+        yield
+        return
+    sock.setsockopt(socket.IPPROTO_TCP, cork, 1)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):  # the client may have gone
+            sock.setsockopt(socket.IPPROTO_TCP, cork, 0)
 
 
 def _local_sizes(instances) -> list[int] | None:
@@ -367,14 +385,17 @@ def make_handler(catalog: Catalog, token: str | None, viewer: Path | None = None
             self.send_header("Content-Type", f'multipart/related; type="{ptype}"; boundary={boundary}')
             self.send_header("Content-Length", str(total))
             self.end_headers()
-            for head, (_, path, n) in zip(heads, parts, strict=True):
-                self.wfile.write(head)
-                with open(path, "rb") as f:
-                    if self.connection.sendfile(f, 0, n) != n:
-                        self.close_connection = True
-                        raise ConnectionResetError(f"{path} changed size while being sent")
-                self.wfile.write(b"\r\n")
-            self.wfile.write(tail)
+            with _corked(self.connection):
+                # each part's CRLF goes out with the next part's head: one small write per file
+                between = b""
+                for head, (_, path, n) in zip(heads, parts, strict=True):
+                    self.wfile.write(between + head)
+                    with open(path, "rb") as f:
+                        if self.connection.sendfile(f, 0, n) != n:
+                            self.close_connection = True
+                            raise ConnectionResetError(f"{path} changed size while being sent")
+                    between = b"\r\n"
+                self.wfile.write(between + tail)
 
         def metadata(self, index, params, study, series=None, sop=None):
             instances = _instances(index, study, series, sop)
