@@ -159,6 +159,23 @@ def read_frames(fp, total: int, numbers: list[int]) -> list[tuple[str, bytes]]:
     return [(native, arr[n - 1].astype(arr.dtype.newbyteorder("<")).tobytes()) for n in numbers]
 
 
+def _sendfile(out: int, path: str, n: int) -> int:
+    """The first n bytes of a file to a blocking socket, by the kernel: os.sendfile on raw
+    descriptors (socket.sendfile adds an fstat, a poll set-up and a seek per file). Returns the bytes
+    sent, fewer if the file shrank."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        sent = 0
+        while sent < n:
+            k = os.sendfile(out, fd, sent, n - sent)
+            if not k:
+                break
+            sent += k
+        return sent
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def _corked(sock):
     """Linux's TCP_CORK while a multipart body is sent: part heads and file contents leave in full
@@ -387,13 +404,12 @@ def make_handler(catalog: Catalog, token: str | None, viewer: Path | None = None
             self.end_headers()
             with _corked(self.connection):
                 # each part's CRLF goes out with the next part's head: one small write per file
-                between = b""
+                between, out = b"", self.connection.fileno()
                 for head, (_, path, n) in zip(heads, parts, strict=True):
                     self.wfile.write(between + head)
-                    with open(path, "rb") as f:
-                        if self.connection.sendfile(f, 0, n) != n:
-                            self.close_connection = True
-                            raise ConnectionResetError(f"{path} changed size while being sent")
+                    if _sendfile(out, path, n) != n:
+                        self.close_connection = True
+                        raise ConnectionResetError(f"{path} changed size while being sent")
                     between = b"\r\n"
                 self.wfile.write(between + tail)
 
