@@ -176,6 +176,7 @@ class Resolved:
     schemas: dict = field(default_factory=dict)
     volumes: dict = field(default_factory=dict)
     permissions: list = field(default_factory=list)  # the bundle's access control list for its jobs
+    root_path: str = ""  # the bundle's workspace folder (workspace.root_path, or the CLI's default)
 
 
 def resolve(
@@ -255,7 +256,8 @@ def resolve(
     volumes = {k: refs.sub(v) for k, v in (resources.get("volumes") or {}).items()}
     permissions = [{("permission_level" if k == "level" else k): v for k, v in p.items()}
                    for p in refs.sub(doc.get("permissions") or [])]
-    return Resolved(target, mode, values, jobs, workspace, b, schemas, volumes, permissions)
+    return Resolved(target, mode, values, jobs, workspace, b, schemas, volumes, permissions,
+                    refs.get("workspace.root_path"))
 
 
 def to_serverless(settings: dict, environment_version: str = "4") -> None:

@@ -192,17 +192,30 @@ def _state_path(root_path: str) -> str:
     return f"{root_path}/state/metadata.json"
 
 
-def read_job_ids(w, root_path: str) -> dict:
-    """Job key -> id from the deployment metadata, or {} before the first deployment."""
+def _read_json(w, path: str) -> dict:
+    """A JSON file of the workspace (deployment state), or {} when it is missing or not JSON."""
     from databricks.sdk.errors import NotFound
 
     try:
-        content = w.workspace.export(_state_path(root_path)).content
-    except NotFound:
+        return json.loads(base64.b64decode(w.workspace.export(path).content or ""))
+    except (NotFound, ValueError):
         return {}
+
+
+def _write_json(w, path: str, obj: dict, overwrite: bool) -> None:
+    """A JSON file into the workspace, its folder made first; without overwrite an existing file
+    is refused (ResourceAlreadyExists), which the deploy lock relies on."""
+    from databricks.sdk.service.workspace import ImportFormat
+
+    w.workspace.mkdirs(path.rsplit("/", 1)[0])
+    w.workspace.import_(path, content=base64.b64encode(json.dumps(obj, indent=2).encode()).decode(),
+                        format=ImportFormat.AUTO, overwrite=overwrite)
+
+
+def read_job_ids(w, root_path: str) -> dict:
+    """Job key -> id from the deployment metadata, or {} before the first deployment."""
     try:
-        meta = json.loads(base64.b64decode(content or ""))
-        return {k: int(v["id"]) for k, v in meta["config"]["resources"]["jobs"].items()}
+        return {k: int(v["id"]) for k, v in _read_json(w, _state_path(root_path))["config"]["resources"]["jobs"].items()}
     except (ValueError, KeyError, TypeError):
         return {}
 
@@ -210,17 +223,13 @@ def read_job_ids(w, root_path: str) -> dict:
 def write_metadata(w, resolved, root_path: str, file_path: str, job_ids: dict) -> None:
     """The deployment metadata in the CLI's format (version 1): the workspace shows the job as
     deployed from a bundle, and the next deploy, by RUNME or the CLI, finds it by id."""
-    from databricks.sdk.service.workspace import ImportFormat
-
     b = resolved.bundle
     meta = {"version": 1, "config": {
         "bundle": {"name": b.name, "target": resolved.target, "mode": resolved.mode},
         "workspace": {"file_path": file_path},
         "resources": {"jobs": {k: {"id": str(i), "relative_path": b.job_files[k].relative_to(b.root).as_posix()}
                                for k, i in job_ids.items()}}}, "extra": {}}
-    w.workspace.mkdirs(f"{root_path}/state")
-    w.workspace.import_(_state_path(root_path), content=base64.b64encode(json.dumps(meta, indent=2).encode()).decode(),
-                        format=ImportFormat.AUTO, overwrite=True)
+    _write_json(w, _state_path(root_path), meta, overwrite=True)
 
 
 def create_or_reset(w, settings: dict, job_id: int | None = None) -> tuple[int, str]:
@@ -330,21 +339,15 @@ def deploy_lock(w, root_path: str, user: str, enabled: bool):
     if not enabled:
         yield
         return
-    from databricks.sdk.errors import NotFound, ResourceAlreadyExists
-    from databricks.sdk.service.workspace import ImportFormat
+    from databricks.sdk.errors import ResourceAlreadyExists
 
     path = f"{root_path}/state/{LOCK_FILE}"
     state = {"ID": str(uuid.uuid4()), "AcquisitionTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "IsForced": False, "User": user}
     try:
-        w.workspace.mkdirs(f"{root_path}/state")
-        w.workspace.import_(path, content=base64.b64encode(json.dumps(state).encode()).decode(),
-                            format=ImportFormat.AUTO, overwrite=False)
+        _write_json(w, path, state, overwrite=False)
     except ResourceAlreadyExists:
-        try:
-            held = json.loads(base64.b64decode(w.workspace.export(path).content or ""))
-        except (NotFound, ValueError):
-            held = {}
+        held = _read_json(w, path)
         raise DeployError(f"the deployment of this target is locked by {held.get('User', 'someone')} since "
                           f"{held.get('AcquisitionTime', '?')} ({path}): wait for that deployment to end; if none "
                           "is running, delete the file or run `databricks bundle deploy --force-lock`") from None
@@ -371,9 +374,7 @@ def deploy_and_run(target: str, variables: dict, do_run: bool, params: dict, pro
         except Exception as e:  # noqa: BLE001
             raise _api_error(e, "reading the current user") from None
         # The root path may name the user (prod's does): resolve again now that the user is known.
-        resolved = resolve(target, root=root, variables=variables, user_name=user)
-        root_path = (resolved.workspace or {}).get("root_path") or \
-            f"/Workspace/Users/{user}/.bundle/{resolved.bundle.name}/{resolved.target}"
+        root_path = resolve(target, root=root, variables=variables, user_name=user).root_path
         file_path, artifact_path = f"{root_path}/files", f"{root_path}/artifacts"
         resolved = resolve(target, root=root, variables=variables, user_name=user, file_path=file_path)
         cloud = workspace_cloud(w)
