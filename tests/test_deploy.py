@@ -234,3 +234,28 @@ def test_prod_deploys_under_the_clis_lock_and_refuses_a_held_one(tmp_path):
         assert r.returncode == 2
         assert "locked by bo@example.com since 2026-11-27T01:00:00Z" in r.stdout
         assert s.jobs == jobs_before and lock in s.files  # nothing deployed, the other's lock kept
+
+
+def test_the_wheel_is_built_once_per_state_of_the_sources(tmp_path):
+    import shutil
+    import zipfile
+
+    from dicom_lakehouse.deploy import build_wheel
+
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    # A module left in setuptools' build folder by an earlier build must not reach the wheel.
+    ghost = tmp_path / "build" / "lib" / "dicom_lakehouse" / "ghost.py"
+    ghost.parent.mkdir(parents=True)
+    ghost.write_text("x = 1\n")
+    first = build_wheel(tmp_path)
+    names = zipfile.ZipFile(first).namelist()
+    assert "dicom_lakehouse/deploy.py" in names and "dicom_lakehouse/ghost.py" not in names
+    built_at = first.stat().st_mtime_ns
+    assert build_wheel(tmp_path) == first and first.stat().st_mtime_ns == built_at
+    (tmp_path / "src" / "dicom_lakehouse" / "params.py").write_text(
+        (tmp_path / "src" / "dicom_lakehouse" / "params.py").read_text() + "\nCHANGED = True\n")
+    second = build_wheel(tmp_path)
+    assert second != first
+    assert b"CHANGED = True" in zipfile.ZipFile(second).read("dicom_lakehouse/params.py")

@@ -1,6 +1,7 @@
 """End to end through RUNME and the local runner (local target: the tasks share one Spark Connect server)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,11 @@ pytestmark = pytest.mark.e2e
 def runme(*args, timeout=600):
     return subprocess.run([sys.executable, str(ROOT / "RUNME.py"), *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
+
+
+def run_dir(stdout: str) -> Path:
+    """The run's folder, named by the run id the runner prints (other tests may be running jobs too)."""
+    return ROOT / "build" / "local" / "runs" / re.search(r"^run (\S+): ", stdout, re.M).group(1)
 
 
 def table(wh, name="object_catalog"):
@@ -40,8 +46,8 @@ def test_demo_command_then_overwrite_again(tmp_path):
     assert img.format == "PNG" and img.size == (ct["thumbnail_width"], ct["thumbnail_height"]) == (128, 128)
     assert "|      CT|              ok|              ok|    1|" in r.stdout  # the summary query printed
     # the run record: one attempt per task, all successful, with logs
-    run_json = sorted((ROOT / "build" / "local" / "runs").glob("*/run.json"))[-1]
-    rec = json.loads(run_json.read_text())
+    first = run_dir(r.stdout)
+    rec = json.loads((first / "run.json").read_text())
     assert rec["status"] == "SUCCESS"
     assert [(a["task"], a["attempt"], a["status"]) for a in rec["attempts"]] == [
         ("catalog", 1, "SUCCESS"), ("extract_meta", 1, "SUCCESS"), ("thumbnail", 1, "SUCCESS"), ("deidentify", 1, "SUCCESS"),
@@ -55,7 +61,7 @@ def test_demo_command_then_overwrite_again(tmp_path):
     assert dt.version() == v + 1 and dt.to_pyarrow_dataset().to_table(use_threads=False).num_rows == 13
     # both runs shared one token-protected Spark Connect server, on Spark's own Delta
     assert "Spark Connect server for this run at sc://localhost:" in r.stdout
-    second = ROOT / "build" / "local" / "runs" / r.stdout.split("run ")[1].split(":")[0]
+    second = run_dir(r.stdout)
     assert (second / "connect-server.log").is_file()
     results = {f.name: json.loads(_result_line(f)) for f in second.glob("*.1.log")}
     assert results.pop("deidentify.1.log") == {"deid": "none", "errors": 0, "files_in": 0, "rows_out": 0,
@@ -65,7 +71,7 @@ def test_demo_command_then_overwrite_again(tmp_path):
     # no patient identifier in any log of either run (Delta logs column statistics in places)
     phi = {x for row in rows.values() for x in (row["patient_id"], _name(row["meta"])) if x and len(x) >= 4}
     assert "CompressedSamples^CT1" in phi
-    for log in [*second.iterdir(), *run_json.parent.iterdir()]:
+    for log in [*second.iterdir(), *first.iterdir()]:
         text = log.read_text(errors="replace")
         found = sorted(x for x in phi if x in text)
         assert not found, f"{log} shows {found}"
@@ -97,12 +103,18 @@ def _name(meta: str | None) -> str | None:
     ("deid=full", "--deid 'full' is not allowed: use one of none, basic"),
 ])
 def test_bad_parameters_stop_before_any_task(tmp_path, param, message):
-    before = set((ROOT / "build" / "local" / "runs").glob("*")) if (ROOT / "build" / "local" / "runs").exists() else set()
+    runs = ROOT / "build" / "local" / "runs"
+    before = set(runs.glob("*"))
     r = runme("--run", "--warehouse", str(tmp_path / "wh"), "--param", param)
     assert r.returncode == 2
     assert message in r.stderr
-    after = set((ROOT / "build" / "local" / "runs").glob("*"))
-    assert after == before  # no run was started
+    assert not re.search(r"^run \S+: ", r.stdout, re.M)  # no run was started...
+    # ...and no run folder holds these parameters (other tests may start runs meanwhile)
+    name, value = param.split("=", 1)
+    for folder in set(runs.glob("*")) - before:
+        record = folder / "run.json"
+        if record.exists():
+            assert json.loads(record.read_text())["parameters"].get(name) != value
     assert not (tmp_path / "wh").exists()
 
 
@@ -127,8 +139,8 @@ def test_deid_run_writes_phi_free_copies_and_table(tmp_path, monkeypatch):
     r = runme("--run", "--warehouse", str(wh), "--param", f"path={sample}", "--param", "mode=overwrite",
               "--param", "deid=basic", "--param", f"deid_path={out}", "--param", "deid_retain_patient=true")
     assert r.returncode == 0, r.stdout + r.stderr
-    run_dir = ROOT / "build" / "local" / "runs" / r.stdout.split("run ")[1].split(":")[0]
-    rec = json.loads((run_dir / "run.json").read_text())
+    folder = run_dir(r.stdout)
+    rec = json.loads((folder / "run.json").read_text())
     deid = next(a for a in rec["attempts"] if a["task"] == "deidentify")["result"]
     rows = table(wh, "object_catalog_deid").to_pyarrow_dataset().to_table(use_threads=False).to_pylist()
     originals = table(wh).to_pyarrow_dataset().to_table(use_threads=False).to_pylist()
@@ -160,7 +172,7 @@ def test_deid_run_writes_phi_free_copies_and_table(tmp_path, monkeypatch):
     assert b"CompressedSamples^CT1" in whole and b"CompressedSamples" in phi and len(whole) > 50
     texts = {p: p.read_bytes() for p in out.rglob("*.dcm")}
     texts["table"] = json.dumps(rows, default=str).encode()
-    texts.update({p: p.read_bytes() for p in run_dir.iterdir() if p.is_file()})
+    texts.update({p: p.read_bytes() for p in folder.iterdir() if p.is_file()})
     for where, data in texts.items():
         leaked = sorted(v for v in (phi if isinstance(where, Path) and where.suffix == ".dcm" else whole) if v in data)
         assert not leaked, f"{where} shows {leaked[:5]}"
@@ -175,7 +187,6 @@ def test_failing_task_stops_the_run_with_its_log_tail(tmp_path, sample_dir):
     assert "task catalog failed; last lines of its log" in r.stderr
     assert "[catalog] attempt 2 started" in r.stdout  # max_retries: 1
     assert "[extract_meta]" not in r.stdout
-    rec = json.loads(sorted((ROOT / "build" / "local" / "runs").glob("*/run.json"),
-                            key=lambda p: p.stat().st_mtime)[-1].read_text())
+    rec = json.loads((run_dir(r.stdout) / "run.json").read_text())
     assert rec["status"] == "FAILED" and rec["failed_task"] == "catalog"
     assert [a["status"] for a in rec["attempts"]] == ["FAILED", "FAILED"]

@@ -10,8 +10,11 @@ import base64
 import configparser
 import contextlib
 import dataclasses
+import fcntl
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -141,18 +144,46 @@ def check_node_types(settings: dict, cloud: str) -> None:
                 "or --var compute=serverless")
 
 
-def build_wheel(root: Path, out_dir: Path) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for old in out_dir.glob("dicom_lakehouse-*.whl"):
-        old.unlink()
-    base = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir", str(out_dir), str(root)]
-    r = subprocess.run([*base, "--no-build-isolation"], capture_output=True, text=True)
-    if r.returncode != 0:
-        r = subprocess.run(base, capture_output=True, text=True)
-    wheels = sorted(out_dir.glob("dicom_lakehouse-*.whl"))
-    if r.returncode != 0 or not wheels:
-        raise DeployError(f"building the wheel failed: {r.stderr[-2000:]}")
-    return wheels[-1]
+WHEEL_SOURCES = ("pyproject.toml", "README.md", "src")
+
+
+def _source_digest(root: Path) -> str:
+    """A digest of everything that goes into the wheel: the same sources give the same wheel."""
+    h = hashlib.sha256()
+    for name in WHEEL_SOURCES:
+        top = root / name
+        files = [top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file()
+                                                    and "__pycache__" not in p.parts and ".egg-info" not in str(p))
+        for f in files:
+            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def build_wheel(root: Path) -> Path:
+    """The project's wheel, built once per state of its sources (cached under build/wheels/): each
+    deploy of unchanged code would otherwise spend seconds rebuilding the same file."""
+    cache = root / "build" / "wheels"
+    cache.mkdir(parents=True, exist_ok=True)
+    folder = cache / _source_digest(root)
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # pip builds in the source tree: one build at a time
+        wheels = sorted(folder.glob("dicom_lakehouse-*.whl"))
+        if wheels:
+            return wheels[-1]
+        # setuptools builds in build/lib and build/bdist.*: a module removed from src/ must not linger there.
+        for stale in [root / "build" / "lib", *(root / "build").glob("bdist.*")]:
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache))
+        base = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir", str(tmp), str(root)]
+        r = subprocess.run([*base, "--no-build-isolation"], capture_output=True, text=True)
+        if r.returncode != 0:
+            r = subprocess.run(base, capture_output=True, text=True)
+        built = sorted(tmp.glob("dicom_lakehouse-*.whl"))
+        if r.returncode != 0 or not built:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise DeployError(f"building the wheel failed: {r.stderr[-2000:]}")
+        os.replace(tmp, folder)
+        return folder / built[-1].name
 
 
 def bundle_files(root: Path) -> list[Path]:
@@ -381,12 +412,11 @@ def deploy_and_run(target: str, variables: dict, do_run: bool, params: dict, pro
         for settings in resolved.jobs.values():
             check_node_types(settings, cloud)
         with deploy_lock(w, root_path, user, enabled=resolved.mode != "development"):
-            with tempfile.TemporaryDirectory() as tmp:
-                wheel = build_wheel(resolved.bundle.root, Path(tmp))
-                try:
-                    remote_wheel = upload(w, resolved.bundle.root, file_path, artifact_path, wheel)
-                except Exception as e:  # noqa: BLE001
-                    raise _api_error(e, f"uploading files to {root_path}") from None
+            wheel = build_wheel(resolved.bundle.root)
+            try:
+                remote_wheel = upload(w, resolved.bundle.root, file_path, artifact_path, wheel)
+            except Exception as e:  # noqa: BLE001
+                raise _api_error(e, f"uploading files to {root_path}") from None
             url = w.config.host.rstrip("/")
             try:
                 ensure_unity_catalog(w, resolved, echo)

@@ -22,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+from .delta_reader import read_delta
 from .dicomweb_page import PAGE
 from .dicomweb_query import Index, QueryError, parse_query, search
 from .params import local_path_of
@@ -84,7 +85,7 @@ class Catalog:
                 cols = ["path", "status", "study_instance_uid", "series_instance_uid", "sop_instance_uid", "meta",
                         "length", "has_pixels", "number_of_frames", "transfer_syntax_uid", "thumbnail",
                         "instance_number"]
-                rows = dt.to_pyarrow_dataset().to_table(columns=cols, use_threads=False).to_pylist()
+                rows = read_delta(self.location, cols, dt).to_pylist()
                 self.index, self.version = Index(rows), dt.version()
                 log.info("dicomweb: table version %s: %d instances in %d studies, indexed in %.1f s", self.version,
                          len(self.index), len(self.index.studies), time.time() - t0)

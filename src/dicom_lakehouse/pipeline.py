@@ -212,12 +212,16 @@ def _with_columns(batch, new: dict, names: list[str], out_schema) -> pa.RecordBa
     return pa.RecordBatch.from_arrays(arrays, schema=out_schema)
 
 
-def _map_step(spark, store: TableStore, p: JobParams, src: str, dst: str, fn, status_col: str) -> dict:
+def _map_step(spark, store: TableStore, p: JobParams, src: str, dst: str, fn, status_col: str,
+              columns: tuple[str, ...] | None = None) -> dict:
     """Read the previous step's stage, map every row through `fn` on the executors, write this step's
-    stage in one commit, and fail loudly if a row was lost or duplicated."""
+    stage in one commit, and fail loudly if a row was lost or duplicated. `columns`: the only input
+    columns `fn` reads, when it builds its rows from scratch (the rest is never read or sent to Python)."""
     schema_in = {"catalog": "files", "extract_meta": "meta"}[src]
     schema_out = {"extract_meta": "meta", "thumbnail": "thumbnail", "deidentify": S.DEID_STAGE}[dst]
     df, rows_in = _read_stage(store, p, src, schema_in)
+    if columns:
+        df = df.select(*columns)
     n = _partitions(spark, rows_in)
     # A stage written by a previous step already has one file per partition: no shuffle needed.
     enough_files = store.file_count(stage_ref(p, src)) >= n
@@ -295,6 +299,10 @@ def deid_options(p: JobParams, conf: dict):
                        parse_safe_private((conf.get("deid") or {}).get("safe_private")))
 
 
+# The only meta-stage columns the deidentify step reads: its rows are rebuilt from the copies' headers.
+DEID_INPUT = ("path", "status", "file_key", "run_id")
+
+
 def deid_batches(pseudo, options, out_root: str, threshold: int, max_inflated: int):
     """mapInArrow function: header rows -> de-identified rows. Each DICOM file is read, de-identified,
     written under out_root, and its row rebuilt from the de-identified header; a file that is not
@@ -309,7 +317,7 @@ def deid_batches(pseudo, options, out_root: str, threshold: int, max_inflated: i
         names = S.column_names(S.DEID_STAGE)
         out_schema = S.arrow_schema(S.DEID_STAGE)
         for b in batches:
-            cols = {c: b.column(c).to_pylist() for c in ("path", "status", "file_key", "run_id")}
+            cols = {c: b.column(c).to_pylist() for c in DEID_INPUT}
             rows = {n: [] for n in names}
             for i, path in enumerate(cols["path"]):
                 not_copied = f"urn:dicom-lakehouse:not-copied:{pseudo.token('path', path, 32)}"
@@ -362,7 +370,7 @@ def run_deidentify(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
     root = p.deid_path if "://" in p.deid_path or p.deid_path.startswith(("file:", "dbfs:")) else f"file:{p.deid_path}"
     fn = deid_batches(pseudo, deid_options(p, conf), root, int(dconf.get("bulk_data_threshold", 1024)),
                       int(dconf.get("max_deflated_bytes", 256 * 2**20)))
-    stats = _map_step(spark, store, p, "extract_meta", "deidentify", fn, "status")
+    stats = _map_step(spark, store, p, "extract_meta", "deidentify", fn, "status", DEID_INPUT)
     stats.update(deid=p.deid, deid_path=p.deid_path, copied=stats["status"].get("ok", 0),
                  refused=stats["status"].get("refused", 0))
     log.info("deidentify: %d files in, %d copied to %s, %d refused, %d errors", stats["files_in"], stats["copied"],

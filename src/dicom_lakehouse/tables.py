@@ -25,6 +25,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from . import schema as S
+from .delta_reader import read_delta  # noqa: F401 - the readers' entry point, re-exported
 from .params import IDENTIFIER
 from .session import has_spark_delta, try_set_conf
 
@@ -511,15 +512,3 @@ def open_store(spark, conf: dict, warehouse: str | None = None) -> TableStore:
     if engine == "delta-rs":
         return DeltaRsStore(spark, warehouse_dir(conf, warehouse))
     raise ValueError(f"table_engine {engine!r} in conf/ is not one of auto, spark, delta-rs")
-
-
-def read_delta(path: str | os.PathLike):
-    """A Delta folder's current version as an Arrow table, scanned on the calling thread.
-
-    `DeltaTable(...).to_pyarrow_table()` scans with Arrow's thread pools, and with deltalake 1.6
-    and pyarrow 26 a short process that did so aborted at exit in 8 of 20 runs ("terminate called
-    without an active exception", exit 134; the class of apache/arrow#34314). A single-threaded
-    scan leaves no pool thread running at exit."""
-    from deltalake import DeltaTable
-
-    return DeltaTable(str(path)).to_pyarrow_dataset().to_table(use_threads=False)
