@@ -22,8 +22,9 @@ def read_delta(path: str | os.PathLike, columns: list[str] | None = None, table=
     dt = table if table is not None else DeltaTable(str(path))
     if dt.metadata().partition_columns or "deletionVectors" in (dt.protocol().reader_features or []):
         return dt.to_pyarrow_dataset().to_table(columns=columns, use_threads=False)
+    # The table's schema, not each file's: files written by Spark and by delta-rs differ in metadata.
+    schema = pa.schema(dt.schema().to_arrow())
     files = dt.file_uris()
     if not files:
-        empty = pa.schema(dt.schema().to_arrow()).empty_table()
-        return empty.select(columns) if columns else empty
-    return ds.dataset(files, format="parquet").to_table(columns=columns)
+        return schema.empty_table().select(columns) if columns else schema.empty_table()
+    return ds.dataset(files, format="parquet", schema=schema).to_table(columns=columns)
