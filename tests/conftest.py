@@ -88,13 +88,3 @@ def _quiet_env(monkeypatch):
     monkeypatch.setenv("SPARK_LOCAL_IP", "127.0.0.1")
     os.environ.setdefault("PYARROW_IGNORE_TIMEZONE", "1")
 
-
-# The longest test files (minutes each, from `pytest --durations`), started first: the two xdist
-# workers take one file at a time, and a long file started last would leave one worker idle.
-LONG_FIRST = ("test_cluster.py", "test_faults.py", "test_e2e.py", "test_pipeline.py", "test_databricks_run.py",
-              "test_exit_status.py", "test_spark_engine.py", "test_prewarm.py", "test_databricks_cli.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONG_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FIRST)))  # stable: file order kept otherwise
