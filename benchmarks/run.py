@@ -114,10 +114,11 @@ def baseline_thumb(path: str) -> int:
 _DEID = {}
 
 
-def _deid_init(key: str, out_root: str, with_row: bool) -> None:
+def _deid_init(key: str, out_root: str, with_row: bool, dicom_conf: dict) -> None:
     from dicom_lakehouse.deid import DeidOptions, Pseudonyms
 
-    _DEID.update(pseudo=Pseudonyms(key), options=DeidOptions(), out=out_root, with_row=with_row)
+    _DEID.update(pseudo=Pseudonyms(key), options=DeidOptions(), out=out_root, with_row=with_row,
+                 threshold=int(dicom_conf["bulk_data_threshold"]), cap=int(dicom_conf["max_deflated_bytes"]))
 
 
 def baseline_deid(path: str) -> int:
@@ -135,7 +136,7 @@ def baseline_deid(path: str) -> int:
     dest = f"{_DEID['out']}/{output_name(_DEID['pseudo'], r, 'file:' + path)}"
     write_file(dest, r.data)
     if _DEID["with_row"]:
-        extract_header(io.BytesIO(r.data), dest, 1024, 256 * 2**20)
+        extract_header(io.BytesIO(r.data), dest, _DEID["threshold"], _DEID["cap"])
     return len(r.data)
 
 
@@ -257,13 +258,15 @@ def measure(files: int, corpus: Path, skip_job: bool = False, source: str = "pyd
     res["baseline_thumb_s"] = round(pool_run(baseline_thumb, paths, procs), 2)
     print(f"(c') baseline thumbnail only: {res['baseline_thumb_s']} s", file=sys.stderr)
     if deid:
+        from dicom_lakehouse.config import load_conf
         from dicom_lakehouse.deid import KEY_ENV
 
+        dicom_conf = load_conf("local")["dicom"]  # the task's header settings, read as the task reads them
         os.environ.setdefault(KEY_ENV, "benchmark-key-" + os.urandom(16).hex())
         for name, with_row in (("baseline_deid_s", True), ("baseline_deid_copy_only_s", False)):
             with tempfile.TemporaryDirectory() as tmp:
                 res[name] = round(pool_run(baseline_deid, paths, procs, _deid_init,
-                                           (os.environ[KEY_ENV], f"file:{tmp}", with_row)), 2)
+                                           (os.environ[KEY_ENV], f"file:{tmp}", with_row, dicom_conf)), 2)
         print(f"(f) baseline de-identification, copy and row: {res['baseline_deid_s']} s; "
               f"copy only (f'): {res['baseline_deid_copy_only_s']} s", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp, RssSampler() as rss:
