@@ -35,6 +35,8 @@ def conf():
     c = load_conf("local")
     c["spark"]["master"] = "local[2]"
     c["spark"]["conf"]["spark.sql.shuffle.partitions"] = "2"
+    c["driver_max_files"] = 0  # in-process tests take the executors' path; test_small_runs.py the other
+    c["table_engine"] = "auto"  # the test session has Spark's Delta (the local target itself uses delta-rs)
     return c
 
 

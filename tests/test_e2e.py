@@ -54,8 +54,14 @@ def test_demo_command_then_overwrite_again(tmp_path):
         ("publish", 1, "SUCCESS")]
     assert rec["attempts"][0]["result"]["files_in"] == 13
     # a second overwrite leaves the same row count, in a new table version
+    # the local target's defaults: delta-rs, and a run this small does its per-file work in the tasks
+    results = {f.name: json.loads(_result_line(f)) for f in first.glob("*.1.log")}
+    assert {r.get("engine") for r in results.values()} == {"delta-rs", None}  # None: deidentify, deid none
+    assert [results[f"{s}.1.log"]["ran_in"] for s in ("extract_meta", "thumbnail")] == ["task process"] * 2
+    # then Spark's own Delta with the per-file work on Spark's Python workers, over the same table
     v = dt.version()
-    r = runme("--run", "--warehouse", str(wh), "--param", f"path={ROOT / 'sample_data'}", "--param", "mode=overwrite")
+    r = runme("--engine", "spark", "--driver-max-files", "0", "--run", "--warehouse", str(wh),
+              "--param", f"path={ROOT / 'sample_data'}", "--param", "mode=overwrite")
     assert r.returncode == 0, r.stdout + r.stderr
     dt = table(wh)
     assert dt.version() == v + 1 and dt.to_pyarrow_dataset().to_table(use_threads=False).num_rows == 13
@@ -68,6 +74,7 @@ def test_demo_command_then_overwrite_again(tmp_path):
                                                 "run_id": results["catalog.1.log"]["run_id"], "seconds": 0.0,
                                                 "step": "deidentify"}  # deid none: no session, no work
     assert len(results) == 4 and all(r["engine"] == "spark" for r in results.values())
+    assert all(results[f"{s}.1.log"]["ran_in"].startswith("executors (") for s in ("extract_meta", "thumbnail"))
     # no patient identifier in any log of either run (Delta logs column statistics in places)
     phi = {x for row in rows.values() for x in (row["patient_id"], _name(row["meta"])) if x and len(x) >= 4}
     assert "CompressedSamples^CT1" in phi

@@ -10,6 +10,7 @@ import yaml
 
 ENV_CONF_DIR = "DICOM_LAKEHOUSE_CONF_DIR"
 ENV_TABLE_ENGINE = "DICOM_LAKEHOUSE_TABLE_ENGINE"
+ENV_DRIVER_MAX_FILES = "DICOM_LAKEHOUSE_DRIVER_MAX_FILES"
 
 
 class ConfigError(RuntimeError):
@@ -62,6 +63,12 @@ def load_conf(target: str = "local", conf_dir: str | os.PathLike | None = None) 
             conf = deep_merge(conf, yaml.safe_load(f) or {})
     if os.environ.get(ENV_TABLE_ENGINE):
         conf["table_engine"] = os.environ[ENV_TABLE_ENGINE]
+    if os.environ.get(ENV_DRIVER_MAX_FILES):
+        conf["driver_max_files"] = os.environ[ENV_DRIVER_MAX_FILES]
+    value = conf.get("driver_max_files", 0)
+    if not str(value).isdigit():
+        raise ConfigError(f"driver_max_files {value!r} (conf/ or ${ENV_DRIVER_MAX_FILES}) is not a whole number >= 0")
+    conf["driver_max_files"] = int(value)
     conf["target"] = target
     conf["conf_dir"] = str(d)
     return conf

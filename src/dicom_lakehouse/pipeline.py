@@ -10,6 +10,7 @@ retried step is idempotent and no join is needed until publish.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import gc
 import io
 import logging
@@ -24,6 +25,8 @@ import pyarrow as pa
 from pyspark.sql import functions as F
 
 from . import schema as S
+from .derived import DERIVED
+from .derived import INPUT as DERIVED_INPUT
 from .params import JobParams
 from .session import default_parallelism, try_set_conf
 from .tables import TableRef, TableStore, commit_metadata
@@ -65,16 +68,39 @@ def _import_step_modules(batches):
 
 
 def warm_workers(spark, step: str) -> None:
-    """Start the session's Python workers and import what the step's per-file code needs, so that a
-    task started ahead of time (waiting at its gate) has them ready when its upstream task ends.
+    """Start the session's Python workers and import what the step's per-file code needs.
     Steps that run no Python on the executors need none."""
-    if step in ("extract_meta", "thumbnail", "deidentify"):
+    if step in MAP_STEPS:
         n = default_parallelism(spark)
         spark.range(n, numPartitions=n).mapInArrow(_import_step_modules, "id long").collect()
 
 
-def _status_counts(df) -> dict:
-    return {r["status"]: r["count"] for r in df.groupBy("status").count().collect()}
+MAP_STEPS = ("extract_meta", "thumbnail", "deidentify")
+
+
+def warm_ups(spark, step: str) -> list:
+    """What a task started ahead of time (waiting at its gate) does while its upstream task runs,
+    cheapest first, so that it has them ready when it may start: the per-file code's imports in this
+    process (small runs use them here), the session's first action (JIT, class loading), the
+    executors' Python workers. The caller stops at the first one the gate finds too late for."""
+
+    def import_here():
+        if step in MAP_STEPS:
+            from . import deid, dicom_meta, sources, thumbnails  # noqa: F401
+
+    return [import_here, lambda: spark.range(1).collect(), lambda: warm_workers(spark, step)]
+
+
+def driver_max_files(conf: dict) -> int:
+    """Runs of at most this many files do their per-file work in the task's own process (conf
+    `driver_max_files`; 0: never). Starting Spark's Python workers and a Spark job per step costs
+    seconds, which a few files never win back."""
+    return int(conf.get("driver_max_files") or 0)
+
+
+def _in_driver(fn, table: pa.Table, out_schema: pa.Schema) -> pa.Table:
+    """A mapInArrow function applied in this process, in Spark's batch size."""
+    return pa.Table.from_batches(list(fn(iter(table.to_batches(max_chunksize=500)))), schema=out_schema)
 
 
 def _partitions(spark, rows: int) -> int:
@@ -118,11 +144,17 @@ def run_catalog(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
     table = list_files(spark, p.path, conf, p.run_id, p.include, p.exclude)
     listed = table.num_rows
     t_list = time.time() - t0
-    df = spark.createDataFrame(table, schema=S.spark_schema("files").simpleString()) if listed == 0 else \
-        spark.createDataFrame(table)
     stats = {"files_listed": listed, "listing_seconds": round(t_list, 2)}
     target = target_ref(p)
-    if p.mode == "append" and store.exists(target):
+    meta = commit_metadata(p.run_id, p.as_dict(), "catalog")
+    diff = p.mode == "append" and store.exists(target)
+    if not diff and listed <= driver_max_files(conf):
+        rows = store.write_arrow(table, stage_ref(p, "catalog"), "overwrite", meta, step="files")
+        stats.update({"new": listed, "changed": 0, "unchanged": 0})
+        return _catalog_done(stats, table, listed, rows, p)
+    df = spark.createDataFrame(table, schema=S.spark_schema("files").simpleString()) if listed == 0 else \
+        spark.createDataFrame(table)
+    if diff:
         old = store.read(target).select(F.col("path").alias("_p"), F.col("file_key").alias("_k"))
         joined = df.join(old, df["path"] == old["_p"], "left")
         kind = (F.when(F.col("_p").isNull(), "new").when(F.col("_k") != F.col("file_key"), "changed")
@@ -133,10 +165,13 @@ def run_catalog(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
         df = joined.filter(F.col("_change") != "unchanged").select(*S.column_names("files"))
     else:
         stats.update({"new": listed, "changed": 0, "unchanged": 0})
-    log.info("catalog: %d files listed in %.1f s: %d new, %d changed, %d unchanged (%s mode)", listed, t_list,
-             stats["new"], stats["changed"], stats["unchanged"], p.mode)
-    rows = store.write(df, stage_ref(p, "catalog"), "overwrite", commit_metadata(p.run_id, p.as_dict(), "catalog"),
-                       step="files")
+    rows = store.write(df, stage_ref(p, "catalog"), "overwrite", meta, step="files")
+    return _catalog_done(stats, table, listed, rows, p)
+
+
+def _catalog_done(stats: dict, table, listed: int, rows: int, p: JobParams) -> dict:
+    log.info("catalog: %d files listed in %.1f s: %d new, %d changed, %d unchanged (%s mode)", listed,
+             stats["listing_seconds"], stats["new"], stats["changed"], stats["unchanged"], p.mode)
     expected = listed - stats["unchanged"]
     if rows != expected:
         raise StepError(f"catalog wrote {rows} rows but {expected} files are to be processed")
@@ -213,33 +248,43 @@ def _with_columns(batch, new: dict, names: list[str], out_schema) -> pa.RecordBa
 
 
 def _map_step(spark, store: TableStore, p: JobParams, src: str, dst: str, fn, status_col: str,
-              columns: tuple[str, ...] | None = None) -> dict:
+              columns: tuple[str, ...] | None = None, driver_max: int = 0) -> dict:
     """Read the previous step's stage, map every row through `fn` on the executors, write this step's
     stage in one commit, and fail loudly if a row was lost or duplicated. `columns`: the only input
-    columns `fn` reads, when it builds its rows from scratch (the rest is never read or sent to Python)."""
+    columns `fn` reads, when it builds its rows from scratch (the rest is never read or sent to Python).
+    At most `driver_max` rows: `fn` runs in this process, with the same rows, checks and commit."""
     schema_in = {"catalog": "files", "extract_meta": "meta"}[src]
     schema_out = {"extract_meta": "meta", "thumbnail": "thumbnail", "deidentify": S.DEID_STAGE}[dst]
-    df, rows_in = _read_stage(store, p, src, schema_in)
-    if columns:
-        df = df.select(*columns)
-    n = _partitions(spark, rows_in)
-    # A stage written by a previous step already has one file per partition: no shuffle needed.
-    enough_files = store.file_count(stage_ref(p, src)) >= n
     ref = stage_ref(p, dst)
-    with _file_per_partition(spark) if enough_files else contextlib.nullcontext():
-        out = (df if enough_files else df.repartition(n)).mapInArrow(fn, S.spark_schema(schema_out))
-        rows = store.write(out, ref, "overwrite", commit_metadata(p.run_id, p.as_dict(), dst), step=schema_out)
+    meta = commit_metadata(p.run_id, p.as_dict(), dst)
+    df, rows_in = _read_stage(store, p, src, schema_in)
+    if rows_in <= driver_max:
+        out = _in_driver(fn, store.read_arrow(stage_ref(p, src), schema_in, columns), S.arrow_schema(schema_out))
+        rows = store.write_arrow(out, ref, "overwrite", meta, step=schema_out)
+        counts = {v["values"]: v["counts"] for v in out.column(status_col).value_counts().to_pylist()}
+        where = "task process"
+    else:
+        if columns:
+            df = df.select(*columns)
+        n = _partitions(spark, rows_in)
+        # A stage written by a previous step already has one file per partition: no shuffle needed.
+        enough_files = store.file_count(stage_ref(p, src)) >= n
+        with _file_per_partition(spark) if enough_files else contextlib.nullcontext():
+            out = (df if enough_files else df.repartition(n)).mapInArrow(fn, S.spark_schema(schema_out))
+            rows = store.write(out, ref, "overwrite", meta, step=schema_out)
+        counts = store.value_counts(ref, status_col, schema_out)
+        where = f"executors ({n} partitions)"
     if rows != rows_in:
         raise StepError(f"{dst} read {rows_in} rows but wrote {rows}: a row was lost or duplicated")
-    counts = {r[status_col]: r["count"] for r in
-              store.read(ref, schema_out).groupBy(status_col).count().collect()}
-    return {"files_in": rows_in, "rows_out": rows, "errors": counts.get("error", 0), status_col: counts}
+    log.info("%s: %d rows, per-file work in the %s", dst, rows, where)
+    return {"files_in": rows_in, "rows_out": rows, "errors": counts.get("error", 0), status_col: counts,
+            "ran_in": where}
 
 
 def run_extract_meta(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
     dconf = conf.get("dicom") or {}
     fn = meta_batches(int(dconf.get("bulk_data_threshold", 1024)), int(dconf.get("max_deflated_bytes", 256 * 2**20)))
-    return _map_step(spark, store, p, "catalog", "extract_meta", fn, "status")
+    return _map_step(spark, store, p, "catalog", "extract_meta", fn, "status", driver_max=driver_max_files(conf))
 
 
 # ------------------------------------------------------------------ thumbnail
@@ -288,7 +333,8 @@ def run_thumbnail(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
     fn = thumbnail_batches(p.thumbnail_size, int(tconf.get("max_frame_bytes", 512 * 2**20)),
                            int(tconf.get("png_compress_level", 1)),
                            int((conf.get("dicom") or {}).get("max_deflated_bytes", 256 * 2**20)))
-    return _map_step(spark, store, p, "extract_meta", "thumbnail", fn, "thumbnail_status")
+    return _map_step(spark, store, p, "extract_meta", "thumbnail", fn, "thumbnail_status",
+                     driver_max=driver_max_files(conf))
 
 
 # ------------------------------------------------------------------ deidentify
@@ -370,7 +416,8 @@ def run_deidentify(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
     root = p.deid_path if "://" in p.deid_path or p.deid_path.startswith(("file:", "dbfs:")) else f"file:{p.deid_path}"
     fn = deid_batches(pseudo, deid_options(p, conf), root, int(dconf.get("bulk_data_threshold", 1024)),
                       int(dconf.get("max_deflated_bytes", 256 * 2**20)))
-    stats = _map_step(spark, store, p, "extract_meta", "deidentify", fn, "status", DEID_INPUT)
+    stats = _map_step(spark, store, p, "extract_meta", "deidentify", fn, "status", DEID_INPUT,
+                      driver_max=driver_max_files(conf))
     stats.update(deid=p.deid, deid_path=p.deid_path, copied=stats["status"].get("ok", 0),
                  refused=stats["status"].get("refused", 0))
     log.info("deidentify: %d files in, %d copied to %s, %d refused, %d errors", stats["files_in"], stats["copied"],
@@ -398,47 +445,39 @@ THUMB_COLUMNS = ("thumbnail", "thumbnail_width", "thumbnail_height", "thumbnail_
 
 
 # ------------------------------------------------------------------ publish
-def studies_sql(source: str) -> str:
-    return f"""
-SELECT study_instance_uid, first(patient_id, true) AS patient_id, min(study_date) AS study_date,
-       first(study_description, true) AS study_description,
-       array_sort(collect_set(modality)) AS modalities,
-       count(DISTINCT series_instance_uid) AS series_count, count(*) AS instance_count,
-       sum(length) AS total_bytes
-FROM {source} WHERE study_instance_uid IS NOT NULL GROUP BY study_instance_uid"""
-
-
-def series_sql(source: str) -> str:
-    return f"""
-SELECT series_instance_uid, first(study_instance_uid, true) AS study_instance_uid,
-       first(patient_id, true) AS patient_id, first(modality, true) AS modality,
-       first(series_description, true) AS series_description, first(series_number, true) AS series_number,
-       count(*) AS instance_count, sum(length) AS total_bytes,
-       min_by(thumbnail, coalesce(instance_number, 2147483647)) AS thumbnail
-FROM {source} WHERE series_instance_uid IS NOT NULL GROUP BY series_instance_uid"""
-
-
 def run_publish(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
     df, rows_in = _read_stage(store, p, "thumbnail", "thumbnail")
     target = target_ref(p)
-    out = df.withColumn("ingested_at", F.current_timestamp())
     mode = "overwrite" if p.mode == "overwrite" else "upsert"
     meta = commit_metadata(p.run_id, p.as_dict(), "publish")
-    rows = store.write(out, target, mode, meta, step="publish")
+    if rows_in <= driver_max_files(conf):
+        table = store.read_arrow(stage_ref(p, "thumbnail"), "thumbnail")
+        now = dt.datetime.now(dt.timezone.utc)
+        table = table.append_column("ingested_at", pa.array([now] * table.num_rows, pa.timestamp("us", tz="UTC")))
+        rows = store.write_arrow(table, target, mode, meta, step="publish")
+    else:
+        rows = store.write(df.withColumn("ingested_at", F.current_timestamp()), target, mode, meta, step="publish")
     if rows != rows_in:
         raise StepError(f"publish read {rows_in} rows but wrote {rows}")
     total = store.count(target)
+    t0 = time.time()
+    # A small table's derived rows are computed here; a large one's by Spark SQL.
+    rows_here = store.read_arrow(target, columns=DERIVED_INPUT) if total <= driver_max_files(conf) else None
     # The two derived objects are independent: refresh them side by side (each is mostly commit latency).
     with ThreadPoolExecutor(2) as pool:
-        jobs = {target.derived(suffix).name: pool.submit(store.write_derived, target.derived(suffix), target, sql, meta)
-                for suffix, sql in (("studies", studies_sql), ("series", series_sql))}
+        jobs = {target.derived(suffix).name: pool.submit(
+            store.write_derived, target.derived(suffix), target, sql, meta,
+            None if rows_here is None else lambda fn=in_process: fn(rows_here))
+            for suffix, (sql, in_process) in DERIVED.items()}
         derived = {name: job.result() for name, job in jobs.items()}
+    log.info("publish: %d rows into %s (%s, %d rows now); studies and series refreshed in %.1f s", rows,
+             target.name, mode, total, time.time() - t0)
     deid = _publish_deid(store, p, df, mode, meta) if p.deid != "none" else None
     if (conf.get("stage_retention") or "drop") == "drop":
         for step in STAGES:
             if store.exists(stage_ref(p, step)):
                 store.drop(stage_ref(p, step))
-    counts = _status_counts(store.read(target).select("status"))
+    counts = store.value_counts(target, "status")
     return {"files_in": rows_in, "rows_out": rows, "table_rows": total, "errors": counts.get("error", 0),
             "status": counts, "derived": derived, "mode": mode, "deid": deid}
 

@@ -103,9 +103,27 @@ class TableStore(ABC):
         """Data files in the current version (a step reads each as one partition when there are enough)."""
 
     @abstractmethod
-    def write_derived(self, ref: TableRef, source: TableRef, select, metadata: dict) -> str:
-        """Create or refresh `ref` as `select(name of source)`, a view or a table; returns its kind."""
+    def write_derived(self, ref: TableRef, source: TableRef, select, metadata: dict, rows=None) -> str:
+        """Create or refresh `ref` as `select(name of source)`, a view or a table; returns its kind.
+        `rows`: when given, makes the same rows in this process (an Arrow table), for engines that
+        can write them without a Spark job."""
         ...
+
+    def read_arrow(self, ref: TableRef, step: str = "publish", columns: tuple[str, ...] | None = None):
+        """The table's rows in this process, as Arrow: for small tables, where a Spark job costs more
+        than the rows."""
+        df = self.read(ref, step)
+        return (df.select(*columns) if columns else df).toArrow()
+
+    def write_arrow(self, table, ref: TableRef, mode: str, metadata: dict, step: str = "publish") -> int:
+        """`write` for rows already in this process. Returns rows written."""
+        df = self.spark.createDataFrame(table) if table.num_rows else \
+            self.spark.createDataFrame([], S.spark_schema(step).simpleString())
+        return self.write(df, ref, mode, metadata, step)
+
+    def value_counts(self, ref: TableRef, column: str, step: str = "publish") -> dict:
+        """Rows per value of one column (status counts)."""
+        return {r[column]: r["count"] for r in self.read(ref, step).groupBy(column).count().collect()}
 
 
 def user_metadata(metadata: dict) -> str:
@@ -220,24 +238,8 @@ class DeltaRsStore(TableStore):
                 if not files:
                     return 0
                 rows = sum(pq.read_metadata(f).num_rows for f in files)
-
-                def merge():
-                    source = pads.dataset([str(f) for f in files], schema=arrow_schema).to_batches(use_threads=False)
-                    import pyarrow as pa
-
-                    reader = pa.RecordBatchReader.from_batches(arrow_schema, source)
-                    return (
-                        DeltaTable(str(root))
-                        .merge(reader, predicate=f"t.{KEY} = s.{KEY}", source_alias="s", target_alias="t",
-                               commit_properties=props)
-                        .when_matched_update_all()
-                        .when_not_matched_insert_all()
-                        .execute()
-                    )
-
-                stats = _retry(f"merge into {ref.name}", merge)
-                log.info("merge into %s: %s", ref.name, {k: stats.get(k) for k in
-                         ("num_target_rows_inserted", "num_target_rows_updated", "num_source_rows")})
+                self._merge(ref, lambda: pads.dataset([str(f) for f in files], schema=arrow_schema)
+                            .to_batches(use_threads=False), arrow_schema, props)
                 return rows
             finally:
                 shutil.rmtree(incoming, ignore_errors=True)
@@ -259,22 +261,71 @@ class DeltaRsStore(TableStore):
         _retry(f"overwrite {ref.name}", commit)
         return rows
 
+    def _merge(self, ref: TableRef, batches, arrow_schema, props) -> None:
+        """Upsert on `path` in one delta-rs MERGE; `batches` makes the source afresh for each attempt."""
+        import pyarrow as pa
+        from deltalake import DeltaTable
+
+        def merge():
+            reader = pa.RecordBatchReader.from_batches(arrow_schema, batches())
+            return (
+                DeltaTable(str(self.location(ref)))
+                .merge(reader, predicate=f"t.{KEY} = s.{KEY}", source_alias="s", target_alias="t",
+                       commit_properties=props)
+                .when_matched_update_all()
+                .when_not_matched_insert_all()
+                .execute()
+            )
+
+        stats = _retry(f"merge into {ref.name}", merge)
+        log.info("merge into %s: %s", ref.name, {k: stats.get(k) for k in
+                 ("num_target_rows_inserted", "num_target_rows_updated", "num_source_rows")})
+
+    def read_arrow(self, ref: TableRef, step: str = "publish", columns: tuple[str, ...] | None = None):
+        return read_delta(self.location(ref), list(columns) if columns else None)
+
+    def write_arrow(self, table, ref: TableRef, mode: str, metadata: dict, step: str = "publish") -> int:
+        """Rows in this process go to delta-rs directly: no Spark job, no Parquet files handed over."""
+        from deltalake import write_deltalake
+
+        arrow_schema = S.arrow_schema(step)
+        table = table.select(S.column_names(step)).cast(arrow_schema)
+        props = _delta_rs_commit(metadata)
+        if mode == "upsert" and self.exists(ref):
+            if table.num_rows:
+                self._merge(ref, lambda: table.to_batches(), arrow_schema, props)
+            return table.num_rows
+        root = self.location(ref)
+        root.mkdir(parents=True, exist_ok=True)
+        new = {} if self.exists(ref) else {"name": ref.table, "description": S.TABLE_COMMENT,
+                                           "configuration": S.TABLE_PROPERTIES}
+        _retry(f"overwrite {ref.name}", lambda: write_deltalake(
+            str(root), table, mode="overwrite", schema_mode="overwrite", commit_properties=props, **new))
+        return table.num_rows
+
+    def value_counts(self, ref: TableRef, column: str, step: str = "publish") -> dict:
+        counts = self.read_arrow(ref, step, (column,)).column(column).value_counts()
+        return {v["values"]: v["counts"] for v in counts.to_pylist()}
+
     def drop(self, ref: TableRef) -> None:
         remove_delta_folder(self.location(ref))
 
     def history(self, ref: TableRef) -> list[dict]:
         return self._table(ref).history()
 
-    def write_derived(self, ref: TableRef, source: TableRef, select, metadata: dict) -> str:
+    def write_derived(self, ref: TableRef, source: TableRef, select, metadata: dict, rows=None) -> str:
         """delta-rs has no views: a small table, refreshed by each publish."""
         from deltalake import write_deltalake
 
-        view = f"dl_src_{uuid.uuid4().hex[:12]}"
-        self.read(source).createOrReplaceTempView(view)
-        try:
-            arrow = self.spark.sql(select(view)).toArrow()
-        finally:
-            self.spark.catalog.dropTempView(view)
+        if rows is not None:
+            arrow = rows()
+        else:
+            view = f"dl_src_{uuid.uuid4().hex[:12]}"
+            self.read(source).createOrReplaceTempView(view)
+            try:
+                arrow = self.spark.sql(select(view)).toArrow()
+            finally:
+                self.spark.catalog.dropTempView(view)
         props = _delta_rs_commit(metadata)
         _retry(
             f"refresh {ref.name}",
@@ -413,7 +464,7 @@ class SparkDeltaStore(TableStore):
     def history(self, ref: TableRef) -> list[dict]:
         return [r.asDict() for r in self.spark.sql(f"DESCRIBE HISTORY {self.ident(ref)}").collect()]
 
-    def write_derived(self, ref: TableRef, source: TableRef, select, metadata: dict) -> str:
+    def write_derived(self, ref: TableRef, source: TableRef, select, metadata: dict, rows=None) -> str:
         """A view on a catalog (defined on the source table by name, never on a temporary view);
         a table refreshed by each publish on path-named tables, which views cannot name."""
         if self.warehouse is None:

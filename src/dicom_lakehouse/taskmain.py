@@ -33,20 +33,61 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def gate_word(path: str) -> str:
+    """What the runner wrote at the gate: `go`, `cancel`, or nothing yet."""
+    try:
+        return Path(path).read_text().strip()
+    except FileNotFoundError:
+        return ""
+
+
 def wait_for_gate(path: str, runner_pid: int | None, poll: float = 0.05) -> bool:
     """A task started ahead of time waits here, its Spark session up, until the runner writes
     `go` (its upstream task succeeded) or `cancel`; a vanished runner counts as cancel."""
-    gate = Path(path)
     while True:
-        try:
-            word = gate.read_text().strip()
-        except FileNotFoundError:
-            word = ""
+        word = gate_word(path)
         if word:
             return word == "go"
         if runner_pid and not _alive(runner_pid):
             return False
         time.sleep(poll)
+
+
+WARM_UP_TAG = "dicom-lakehouse-warm-up"
+
+
+def warm_up_until_gate(spark, step: str, gate: str, poll: float = 0.05) -> None:
+    """Warm up (pipeline.warm_ups) while the upstream task runs, and stop as soon as the gate opens:
+    a warm-up still running then (Python workers starting, seconds) would only delay this task. The
+    warm-ups run in a thread under a Spark job tag, which the gate's opening interrupts."""
+    import threading
+
+    from .pipeline import warm_ups
+
+    done = threading.Event()
+
+    def run():
+        try:
+            spark.addTag(WARM_UP_TAG)
+            for warm in warm_ups(spark, step):
+                if gate_word(gate):
+                    break
+                warm()
+        except Exception as e:  # noqa: BLE001 - interrupted: nothing was meant to come of it
+            log.debug("%s: warm-up stopped: %s", step, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        finally:
+            done.set()
+
+    t0 = time.time()
+    thread = threading.Thread(target=run, name="warm-up", daemon=True)
+    thread.start()
+    while not done.wait(poll):
+        if gate_word(gate):
+            spark.interruptTag(WARM_UP_TAG)
+            log.info("%s: upstream done after %.1f s of warm-up; the rest of it was interrupted", step,
+                     time.time() - t0)
+            break
+    thread.join(timeout=60)
 
 
 def setup_logging() -> None:
@@ -111,10 +152,7 @@ def run_task(step: str, argv: list[str] | None = None) -> int:
     store = open_store(spark, conf, params.warehouse)
     gate = os.environ.get(GATE_ENV)
     if gate:
-        from .pipeline import warm_workers
-
-        spark.range(1).collect()  # the first action's JIT and class loading, while upstream still runs
-        warm_workers(spark, step)
+        warm_up_until_gate(spark, step, gate)
         if not wait_for_gate(gate, int(os.environ.get(RUNNER_PID_ENV) or 0) or None):
             log.info("%s: canceled before it started (its upstream task did not succeed)", step)
             spark.stop()
