@@ -212,14 +212,18 @@ def spark_steps(corpus: Path, warehouse: Path, deid_path: Path | None = None) ->
 
 
 # (table engine, runner session): the local default first.
-JOBS = (("spark", "shared"), ("spark", "per_task"), ("delta-rs", "shared"))
+# (engine, session); the first is the local target's default (`--jobs default` runs only it)
+JOBS = (("delta-rs", "shared"), ("spark", "shared"), ("spark", "per_task"))
 
 
-def runner_job(corpus: Path, warehouse: Path, engine: str, session: str = "shared") -> tuple[float, dict]:
+def runner_job(corpus: Path, warehouse: Path, engine: str, session: str = "shared",
+               driver_max_files: int | None = None) -> tuple[float, dict]:
+    """The whole job through RUNME and the local runner; driver_max_files None: the local target's conf."""
     import subprocess
 
+    extra = [] if driver_max_files is None else ["--driver-max-files", str(driver_max_files)]
     t = time.perf_counter()
-    r = subprocess.run([sys.executable, str(ROOT / "RUNME.py"), "--engine", engine, "--session", session, "--run",
+    r = subprocess.run([sys.executable, str(ROOT / "RUNME.py"), *extra, "--engine", engine, "--session", session, "--run",
                         "--warehouse", str(warehouse), "--param", f"path={corpus}", "--param", "mode=overwrite",
                         "--param", "table=bench_job"],
                        capture_output=True, text=True, cwd=ROOT)
@@ -338,7 +342,7 @@ def main(argv=None):
     ap.add_argument("--json", type=Path, default=None, help="write the figures here too")
     ap.add_argument("--skip-job", action="store_true", help="skip (e), the whole job through the runner")
     ap.add_argument("--jobs", choices=["all", "default"], default="all",
-                    help="(e) for every (engine, session) pair, or only the local default (Spark's Delta, shared)")
+                    help="(e) for every (engine, session) pair, or only the local default (delta-rs, shared)")
     ap.add_argument("--source", choices=["pydicom", "pydicom-data"], default="pydicom",
                     help="templates of a corpus that has to be built (see make_corpus.py)")
     ap.add_argument("--deid", action="store_true",

@@ -88,7 +88,8 @@ def warm_ups(spark, step: str) -> list:
         if step in MAP_STEPS:
             from . import deid, dicom_meta, sources, thumbnails  # noqa: F401
 
-    return [import_here, lambda: spark.range(1).collect(), lambda: warm_workers(spark, step)]
+    return [("imports", import_here), ("first action", lambda: spark.range(1).collect()),
+            ("python workers", lambda: warm_workers(spark, step))]
 
 
 def driver_max_files(conf: dict) -> int:
@@ -148,7 +149,7 @@ def run_catalog(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
     target = target_ref(p)
     meta = commit_metadata(p.run_id, p.as_dict(), "catalog")
     diff = p.mode == "append" and store.exists(target)
-    if not diff and listed <= driver_max_files(conf):
+    if not diff:  # the listing is in this process already: no Spark job needed to stage it
         rows = store.write_arrow(table, stage_ref(p, "catalog"), "overwrite", meta, step="files")
         stats.update({"new": listed, "changed": 0, "unchanged": 0})
         return _catalog_done(stats, table, listed, rows, p)

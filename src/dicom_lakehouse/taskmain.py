@@ -56,38 +56,41 @@ def wait_for_gate(path: str, runner_pid: int | None, poll: float = 0.05) -> bool
 WARM_UP_TAG = "dicom-lakehouse-warm-up"
 
 
-def warm_up_until_gate(spark, step: str, gate: str, poll: float = 0.05) -> None:
-    """Warm up (pipeline.warm_ups) while the upstream task runs, and stop as soon as the gate opens:
-    a warm-up still running then (Python workers starting, seconds) would only delay this task. The
-    warm-ups run in a thread under a Spark job tag, which the gate's opening interrupts."""
+def start_warm_up(spark, step: str, gate: str):
+    """Warm up (pipeline.warm_ups) while the upstream task runs, in a thread under a Spark job tag.
+    The step does not wait for it: once the gate opens, no further warm-up starts, and one already
+    running (Python workers starting, seconds) goes on beside the step, whose Spark jobs can use
+    the workers it starts; interrupting it would kill them. Returns `finish`, which interrupts what
+    is still running when the step is done, and waits for the thread."""
     import threading
 
     from .pipeline import warm_ups
 
-    done = threading.Event()
+    done, finished = threading.Event(), []
 
     def run():
         try:
             spark.addTag(WARM_UP_TAG)
-            for warm in warm_ups(spark, step):
+            for name, warm in warm_ups(spark, step):
                 if gate_word(gate):
                     break
                 warm()
+                finished.append(name)
         except Exception as e:  # noqa: BLE001 - interrupted: nothing was meant to come of it
             log.debug("%s: warm-up stopped: %s", step, str(e).splitlines()[0] if str(e) else type(e).__name__)
         finally:
             done.set()
 
-    t0 = time.time()
     thread = threading.Thread(target=run, name="warm-up", daemon=True)
     thread.start()
-    while not done.wait(poll):
-        if gate_word(gate):
+
+    def finish():
+        if not done.is_set():
             spark.interruptTag(WARM_UP_TAG)
-            log.info("%s: upstream done after %.1f s of warm-up; the rest of it was interrupted", step,
-                     time.time() - t0)
-            break
-    thread.join(timeout=60)
+        thread.join(timeout=60)
+
+    finish.finished = finished  # names of the warm-ups done so far
+    return finish
 
 
 def setup_logging() -> None:
@@ -151,12 +154,16 @@ def run_task(step: str, argv: list[str] | None = None) -> int:
             return 2
     store = open_store(spark, conf, params.warehouse)
     gate = os.environ.get(GATE_ENV)
+    finish_warm_up = start_warm_up(spark, step, gate) if gate else (lambda: None)
     if gate:
-        warm_up_until_gate(spark, step, gate)
+        t_gate = time.time()
         if not wait_for_gate(gate, int(os.environ.get(RUNNER_PID_ENV) or 0) or None):
             log.info("%s: canceled before it started (its upstream task did not succeed)", step)
+            finish_warm_up()
             spark.stop()
             return CANCELED_BEFORE_START
+        log.info("%s: started ahead of time; waited %.1f s at the gate for the upstream task (warm-ups done: %s)",
+                 step, time.time() - t_gate, ", ".join(finish_warm_up.finished) or "none")
     log.info("%s: run %s on %s -> %s (engine %s, mode %s)", step, params.run_id, params.path, params.full_name,
              store.engine, params.mode)
     t1 = time.time()
@@ -169,6 +176,8 @@ def run_task(step: str, argv: list[str] | None = None) -> int:
         log.exception("%s failed", step)
         log.error("%s failed: %s", step, root_cause(e))
         return 1
+    finally:
+        finish_warm_up()
     stats.update(step=step, run_id=params.run_id, seconds=round(time.time() - t1, 2),
                  spark_startup_seconds=round(startup, 2), engine=store.engine)
     log.info("%s done: files in %s, rows out %s, errors %s, %.1f s", step, stats.get("files_in"),
