@@ -211,7 +211,6 @@ def spark_steps(corpus: Path, warehouse: Path, deid_path: Path | None = None) ->
     return out
 
 
-# (table engine, runner session): the local default first.
 # (engine, session); the first is the local target's default (`--jobs default` runs only it)
 JOBS = (("delta-rs", "shared"), ("spark", "shared"), ("spark", "per_task"))
 
