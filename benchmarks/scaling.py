@@ -19,15 +19,17 @@ sys.path.insert(0, str(HERE))
 SERIES = [("baseline_meta_s", "baseline (b): header->JSON, Pool"),
           ("baseline_full_wall_s", "baseline (c): + thumbnail, Pool"),
           ("catalog_s", "catalog"), ("extract_meta_s", "extract_meta"), ("thumbnail_s", "thumbnail"),
-          ("publish_s", "publish"), ("jobs.spark", "whole job via runner (e), Spark's Delta"),
-          ("jobs.delta-rs", "whole job via runner (e), delta-rs")]
+          ("publish_s", "publish"), ("jobs.spark", "whole job via runner (e), Spark's Delta, shared session"),
+          ("jobs.delta-rs", "whole job via runner (e), delta-rs, shared session")]
 
 
 def value(r: dict, key: str):
-    """A figure of one result; `jobs.<engine>` is that engine's whole-job wall time (older results: job_wall_s)."""
+    """A figure of one result; `jobs.<engine>` is that engine's whole-job wall time on the shared session
+    (results keyed `<engine>, <session>` since 2026-11-26; older ones by engine, or job_wall_s)."""
     if key.startswith("jobs."):
-        job = (r.get("jobs") or {}).get(key[5:])
-        return job["wall_s"] if job else (r.get("job_wall_s") if key == "jobs.delta-rs" else None)
+        jobs, engine = r.get("jobs") or {}, key[5:]
+        job = jobs.get(f"{engine}, shared") or jobs.get(engine)
+        return job["wall_s"] if job else (r.get("job_wall_s") if engine == "delta-rs" else None)
     return r.get(key)
 
 
