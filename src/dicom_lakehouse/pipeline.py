@@ -16,6 +16,7 @@ import io
 import logging
 import os
 import re
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -153,19 +154,17 @@ def run_catalog(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
         rows = store.write_arrow(table, stage_ref(p, "catalog"), "overwrite", meta, step="files")
         stats.update({"new": listed, "changed": 0, "unchanged": 0})
         return _catalog_done(stats, table, listed, rows, p)
+    # append on an existing table: only new and changed files go on (a join with the table, in Spark)
     df = spark.createDataFrame(table, schema=S.spark_schema("files").simpleString()) if listed == 0 else \
         spark.createDataFrame(table)
-    if diff:
-        old = store.read(target).select(F.col("path").alias("_p"), F.col("file_key").alias("_k"))
-        joined = df.join(old, df["path"] == old["_p"], "left")
-        kind = (F.when(F.col("_p").isNull(), "new").when(F.col("_k") != F.col("file_key"), "changed")
-                .otherwise("unchanged"))
-        joined = joined.withColumn("_change", kind).cache()
-        counts = {r["_change"]: r["count"] for r in joined.groupBy("_change").count().collect()}
-        stats.update({k: counts.get(k, 0) for k in ("new", "changed", "unchanged")})
-        df = joined.filter(F.col("_change") != "unchanged").select(*S.column_names("files"))
-    else:
-        stats.update({"new": listed, "changed": 0, "unchanged": 0})
+    old = store.read(target).select(F.col("path").alias("_p"), F.col("file_key").alias("_k"))
+    joined = df.join(old, df["path"] == old["_p"], "left")
+    kind = (F.when(F.col("_p").isNull(), "new").when(F.col("_k") != F.col("file_key"), "changed")
+            .otherwise("unchanged"))
+    joined = joined.withColumn("_change", kind).cache()
+    counts = {r["_change"]: r["count"] for r in joined.groupBy("_change").count().collect()}
+    stats.update({k: counts.get(k, 0) for k in ("new", "changed", "unchanged")})
+    df = joined.filter(F.col("_change") != "unchanged").select(*S.column_names("files"))
     rows = store.write(df, stage_ref(p, "catalog"), "overwrite", meta, step="files")
     return _catalog_done(stats, table, listed, rows, p)
 
@@ -462,13 +461,22 @@ def run_publish(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
         raise StepError(f"publish read {rows_in} rows but wrote {rows}")
     total = store.count(target)
     t0 = time.time()
-    # A small table's derived rows are computed here; a large one's by Spark SQL.
-    rows_here = store.read_arrow(target, columns=DERIVED_INPUT) if total <= driver_max_files(conf) else None
+    # A small table's derived rows may be computed here (read once, and only by a store that uses them);
+    # a large one's by Spark SQL.
+    lock, source = threading.Lock(), []
+
+    def source_rows():
+        with lock:
+            if not source:
+                source.append(store.read_arrow(target, columns=DERIVED_INPUT))
+            return source[0]
+
+    small = total <= driver_max_files(conf)
     # The two derived objects are independent: refresh them side by side (each is mostly commit latency).
     with ThreadPoolExecutor(2) as pool:
         jobs = {target.derived(suffix).name: pool.submit(
             store.write_derived, target.derived(suffix), target, sql, meta,
-            None if rows_here is None else lambda fn=in_process: fn(rows_here))
+            (lambda fn=in_process: fn(source_rows())) if small else None)
             for suffix, (sql, in_process) in DERIVED.items()}
         derived = {name: job.result() for name, job in jobs.items()}
     log.info("publish: %d rows into %s (%s, %d rows now); studies and series refreshed in %.1f s", rows,
