@@ -2,7 +2,7 @@
 
 Spark SQL defines them (a view on Databricks, a table refreshed by each publish elsewhere). For a
 small table the same rows are computed with pyarrow in the publishing process, which saves a Spark
-job on a cold JVM; tests/test_derived.py holds the two to equal rows and columns."""
+job on a cold JVM; tests/test_small_runs.py holds the two to equal rows and columns."""
 
 from __future__ import annotations
 
@@ -35,10 +35,6 @@ SELECT series_instance_uid, first(study_instance_uid, true) AS study_instance_ui
 FROM {source} WHERE series_instance_uid IS NOT NULL GROUP BY series_instance_uid"""
 
 
-def _key_field(t: pa.Table, name: str) -> pa.Field:
-    return t.schema.field(name)
-
-
 def studies_arrow(t: pa.Table) -> pa.Table:
     """studies_sql's rows, computed in this process (first(x, true) = the first non-null value)."""
     t = t.filter(pc.is_valid(t["study_instance_uid"]))
@@ -47,7 +43,7 @@ def studies_arrow(t: pa.Table) -> pa.Table:
         ("series_instance_uid", "count_distinct"), ([], "count_all"), ("length", "sum")])
     modalities = [sorted(m for m in ms if m is not None) for ms in g["modality_distinct"].to_pylist()]
     schema = pa.schema([
-        _key_field(t, "study_instance_uid"), pa.field("patient_id", pa.string()), pa.field("study_date", pa.date32()),
+        t.schema.field("study_instance_uid"), pa.field("patient_id", pa.string()), pa.field("study_date", pa.date32()),
         pa.field("study_description", pa.string()),
         pa.field("modalities", pa.list_(pa.field("element", pa.string(), False)), False),
         pa.field("series_count", pa.int64(), False), pa.field("instance_count", pa.int64(), False),
@@ -69,7 +65,7 @@ def series_arrow(t: pa.Table) -> pa.Table:
         ("series_description", "first"), ("series_number", "first"), ([], "count_all"), ("length", "sum"),
         ("thumbnail", "first", keep_nulls)])
     schema = pa.schema([
-        _key_field(t, "series_instance_uid"), pa.field("study_instance_uid", pa.string()),
+        t.schema.field("series_instance_uid"), pa.field("study_instance_uid", pa.string()),
         pa.field("patient_id", pa.string()), pa.field("modality", pa.string()),
         pa.field("series_description", pa.string()), pa.field("series_number", pa.int32()),
         pa.field("instance_count", pa.int64(), False), pa.field("total_bytes", pa.int64()),
