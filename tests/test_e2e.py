@@ -57,7 +57,7 @@ def test_demo_command_then_overwrite_again(tmp_path):
     # the local target's defaults: delta-rs, and a run this small does its per-file work in the tasks
     results = {f.name: json.loads(_result_line(f)) for f in first.glob("*.1.log")}
     assert {r.get("engine") for r in results.values()} == {"delta-rs", None}  # None: deidentify, deid none
-    assert [results[f"{s}.1.log"]["ran_in"] for s in ("extract_meta", "thumbnail")] == ["task process"] * 2
+    assert all(results[f"{s}.1.log"]["ran_in"].startswith("task process") for s in ("extract_meta", "thumbnail"))
     # then Spark's own Delta with the per-file work on Spark's Python workers, over the same table
     v = dt.version()
     r = runme("--engine", "spark", "--driver-max-files", "0", "--run", "--warehouse", str(wh),

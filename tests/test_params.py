@@ -48,3 +48,22 @@ def test_remote_uris_pass_without_local_check():
 def test_parse_args_accepts_task_argv():
     raw, conf_dir = parse_args(["--path", "/x", "--catalog", "c", "--run_id", "7", "--conf_dir", "/c"])
     assert raw["path"] == "/x" and raw["catalog"] == "c" and raw["run_id"] == "7" and conf_dir == "/c"
+
+
+def test_counts_in_conf_or_environment_are_checked_before_any_work(monkeypatch):
+    import pytest
+
+    from dicom_lakehouse.config import ConfigError, load_conf
+
+    conf = load_conf("local")
+    assert conf["driver_max_files"] == 2000 and conf["driver_processes"] == 0  # local: one per core
+    defaults = load_conf("dev")
+    assert defaults["driver_max_files"] == 0 and defaults["driver_processes"] == 1
+    monkeypatch.setenv("DICOM_LAKEHOUSE_DRIVER_PROCESSES", "3")
+    assert load_conf("local")["driver_processes"] == 3
+    for var, name in (("DICOM_LAKEHOUSE_DRIVER_PROCESSES", "driver_processes"),
+                      ("DICOM_LAKEHOUSE_DRIVER_MAX_FILES", "driver_max_files")):
+        monkeypatch.setenv(var, "two")
+        with pytest.raises(ConfigError, match=f"{name} 'two' .* is not a whole number"):
+            load_conf("local")
+        monkeypatch.delenv(var)

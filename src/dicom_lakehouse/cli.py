@@ -10,7 +10,15 @@ from pathlib import Path
 import click
 
 from .bundle import BundleError, resolve
-from .config import ENV_DRIVER_MAX_FILES, ENV_TABLE_ENGINE, ConfigError, load_conf, repo_root, warehouse_dir
+from .config import (
+    ENV_DRIVER_MAX_FILES,
+    ENV_DRIVER_PROCESSES,
+    ENV_TABLE_ENGINE,
+    ConfigError,
+    load_conf,
+    repo_root,
+    warehouse_dir,
+)
 from .params import ParameterError
 
 DEFAULT_SAMPLE = "sample_data"
@@ -51,15 +59,19 @@ def _is_local_target(resolved) -> bool:
 @click.option("--driver-max-files", "driver_max_files", type=click.IntRange(min=0), default=None,
               help="Runs of at most this many files do their per-file work in the task processes, not on "
                    "Spark's executors (overrides conf driver_max_files; 0: always on the executors).")
+@click.option("--driver-processes", "driver_processes", type=click.IntRange(min=0), default=None,
+              help="Worker processes for that per-file work (overrides conf driver_processes; 0: one per core).")
 @click.pass_context
 def main(ctx, target, do_run, params, variables, warehouse, master, remote, session, connect_server, profile, engine,
-         driver_max_files):
+         driver_max_files, driver_processes):
     """Create or update the dicom-lakehouse job for TARGET, and run it with --run."""
     ctx.ensure_object(dict)
     if engine:
         os.environ[ENV_TABLE_ENGINE] = engine  # the runner's task processes inherit it
     if driver_max_files is not None:
         os.environ[ENV_DRIVER_MAX_FILES] = str(driver_max_files)
+    if driver_processes is not None:
+        os.environ[ENV_DRIVER_PROCESSES] = str(driver_processes)
     ctx.obj.update(target=target, warehouse=warehouse, remote=remote)
     if ctx.invoked_subcommand is not None:
         return

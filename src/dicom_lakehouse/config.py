@@ -11,6 +11,7 @@ import yaml
 ENV_CONF_DIR = "DICOM_LAKEHOUSE_CONF_DIR"
 ENV_TABLE_ENGINE = "DICOM_LAKEHOUSE_TABLE_ENGINE"
 ENV_DRIVER_MAX_FILES = "DICOM_LAKEHOUSE_DRIVER_MAX_FILES"
+ENV_DRIVER_PROCESSES = "DICOM_LAKEHOUSE_DRIVER_PROCESSES"
 
 
 class ConfigError(RuntimeError):
@@ -53,6 +54,16 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
+def _whole_number(conf: dict, key: str, env: str, default: int, hint: str) -> None:
+    """A count from conf/ or its environment variable, checked before any work starts."""
+    if os.environ.get(env):
+        conf[key] = os.environ[env]
+    value = conf.get(key, default)
+    if not str(value).isdigit():
+        raise ConfigError(f"{key} {value!r} (conf/ or ${env}) is not a whole number >= 0{hint}")
+    conf[key] = int(value)
+
+
 def load_conf(target: str = "local", conf_dir: str | os.PathLike | None = None) -> dict:
     d = find_conf_dir(conf_dir)
     with open(d / "defaults.yml") as f:
@@ -63,12 +74,8 @@ def load_conf(target: str = "local", conf_dir: str | os.PathLike | None = None) 
             conf = deep_merge(conf, yaml.safe_load(f) or {})
     if os.environ.get(ENV_TABLE_ENGINE):
         conf["table_engine"] = os.environ[ENV_TABLE_ENGINE]
-    if os.environ.get(ENV_DRIVER_MAX_FILES):
-        conf["driver_max_files"] = os.environ[ENV_DRIVER_MAX_FILES]
-    value = conf.get("driver_max_files", 0)
-    if not str(value).isdigit():
-        raise ConfigError(f"driver_max_files {value!r} (conf/ or ${ENV_DRIVER_MAX_FILES}) is not a whole number >= 0")
-    conf["driver_max_files"] = int(value)
+    _whole_number(conf, "driver_max_files", ENV_DRIVER_MAX_FILES, 0, "")
+    _whole_number(conf, "driver_processes", ENV_DRIVER_PROCESSES, 1, " (0: one per core)")
     conf["target"] = target
     conf["conf_dir"] = str(d)
     return conf

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 import pyarrow as pa
 from pyspark.sql import functions as F
 
+from . import local_pool
 from . import schema as S
 from .derived import DERIVED
 from .derived import INPUT as DERIVED_INPUT
@@ -98,11 +99,6 @@ def driver_max_files(conf: dict) -> int:
     `driver_max_files`; 0: never). Starting Spark's Python workers and a Spark job per step costs
     seconds, which a few files never win back."""
     return int(conf.get("driver_max_files") or 0)
-
-
-def _in_driver(fn, table: pa.Table, out_schema: pa.Schema) -> pa.Table:
-    """A mapInArrow function applied in this process, in Spark's batch size."""
-    return pa.Table.from_batches(list(fn(iter(table.to_batches(max_chunksize=500)))), schema=out_schema)
 
 
 def _partitions(spark, rows: int) -> int:
@@ -259,10 +255,11 @@ def _map_step(spark, store: TableStore, p: JobParams, src: str, dst: str, fn, st
     meta = commit_metadata(p.run_id, p.as_dict(), dst)
     df, rows_in = _read_stage(store, p, src, schema_in)
     if rows_in <= driver_max:
-        out = _in_driver(fn, store.read_arrow(stage_ref(p, src), schema_in, columns), S.arrow_schema(schema_out))
+        out = local_pool.map_table(fn, store.read_arrow(stage_ref(p, src), schema_in, columns),
+                                  S.arrow_schema(schema_out))
         rows = store.write_arrow(out, ref, "overwrite", meta, step=schema_out)
         counts = {v["values"]: v["counts"] for v in out.column(status_col).value_counts().to_pylist()}
-        where = "task process"
+        where = f"task process ({local_pool.active()} worker processes)" if local_pool.active() else "task process"
     else:
         if columns:
             df = df.select(*columns)

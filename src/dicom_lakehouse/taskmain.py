@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import local_pool
 from .config import ConfigError, load_conf
 from .params import ParameterError, parse_args, validate
 
@@ -119,8 +120,6 @@ def root_cause(e: BaseException) -> str:
 
 
 def run_task(step: str, argv: list[str] | None = None) -> int:
-    from .pipeline import STEP_FUNCS, StepError
-
     setup_logging()
     raw, conf_dir = parse_args(argv)
     try:
@@ -135,6 +134,27 @@ def run_task(step: str, argv: list[str] | None = None) -> int:
         print(RESULT_MARK + json.dumps({"step": step, "run_id": params.run_id, "deid": "none", "files_in": 0,
                                         "rows_out": 0, "errors": 0, "seconds": 0.0}, sort_keys=True), flush=True)
         return 0
+
+    start_local_pool(step, conf)
+    try:
+        return _run_step(step, params, conf)
+    finally:
+        local_pool.stop()
+
+
+def start_local_pool(step: str, conf: dict) -> None:
+    """A run small enough for the task process (conf driver_max_files) may use its worker processes:
+    forked here, before the Spark session's threads, with the per-file code already imported."""
+    from .pipeline import MAP_STEPS, driver_max_files
+
+    if step in MAP_STEPS and driver_max_files(conf) > 0 and local_pool.processes(conf) > 1:
+        from . import deid, dicom_meta, sources, thumbnails  # noqa: F401 - the workers inherit them
+
+        local_pool.start(local_pool.processes(conf))
+
+
+def _run_step(step: str, params, conf: dict) -> int:
+    from .pipeline import STEP_FUNCS, StepError
     from .session import get_spark
     from .tables import open_store
 

@@ -1,0 +1,92 @@
+"""Per-file work of a run that stays in the task process (conf `driver_max_files`), spread over
+worker processes of that task (conf `driver_processes`).
+
+Why: a task of a mid-size local run (hundreds to a few thousand files) spends longer starting
+Spark's Python workers and its first Spark job than on its files, yet a single thread uses one core.
+Forked workers start in milliseconds, share the imports the task already made, and use every core.
+
+The workers are forked at the task's start, before Spark's session exists: a fork after gRPC's or
+the warm-up's threads have started could copy a held lock. Steps hand them their mapInArrow
+function (cloudpickled, as Spark ships it) and slices of the stage; the rows come back in order.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+import pyarrow as pa
+
+_pool: ProcessPoolExecutor | None = None
+_processes = 0
+_fn_cache: dict[bytes, object] = {}
+
+
+class WorkerDied(RuntimeError):
+    """A worker process ended in the middle of a slice (a codec crashed, or it was killed)."""
+
+
+def processes(conf: dict) -> int:
+    """conf `driver_processes`: 1 (the default) works in the task's own thread; 0: one per core."""
+    n = int(conf.get("driver_processes", 1))
+    return n if n > 0 else (os.cpu_count() or 1)
+
+
+def _noop() -> int:
+    return os.getpid()
+
+
+def start(n: int, initializer=None) -> None:
+    """Fork `n` workers now (n <= 1: none). Call before any thread starts."""
+    global _pool, _processes
+    if n <= 1 or _pool is not None:
+        return
+    _pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"), initializer=initializer)
+    _processes = n
+    # With fork, the first submit forks every worker at once: do it here, while no thread runs.
+    _pool.submit(_noop).result()
+
+
+def active() -> int:
+    """How many workers a step may use (0: none started; work in this thread)."""
+    return _processes if _pool is not None else 0
+
+
+def stop() -> None:
+    global _pool, _processes
+    if _pool is not None:
+        _pool.shutdown(wait=True, cancel_futures=True)
+    _pool, _processes = None, 0
+
+
+def _apply(fn_bytes: bytes, batch: pa.RecordBatch) -> list[pa.RecordBatch]:
+    fn = _fn_cache.get(fn_bytes)
+    if fn is None:
+        from pyspark import cloudpickle
+
+        fn = _fn_cache.setdefault(fn_bytes, cloudpickle.loads(fn_bytes))
+    return list(fn(iter([batch])))
+
+
+def slice_rows(rows: int, workers: int, most: int = 500) -> int:
+    """Rows per slice: about four slices per worker, so that slow files even out, and at most `most`
+    (Spark's Arrow batch size, which keeps a worker's memory flat)."""
+    return max(1, min(most, -(-rows // (workers * 4))))
+
+
+def map_table(fn, table: pa.Table, out_schema: pa.Schema) -> pa.Table:
+    """`fn` (a mapInArrow function) over the rows of `table`: in the workers if started, else here."""
+    if _pool is None or table.num_rows == 0:
+        return pa.Table.from_batches(list(fn(iter(table.to_batches(max_chunksize=500)))), schema=out_schema)
+    from pyspark import cloudpickle
+
+    fn_bytes = cloudpickle.dumps(fn)
+    batches = table.combine_chunks().to_batches(max_chunksize=slice_rows(table.num_rows, _processes))
+    try:
+        out = [b for part in _pool.map(_apply, [fn_bytes] * len(batches), batches) for b in part]
+    except BrokenProcessPool as e:
+        raise WorkerDied(f"a worker process of this task died while reading its files ({e}); "
+                         "set driver_processes: 1 to find the file in the task's log") from e
+    return pa.Table.from_batches(out, schema=out_schema)
