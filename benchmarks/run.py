@@ -186,13 +186,18 @@ class RssSampler:
 
 # ----------------------------------------------------------------- the job
 def spark_steps(corpus: Path, warehouse: Path, deid_path: Path | None = None) -> dict:
+    from dicom_lakehouse import local_pool
     from dicom_lakehouse.config import load_conf
     from dicom_lakehouse.params import validate
     from dicom_lakehouse.pipeline import STEP_FUNCS
     from dicom_lakehouse.session import get_spark
     from dicom_lakehouse.tables import open_store
+    from dicom_lakehouse.taskmain import start_local_pool
 
     conf = load_conf("local")
+    # As a task does: its worker processes forked before the session's threads (used by runs of at most
+    # driver_max_files files).
+    start_local_pool("extract_meta", conf)
     t0 = time.perf_counter()
     spark = get_spark(conf, app_name="dicom-lakehouse-bench")
     spark.range(1).collect()  # the first action pays JVM class loading
@@ -205,9 +210,12 @@ def spark_steps(corpus: Path, warehouse: Path, deid_path: Path | None = None) ->
     steps = ("catalog", "extract_meta", "thumbnail", *(("deidentify",) if deid_path else ()), "publish")
     for step in steps:
         t = time.perf_counter()
-        STEP_FUNCS[step](spark, store, p, conf)
+        result = STEP_FUNCS[step](spark, store, p, conf)
         out[f"{step}_s"] = round(time.perf_counter() - t, 2)
+        if "ran_in" in result:
+            out[f"{step}_ran_in"] = result["ran_in"]
     spark.stop()
+    local_pool.stop()
     return out
 
 

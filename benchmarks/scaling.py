@@ -1,8 +1,12 @@
-"""Scaling run: the benchmark at several corpus sizes, and a plot of files against seconds.
+"""Scaling run: the benchmark at several corpus sizes, on both corpora, and a plot of files against
+seconds (one panel per corpus).
 
-    python benchmarks/scaling.py --sizes 1000 10000 50000
+    python benchmarks/scaling.py --sizes 1000 10000 --source both
 
-Writes benchmarks/results/scaling-<date>.json and benchmarks/results/scaling.png.
+pydicom's small test files in benchmarks/corpus/<n>, the realistic corpus (pydicom-data) in
+benchmarks/corpus/realistic-<n>; built when missing. The whole job runs once per size, on the local
+target's defaults (run.py --jobs default). Writes benchmarks/results/scaling-<date>.json and
+benchmarks/results/scaling.png.
 """
 
 from __future__ import annotations
@@ -33,24 +37,32 @@ def value(r: dict, key: str):
     return r.get(key)
 
 
+CORPORA = {"pydicom": ("pydicom's test files", "{n}"), "pydicom-data": ("realistic (pydicom-data)", "realistic-{n}")}
+
+
 def plot(results: list[dict], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-    xs = [r["files"] for r in results]
-    for key, label in SERIES:
-        ys = [value(r, key) for r in results]
-        if all(y is not None for y in ys):
-            style = "--" if key.startswith("baseline") else "-"
-            ax.plot(xs, ys, style, marker="o", label=label)
-    ax.set_xlabel("files")
-    ax.set_ylabel("seconds")
-    ax.set_title(f"dicom-lakehouse scaling, {results[0]['cores']} cores")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    sources = [s for s in CORPORA if any(r.get("source", "pydicom") == s for r in results)]
+    fig, axes = plt.subplots(1, len(sources), figsize=(7 * len(sources), 5), dpi=110, squeeze=False)
+    for ax, source in zip(axes[0], sources, strict=True):
+        rs = sorted((r for r in results if r.get("source", "pydicom") == source), key=lambda r: r["files"])
+        xs = [r["files"] for r in rs]
+        for key, label in SERIES:
+            ys = [value(r, key) for r in rs]
+            if all(y is not None for y in ys):
+                style = "--" if key.startswith("baseline") else "-"
+                ax.plot(xs, ys, style, marker="o", label=label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("files")
+        ax.set_ylabel("seconds")
+        ax.set_title(f"{CORPORA[source][0]}, {rs[0]['cores']} cores")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out)
 
@@ -59,7 +71,8 @@ def main(argv=None):
     from run import measure
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 50000])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
+    ap.add_argument("--source", choices=[*CORPORA, "both"], default="both")
     ap.add_argument("--replot", type=Path, default=None, help="only redraw from a scaling JSON")
     a = ap.parse_args(argv)
     out_dir = HERE / "results"
@@ -67,13 +80,17 @@ def main(argv=None):
     if a.replot:
         results = json.loads(a.replot.read_text())
     else:
+        from run import JOBS
+
         results = []
-        for n in a.sizes:
-            results.append(measure(n, HERE / "corpus" / str(n)))
-            (out_dir / f"scaling-{dt.date.today().isoformat()}.json").write_text(json.dumps(results, indent=2))
-            print(json.dumps({k: value(results[-1], k) for k in ("files", "baseline_meta_s", "baseline_full_wall_s",
-                                                                  "extract_meta_s", "thumbnail_s", "jobs.spark",
-                                                                  "jobs.delta-rs")}), file=sys.stderr)
+        for source in list(CORPORA) if a.source == "both" else [a.source]:
+            for n in a.sizes:
+                corpus = HERE / "corpus" / CORPORA[source][1].format(n=n)
+                results.append(measure(n, corpus, source=source, jobs=JOBS[:1]))
+                (out_dir / f"scaling-{dt.date.today().isoformat()}.json").write_text(json.dumps(results, indent=2))
+                print(json.dumps({k: value(results[-1], k) for k in (
+                    "source", "files", "baseline_meta_s", "baseline_full_wall_s", "extract_meta_s", "thumbnail_s",
+                    "jobs.delta-rs")}), file=sys.stderr)
     plot(results, out_dir / "scaling.png")
     print(f"plot in {out_dir / 'scaling.png'}")
 

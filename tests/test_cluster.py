@@ -85,7 +85,7 @@ def test_job_on_a_standalone_cluster_runs_on_both_workers(tmp_path, sample_dir, 
 def test_connect_server_refuses_clients_without_its_token(tmp_path, conf):
     """The local runner's Spark Connect server (the local target's shared session) accepts only
     clients that present the run's token, and the token is on no process's command line."""
-    from dicom_lakehouse.runner import TOKEN_ENV, local_connect_server
+    from dicom_lakehouse.connect_server import TOKEN_ENV, local_connect_server
 
     token = secrets.token_urlsafe(24)
     code = ("import sys; from pyspark.sql import SparkSession as S; "

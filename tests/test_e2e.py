@@ -58,6 +58,9 @@ def test_demo_command_then_overwrite_again(tmp_path):
     results = {f.name: json.loads(_result_line(f)) for f in first.glob("*.1.log")}
     assert {r.get("engine") for r in results.values()} == {"delta-rs", None}  # None: deidentify, deid none
     assert all(results[f"{s}.1.log"]["ran_in"].startswith("task process") for s in ("extract_meta", "thumbnail"))
+    # ... and no task needed a Spark session, so the run started no JVM
+    assert not any(r.get("spark_session") for r in results.values())
+    assert "up in" not in r.stdout and not (first / "connect-server.log").exists()
     # then Spark's own Delta with the per-file work on Spark's Python workers, over the same table
     v = dt.version()
     r = runme("--engine", "spark", "--driver-max-files", "0", "--run", "--warehouse", str(wh),

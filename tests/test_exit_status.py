@@ -46,7 +46,8 @@ def warehouse(tmp_path_factory, spark, conf):
 
 @pytest.fixture(scope="module")
 def connect_url(conf, tmp_path_factory):
-    from dicom_lakehouse.runner import TOKEN_ENV, local_connect_server, with_delta
+    from dicom_lakehouse.connect_server import TOKEN_ENV, local_connect_server
+    from dicom_lakehouse.runner import with_delta
 
     log = tmp_path_factory.mktemp("connect") / "server.log"
     token = secrets.token_urlsafe(16)

@@ -67,6 +67,7 @@ def test_next_task_starts_its_session_before_the_previous_task_ends(tmp_path, sa
     from dicom_lakehouse.runner import run_job
 
     monkeypatch.setenv("DICOM_LAKEHOUSE_TABLE_ENGINE", "delta-rs")
+    monkeypatch.setenv("DICOM_LAKEHOUSE_DRIVER_MAX_FILES", "0")  # a session to start: the work on executors
     settings, c = _job(conf)
     build = tmp_path / "build"
     rec = run_job(settings, c, target="local", job_key="dicom_lakehouse", root=ROOT, build_dir=build,

@@ -105,3 +105,21 @@ def test_the_derived_rows_computed_in_process_equal_spark_sqls(spark):
     series = {r["series_instance_uid"]: r for r in DERIVED["series"][1](table).to_pylist()}
     assert series["1.1.1"]["thumbnail"] is None  # instance 1 has none; min_by does not skip it
     assert series["1.1.1"]["instance_count"] == 3 and series["2.2.1"]["thumbnail"] is None
+
+
+def test_a_retried_publish_does_not_commit_its_runs_rows_twice(spark, conf, sample_dir, tmp_path):
+    """An attempt that died between its commit and its exit: the retry finds the run's commit in the
+    target's history, skips the write, and still refreshes the derived tables and drops the stages."""
+    from deltalake import DeltaTable
+
+    store = DeltaRsStore(spark, tmp_path / "wh")
+    p = validate({"path": str(sample_dir), "catalog": "main", "schema": "pixels", "table": "t", "mode": "overwrite",
+                  "run_id": "twice"})
+    c = {**conf, "driver_max_files": 100, "stage_retention": "keep"}
+    for step in STEPS:
+        first = STEP_FUNCS[step](spark, store, p, c)
+    again = STEP_FUNCS["publish"](spark, store, p, {**c, "stage_retention": "drop"})
+    history = DeltaTable(str(store.location(target_ref(p)))).history()
+    assert [h["operation"] for h in history] == ["WRITE"]  # one commit: the first attempt's
+    assert again["rows_out"] == first["rows_out"] == again["table_rows"] == 13
+    assert not any((tmp_path / "wh" / "main" / "pixels").glob("t__*"))  # the retry dropped the stages

@@ -13,6 +13,7 @@ import contextlib
 import datetime as dt
 import gc
 import io
+import json
 import logging
 import os
 import re
@@ -80,18 +81,36 @@ def warm_workers(spark, step: str) -> None:
 MAP_STEPS = ("extract_meta", "thumbnail", "deidentify")
 
 
-def warm_ups(spark, step: str) -> list:
+def warm_ups(spark, store: TableStore, p: JobParams, conf: dict, step: str, gate_open) -> list:
     """What a task started ahead of time (waiting at its gate) does while its upstream task runs,
     cheapest first, so that it has them ready when it may start: the per-file code's imports in this
-    process (small runs use them here), the session's first action (JIT, class loading), the
-    executors' Python workers. The caller stops at the first one the gate finds too late for."""
+    process (small runs use them here); then, only if this run will use Spark at all, the session's
+    first action (JIT, class loading) and the executors' Python workers. Each: (name, function, whether
+    it uses Spark). One that returns False ends the list; so does the caller, at the first one the gate
+    finds too late for."""
 
     def import_here():
         if step in MAP_STEPS:
             from . import deid, dicom_meta, sources, thumbnails  # noqa: F401
 
-    return [("imports", import_here), ("first action", lambda: spark.range(1).collect()),
-            ("python workers", lambda: warm_workers(spark, step))]
+    return [("imports", import_here, False), ("spark needed", lambda: uses_spark(store, p, conf, step, gate_open), False),
+            ("first action", lambda: spark.range(1).collect(), True),
+            ("python workers", lambda: warm_workers(spark, step), True)]
+
+
+def uses_spark(store: TableStore, p: JobParams, conf: dict, step: str, gate_open=lambda: False) -> bool:
+    """Whether `step` of this run will use a Spark session: always on Spark's Delta, else when the run
+    has more files than `driver_max_files` (known once the catalog task staged its listing), or to
+    publish de-identified rows. False too if the gate opened before the listing was staged."""
+    limit = driver_max_files(conf)
+    if store.engine != "delta-rs" or limit == 0 or (step == "publish" and p.deid != "none"):
+        return True
+    ref = stage_ref(p, "catalog")
+    while not store.exists(ref):
+        if gate_open():
+            return False
+        time.sleep(0.1)
+    return store.count(ref) > limit
 
 
 def driver_max_files(conf: dict) -> int:
@@ -124,14 +143,13 @@ def _file_per_partition(spark):
             spark.conf.set(key, old)
 
 
-def _read_stage(store: TableStore, p: JobParams, step: str, schema_step: str):
-    """The stage of this run only: its name carries the run id, so no other run's rows can be in it."""
+def _stage_rows(store: TableStore, p: JobParams, step: str) -> tuple[TableRef, int]:
+    """The stage of this run only (its name carries the run id, so no other run's rows can be in it)
+    and its row count. Callers read it with Spark only on the executors' path."""
     ref = stage_ref(p, step)
     if not store.exists(ref):
         raise StepError(f"staged table {ref.name} is missing: run the '{step}' task of this run first.")
-    df = store.read(ref, schema_step)
-    rows = store.count(ref)
-    return df, rows
+    return ref, store.count(ref)
 
 
 # ------------------------------------------------------------------ catalog
@@ -253,19 +271,19 @@ def _map_step(spark, store: TableStore, p: JobParams, src: str, dst: str, fn, st
     schema_out = {"extract_meta": "meta", "thumbnail": "thumbnail", "deidentify": S.DEID_STAGE}[dst]
     ref = stage_ref(p, dst)
     meta = commit_metadata(p.run_id, p.as_dict(), dst)
-    df, rows_in = _read_stage(store, p, src, schema_in)
+    src_ref, rows_in = _stage_rows(store, p, src)
     if rows_in <= driver_max:
-        out = local_pool.map_table(fn, store.read_arrow(stage_ref(p, src), schema_in, columns),
-                                  S.arrow_schema(schema_out))
+        out = local_pool.map_table(fn, store.read_arrow(src_ref, schema_in, columns), S.arrow_schema(schema_out))
         rows = store.write_arrow(out, ref, "overwrite", meta, step=schema_out)
         counts = {v["values"]: v["counts"] for v in out.column(status_col).value_counts().to_pylist()}
         where = f"task process ({local_pool.active()} worker processes)" if local_pool.active() else "task process"
     else:
+        df = store.read(src_ref, schema_in)
         if columns:
             df = df.select(*columns)
         n = _partitions(spark, rows_in)
         # A stage written by a previous step already has one file per partition: no shuffle needed.
-        enough_files = store.file_count(stage_ref(p, src)) >= n
+        enough_files = store.file_count(src_ref) >= n
         with _file_per_partition(spark) if enough_files else contextlib.nullcontext():
             out = (df if enough_files else df.repartition(n)).mapInArrow(fn, S.spark_schema(schema_out))
             rows = store.write(out, ref, "overwrite", meta, step=schema_out)
@@ -425,7 +443,8 @@ def run_deidentify(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
 def _publish_deid(store: TableStore, p: JobParams, thumbs, mode: str, meta: dict) -> dict:
     """{table}_deid: the de-identified rows, with the thumbnail of each copied file (its pixels are the
     original's); the original path is dropped here."""
-    df, rows_in = _read_stage(store, p, "deidentify", S.DEID_STAGE)
+    ref, rows_in = _stage_rows(store, p, "deidentify")
+    df = store.read(ref, S.DEID_STAGE)
     t = thumbs.select(F.col("path").alias("source_path"), *[F.col(c) for c in THUMB_COLUMNS])
     joined = df.join(t, "source_path", "left")
     copied = F.col("status") == "ok"
@@ -442,18 +461,39 @@ THUMB_COLUMNS = ("thumbnail", "thumbnail_width", "thumbnail_height", "thumbnail_
 
 
 # ------------------------------------------------------------------ publish
+def _published_by(store: TableStore, target: TableRef, run_id: str) -> bool:
+    """Whether this run's publish already committed to the target: a retry after an attempt that died
+    between its commit and its exit must not commit the same rows again."""
+    if not store.exists(target):
+        return False
+    for commit in store.history(target, 20):
+        try:
+            meta = json.loads(commit.get("userMetadata") or "{}")
+        except ValueError:
+            continue  # another writer's free-text metadata
+        if isinstance(meta, dict) and meta.get("dicom_lakehouse.run_id") == run_id and \
+                meta.get("dicom_lakehouse.step") == "publish":
+            return True
+    return False
+
+
 def run_publish(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
-    df, rows_in = _read_stage(store, p, "thumbnail", "thumbnail")
+    thumbs, rows_in = _stage_rows(store, p, "thumbnail")
     target = target_ref(p)
     mode = "overwrite" if p.mode == "overwrite" else "upsert"
     meta = commit_metadata(p.run_id, p.as_dict(), "publish")
-    if rows_in <= driver_max_files(conf):
-        table = store.read_arrow(stage_ref(p, "thumbnail"), "thumbnail")
+    if _published_by(store, target, p.run_id):
+        log.info("publish: an earlier attempt of run %s committed to %s and ended before it finished: the "
+                 "rows are in; refreshing the rest", p.run_id, target.name)
+        rows = rows_in
+    elif rows_in <= driver_max_files(conf):
+        table = store.read_arrow(thumbs, "thumbnail")
         now = dt.datetime.now(dt.timezone.utc)
         table = table.append_column("ingested_at", pa.array([now] * table.num_rows, pa.timestamp("us", tz="UTC")))
         rows = store.write_arrow(table, target, mode, meta, step="publish")
     else:
-        rows = store.write(df.withColumn("ingested_at", F.current_timestamp()), target, mode, meta, step="publish")
+        rows = store.write(store.read(thumbs, "thumbnail").withColumn("ingested_at", F.current_timestamp()), target,
+                           mode, meta, step="publish")
     if rows != rows_in:
         raise StepError(f"publish read {rows_in} rows but wrote {rows}")
     total = store.count(target)
@@ -478,7 +518,7 @@ def run_publish(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
         derived = {name: job.result() for name, job in jobs.items()}
     log.info("publish: %d rows into %s (%s, %d rows now); studies and series refreshed in %.1f s", rows,
              target.name, mode, total, time.time() - t0)
-    deid = _publish_deid(store, p, df, mode, meta) if p.deid != "none" else None
+    deid = _publish_deid(store, p, store.read(thumbs, "thumbnail"), mode, meta) if p.deid != "none" else None
     if (conf.get("stage_retention") or "drop") == "drop":
         for step in STAGES:
             if store.exists(stage_ref(p, step)):

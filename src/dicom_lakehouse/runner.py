@@ -16,16 +16,15 @@ import logging
 import os
 import re
 import secrets
-import socket
 import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .bundle import task_order
+from .connect_server import ON_DEMAND_ENV, TOKEN_ENV, ConnectServer, on_demand
 from .params import ParameterError, validate
 from .taskmain import GATE_ENV, RESULT_MARK, RUNNER_PID_ENV, SERVER_HAS_LIBRARY_ENV
 
@@ -130,83 +129,14 @@ def spark_submit_cmd(conf: dict, master: str, python_file: str, argv: list[str],
     return [*cmd, python_file, *argv]
 
 
-TOKEN_ENV = "SPARK_CONNECT_AUTHENTICATE_TOKEN"
-
-
-@contextmanager
-def local_connect_server(conf: dict, master: str, log_path: Path, token: str, timeout: float = 180,
-                         class_archive: Path | None = None):
-    """A Spark Connect server on loopback for one run: the four tasks share its JVM instead of
-    starting one each, which removes most of the fixed per-task start-up cost.
-
-    It accepts only clients that present `token` (pyspark sends $SPARK_CONNECT_AUTHENTICATE_TOKEN
-    when the URL's host is `localhost`). The token travels in environment variables only, never on
-    a command line, where other local users could read it.
-
-    With `class_archive`, the JVM loads its classes from that CDS archive, or, when there is none
-    yet, writes it as it exits (about 30 s): to a temporary name, moved into place only after the JVM
-    exited by itself, so a killed dump leaves nothing behind."""
-    import pyspark
-
-    if not token:
-        raise ValueError("a Spark Connect server needs a token")
-    java_options, dump, stop_timeout = "", None, 30.0
-    if class_archive is not None and class_archive.exists():
-        java_options = f"-XX:SharedArchiveFile={class_archive}"
-    elif class_archive is not None:
-        class_archive.parent.mkdir(parents=True, exist_ok=True)
-        dump = class_archive.with_name(f"{class_archive.stem}.{secrets.token_hex(4)}.tmp")
-        java_options, stop_timeout = f"-XX:ArchiveClassesAtExit={dump}", 180.0
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    from .session import LOG4J2_PROPERTIES
-
-    spark_conf = conf.get("spark") or {}
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log4j = log_path.with_name("connect-server-log4j2.properties")
-    log4j.write_text(LOG4J2_PROPERTIES)
-    cmd = [str(Path(pyspark.__file__).parent / "bin" / "spark-submit"), "--class",
-           "org.apache.spark.sql.connect.service.SparkConnectServer", "--master", master,
-           "--name", "dicom-lakehouse:connect-server",
-           "--driver-memory", str(spark_conf.get("driver_memory", "2g")),
-           "--conf", f"spark.connect.grpc.binding.port={port}", "--conf", "spark.connect.grpc.binding.address=127.0.0.1"]
-    settings = dict(spark_conf.get("conf") or {})
-    java = "spark.driver.extraJavaOptions"
-    settings[java] = f"{settings.get(java, '')} -Dlog4j2.configurationFile={log4j} {java_options}".strip()
-    for k, v in settings.items():
-        cmd += ["--conf", f"{k}={v}"]
-    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1", TOKEN_ENV: token}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([*cmd, "spark-internal"], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-    try:
-        deadline = time.time() + timeout
-        while b"Spark Connect server started" not in log_path.read_bytes():
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"the Spark Connect server did not start; see {log_path}")
-            time.sleep(0.2)
-        yield f"sc://localhost:{port}"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=stop_timeout)
-            if dump is not None and dump.exists() and not class_archive.exists():
-                os.replace(dump, class_archive)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-        if dump is not None:
-            dump.unlink(missing_ok=True)
-
-
-def _shared_server(stack: contextlib.ExitStack, conf: dict, master: str, folder: Path, env: dict) -> str:
-    """Start this run's Connect server; the token goes to the task processes' environment only."""
+def _shared_server(stack: contextlib.ExitStack, conf: dict, master: str, folder: Path, env: dict, echo) -> str:
+    """This run's Connect server, started when a task first asks for it; the token goes to the task
+    processes' environment only."""
     token = secrets.token_urlsafe(32)
-    url = stack.enter_context(local_connect_server(conf, master, folder / "connect-server.log", token,
-                                                   class_archive=class_data_archive(conf, "connect-server")))
-    env[TOKEN_ENV] = token
+    server = ConnectServer(conf, master, folder / "connect-server.log", token,
+                           class_archive=class_data_archive(conf, "connect-server"))
+    url = stack.enter_context(on_demand(server, folder, echo))
+    env.update({TOKEN_ENV: token, ON_DEMAND_ENV: str(folder), RUNNER_PID_ENV: str(os.getpid())})
     if master.startswith("local"):
         env[SERVER_HAS_LIBRARY_ENV] = "1"  # else the tasks ship the library to the cluster's executors
     return url
@@ -365,8 +295,8 @@ def run_job(
     stack = contextlib.ExitStack()
     t_job = time.time()
     if session == "shared" and not remote:
-        remote = _shared_server(stack, conf, master, folder, env)
-        echo(f"run {run_id}: Spark Connect server for this run at {remote}, up in {time.time() - t_job:.1f} s")
+        remote = _shared_server(stack, conf, master, folder, env, echo)
+        echo(f"run {run_id}: Spark Connect server for this run at {remote}, started when a task first needs Spark")
     with stack:
         cds = class_data_archive(conf)
         if cds is not None:
@@ -387,12 +317,15 @@ def run_job(
                 dump = cds.with_name(f"{cds.stem}.{run_id}.tmp")
                 java = f"-XX:ArchiveClassesAtExit={dump}"
             commands[key] = spark_submit_cmd(conf, master, python_file, argv, key, py_files, java)
-        # Start each task's process while its upstream task runs; it waits at a gate with its JVM and
-        # Spark session up. Local masters only (on a cluster a waiting driver would hold executors),
-        # not on the run that writes the class archive, and not for Spark Connect clients.
+
+        # Start each task's process while its upstream task runs; it waits at a gate, with its per-file
+        # code imported (and its Spark session up, when the run uses one). Local masters only (on a
+        # cluster a waiting driver would hold executors), not on the run that writes the class archive.
         prewarm = bool((conf.get("runner") or {}).get("prewarm", False)) and master.startswith("local") \
             and (not remote or SERVER_HAS_LIBRARY_ENV in env) and dump is None
-        warm: _Launched | None = None
+        # Two tasks ahead: a task that ends at once (deidentify with deid none) would otherwise leave
+        # the one after it to start cold.
+        warm: dict[str, _Launched] = {}
         echo(f"run {run_id}: job {record.job} on {remote or master}, parameters {json.dumps(values)}")
         try:
             for idx, task in enumerate(tasks):
@@ -405,15 +338,15 @@ def run_job(
                     log_path = folder / f"{key}.{attempt}.log"
                     echo(f"  [{key}] attempt {attempt} started")
                     t0 = time.time()
-                    if warm is not None and warm.key == key and attempt == 1:
-                        launched, warm = warm, None
+                    if key in warm and attempt == 1:
+                        launched = warm.pop(key)
                         launched.open("go")
                     else:
                         launched = _Launched.start(key, commands[key], log_path, env, root)
-                    if prewarm and warm is None and idx + 1 < len(tasks):
-                        nxt = tasks[idx + 1]["task_key"]
-                        warm = _Launched.start(nxt, commands[nxt], folder / f"{nxt}.1.log", env, root,
-                                               gate=folder / f"{nxt}.gate")
+                    for nxt in [t["task_key"] for t in tasks[idx + 1:idx + 3]] if prewarm else []:
+                        if nxt not in warm:
+                            warm[nxt] = _Launched.start(nxt, commands[nxt], folder / f"{nxt}.1.log", env, root,
+                                                        gate=folder / f"{nxt}.gate")
                     code, status = _wait(launched.proc, timeout, stop)
                     if launched.gate is not None:
                         launched.gate.unlink(missing_ok=True)
@@ -445,8 +378,8 @@ def run_job(
             else:
                 record.status = "SUCCESS"
         finally:
-            if warm is not None:
-                warm.cancel()
+            for waiting in warm.values():
+                waiting.cancel()
     record.seconds = round(time.time() - t_job, 2)
     record.save(folder)
     echo(f"run {run_id}: {record.status} in {record.seconds:.1f} s; record {folder / 'run.json'}")

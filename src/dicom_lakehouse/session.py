@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
+import time
 
 from pyspark.sql import SparkSession
 
+from .connect_server import ON_DEMAND_ENV, ask_for_server
 from .delta_jars import delta_settings
-from .taskmain import SERVER_HAS_LIBRARY_ENV
+from .taskmain import RUNNER_PID_ENV, SERVER_HAS_LIBRARY_ENV
 
 
 def _under_launcher() -> bool:
@@ -22,6 +25,8 @@ def get_spark(conf: dict, remote: str | None = None, app_name: str | None = None
     remote = remote or spark_conf.get("remote")
     builder = SparkSession.builder.appName(app_name or spark_conf.get("app_name", "dicom-lakehouse"))
     if remote:
+        if os.environ.get(ON_DEMAND_ENV):
+            ask_for_server(os.environ[ON_DEMAND_ENV], int(os.environ.get(RUNNER_PID_ENV) or 0) or None)
         spark = builder.remote(remote).getOrCreate()
         if not os.environ.get(SERVER_HAS_LIBRARY_ENV):
             _ship_library(spark)
@@ -88,7 +93,33 @@ def try_set_conf(spark, key: str, value: str) -> bool:
         return False
 
 
+class LazySession:
+    """A task's Spark session, made when first used. A small run on delta-rs uses none, so its task
+    neither waits for nor starts a JVM (see connect_server)."""
+
+    def __init__(self, make):
+        self._make, self._spark, self._lock = make, None, threading.Lock()
+        self.startup_seconds = 0.0
+
+    @property
+    def created(self) -> bool:
+        return self._spark is not None
+
+    def get(self) -> SparkSession:
+        with self._lock:
+            if self._spark is None:
+                t0 = time.time()
+                self._spark = self._make()
+                self.startup_seconds = time.time() - t0
+            return self._spark
+
+    def __getattr__(self, name):
+        return getattr(self.get(), name)
+
+
 def is_connect(spark) -> bool:
+    if isinstance(spark, LazySession):
+        spark = spark.get()
     return type(spark).__module__.startswith("pyspark.sql.connect")
 
 

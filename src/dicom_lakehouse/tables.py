@@ -91,8 +91,8 @@ class TableStore(ABC):
         ...
 
     @abstractmethod
-    def history(self, ref: TableRef) -> list[dict]:
-        ...
+    def history(self, ref: TableRef, limit: int | None = None) -> list[dict]:
+        """The table's commits, newest first (at most `limit`)."""
 
     @abstractmethod
     def count(self, ref: TableRef) -> int:
@@ -310,8 +310,8 @@ class DeltaRsStore(TableStore):
     def drop(self, ref: TableRef) -> None:
         remove_delta_folder(self.location(ref))
 
-    def history(self, ref: TableRef) -> list[dict]:
-        return self._table(ref).history()
+    def history(self, ref: TableRef, limit: int | None = None) -> list[dict]:
+        return self._table(ref).history(limit)
 
     def write_derived(self, ref: TableRef, source: TableRef, select, metadata: dict, rows=None) -> str:
         """delta-rs has no views: a small table, refreshed by each publish."""
@@ -461,8 +461,9 @@ class SparkDeltaStore(TableStore):
         else:
             self.spark.sql(f"DROP TABLE IF EXISTS {ref.quoted}")
 
-    def history(self, ref: TableRef) -> list[dict]:
-        return [r.asDict() for r in self.spark.sql(f"DESCRIBE HISTORY {self.ident(ref)}").collect()]
+    def history(self, ref: TableRef, limit: int | None = None) -> list[dict]:
+        last = f" LIMIT {int(limit)}" if limit else ""
+        return [r.asDict() for r in self.spark.sql(f"DESCRIBE HISTORY {self.ident(ref)}{last}").collect()]
 
     def write_derived(self, ref: TableRef, source: TableRef, select, metadata: dict, rows=None) -> str:
         """A view on a catalog (defined on the source table by name, never on a temporary view);

@@ -57,7 +57,7 @@ def wait_for_gate(path: str, runner_pid: int | None, poll: float = 0.05) -> bool
 WARM_UP_TAG = "dicom-lakehouse-warm-up"
 
 
-def start_warm_up(spark, step: str, gate: str):
+def start_warm_up(spark, store, params, conf: dict, step: str, gate: str):
     """Warm up (pipeline.warm_ups) while the upstream task runs, in a thread under a Spark job tag.
     The step does not wait for it: once the gate opens, no further warm-up starts, and one already
     running (Python workers starting, seconds) goes on beside the step, whose Spark jobs can use
@@ -71,11 +71,13 @@ def start_warm_up(spark, step: str, gate: str):
 
     def run():
         try:
-            spark.addTag(WARM_UP_TAG)
-            for name, warm in warm_ups(spark, step):
+            for name, warm, on_spark in warm_ups(spark, store, params, conf, step, lambda: bool(gate_word(gate))):
                 if gate_word(gate):
                     break
-                warm()
+                if on_spark and WARM_UP_TAG not in spark.getTags():
+                    spark.addTag(WARM_UP_TAG)
+                if warm() is False:
+                    break
                 finished.append(name)
         except Exception as e:  # noqa: BLE001 - interrupted: nothing was meant to come of it
             log.debug("%s: warm-up stopped: %s", step, str(e).splitlines()[0] if str(e) else type(e).__name__)
@@ -86,7 +88,7 @@ def start_warm_up(spark, step: str, gate: str):
     thread.start()
 
     def finish():
-        if not done.is_set():
+        if not done.is_set() and spark.created:
             spark.interruptTag(WARM_UP_TAG)
         thread.join(timeout=60)
 
@@ -155,12 +157,11 @@ def start_local_pool(step: str, conf: dict) -> None:
 
 def _run_step(step: str, params, conf: dict) -> int:
     from .pipeline import STEP_FUNCS, StepError
-    from .session import get_spark
+    from .session import LazySession, get_spark
     from .tables import open_store
 
-    t0 = time.time()
-    spark = get_spark(conf, params.remote, app_name=f"dicom-lakehouse:{step}")
-    startup = time.time() - t0
+    # Made when first used: a small run on delta-rs needs no Spark session (nor its runner a JVM).
+    spark = LazySession(lambda: get_spark(conf, params.remote, app_name=f"dicom-lakehouse:{step}"))
     if params.deid != "none":
         from .deid import DeidError
         from .deid_key import resolve_key
@@ -169,18 +170,17 @@ def _run_step(step: str, params, conf: dict) -> int:
             resolve_key(conf, spark)
         except DeidError as e:
             log.error("%s: invalid parameters, nothing was done: %s", step, e)
-            if not os.environ.get("DATABRICKS_RUNTIME_VERSION"):
-                spark.stop()
+            _stop(spark)
             return 2
     store = open_store(spark, conf, params.warehouse)
     gate = os.environ.get(GATE_ENV)
-    finish_warm_up = start_warm_up(spark, step, gate) if gate else (lambda: None)
+    finish_warm_up = start_warm_up(spark, store, params, conf, step, gate) if gate else (lambda: None)
     if gate:
         t_gate = time.time()
         if not wait_for_gate(gate, int(os.environ.get(RUNNER_PID_ENV) or 0) or None):
             log.info("%s: canceled before it started (its upstream task did not succeed)", step)
             finish_warm_up()
-            spark.stop()
+            _stop(spark)
             return CANCELED_BEFORE_START
         log.info("%s: started ahead of time; waited %.1f s at the gate for the upstream task (warm-ups done: %s)",
                  step, time.time() - t_gate, ", ".join(finish_warm_up.finished) or "none")
@@ -199,10 +199,16 @@ def _run_step(step: str, params, conf: dict) -> int:
     finally:
         finish_warm_up()
     stats.update(step=step, run_id=params.run_id, seconds=round(time.time() - t1, 2),
-                 spark_startup_seconds=round(startup, 2), engine=store.engine)
+                 spark_startup_seconds=round(spark.startup_seconds, 2), spark_session=spark.created,
+                 engine=store.engine)
     log.info("%s done: files in %s, rows out %s, errors %s, %.1f s", step, stats.get("files_in"),
              stats.get("rows_out"), stats.get("errors"), stats["seconds"])
     print(RESULT_MARK + json.dumps(stats, default=str, sort_keys=True), flush=True)
-    if not os.environ.get("DATABRICKS_RUNTIME_VERSION"):
-        spark.stop()
+    _stop(spark)
     return 0
+
+
+def _stop(spark) -> None:
+    """End the session this task made, if it made one; a Databricks session is not ours to stop."""
+    if spark.created and not os.environ.get("DATABRICKS_RUNTIME_VERSION"):
+        spark.stop()

@@ -1,0 +1,177 @@
+"""The local runner's Spark Connect server: one JVM per run on loopback, token-protected, whose clients
+are the run's task processes.
+
+It starts when the first task asks for a Spark session, not when the run starts: a run whose tasks all
+stay in their own processes (delta-rs and at most `driver_max_files` files) starts no JVM at all, and
+one that needs it still starts the catalog's listing without waiting for the JVM. A task asks by
+creating `connect-server.want` in the run's folder ($DICOM_LAKEHOUSE_CONNECT_ON_DEMAND); the runner
+answers in `connect-server.ready`: `up`, or `failed: <why>`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+TOKEN_ENV = "SPARK_CONNECT_AUTHENTICATE_TOKEN"
+ON_DEMAND_ENV = "DICOM_LAKEHOUSE_CONNECT_ON_DEMAND"
+WANT, READY = "connect-server.want", "connect-server.ready"
+
+
+class ConnectServer:
+    """One server process. With `class_archive`, the JVM loads its classes from that CDS archive, or,
+    when there is none yet, writes it as it exits (about 30 s): to a temporary name, moved into place
+    only after the JVM exited by itself, so a killed dump leaves nothing behind.
+
+    It accepts only clients that present `token` (pyspark sends $SPARK_CONNECT_AUTHENTICATE_TOKEN when
+    the URL's host is `localhost`). The token travels in environment variables only, never on a
+    command line, where other local users could read it."""
+
+    def __init__(self, conf: dict, master: str, log_path: Path, token: str, class_archive: Path | None = None):
+        if not token:
+            raise ValueError("a Spark Connect server needs a token")
+        self.conf, self.master, self.log_path, self.token = conf, master, log_path, token
+        self.class_archive, self.dump, self.proc = class_archive, None, None
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"sc://localhost:{self.port}"
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        import pyspark
+
+        from .session import LOG4J2_PROPERTIES
+
+        with self._lock:
+            if self.proc is not None:
+                return
+            java_options, archive = "", self.class_archive
+            if archive is not None and archive.exists():
+                java_options = f"-XX:SharedArchiveFile={archive}"
+            elif archive is not None:
+                archive.parent.mkdir(parents=True, exist_ok=True)
+                self.dump = archive.with_name(f"{archive.stem}.{secrets.token_hex(4)}.tmp")
+                java_options = f"-XX:ArchiveClassesAtExit={self.dump}"
+            spark_conf = self.conf.get("spark") or {}
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            log4j = self.log_path.with_name("connect-server-log4j2.properties")
+            log4j.write_text(LOG4J2_PROPERTIES)
+            cmd = [str(Path(pyspark.__file__).parent / "bin" / "spark-submit"), "--class",
+                   "org.apache.spark.sql.connect.service.SparkConnectServer", "--master", self.master,
+                   "--name", "dicom-lakehouse:connect-server",
+                   "--driver-memory", str(spark_conf.get("driver_memory", "2g")),
+                   "--conf", f"spark.connect.grpc.binding.port={self.port}",
+                   "--conf", "spark.connect.grpc.binding.address=127.0.0.1"]
+            settings = dict(spark_conf.get("conf") or {})
+            java = "spark.driver.extraJavaOptions"
+            settings[java] = f"{settings.get(java, '')} -Dlog4j2.configurationFile={log4j} {java_options}".strip()
+            for k, v in settings.items():
+                cmd += ["--conf", f"{k}={v}"]
+            env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1", TOKEN_ENV: self.token}
+            with open(self.log_path, "wb") as log:
+                self.proc = subprocess.Popen([*cmd, "spark-internal"], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                             start_new_session=True)
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        deadline = time.time() + timeout
+        while b"Spark Connect server started" not in self.log_path.read_bytes():
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"the Spark Connect server did not start; see {self.log_path}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, 15)
+        try:
+            self.proc.wait(timeout=180.0 if self.dump is not None else 30.0)
+            if self.dump is not None and self.dump.exists() and not self.class_archive.exists():
+                os.replace(self.dump, self.class_archive)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, 9)
+            self.proc.wait()
+        if self.dump is not None:
+            self.dump.unlink(missing_ok=True)
+
+
+@contextmanager
+def local_connect_server(conf: dict, master: str, log_path: Path, token: str, timeout: float = 180,
+                         class_archive: Path | None = None):
+    """A server started now, up when this yields its URL, stopped at exit."""
+    server = ConnectServer(conf, master, log_path, token, class_archive)
+    try:
+        server.start()
+        server.wait_ready(timeout)
+        yield server.url
+    finally:
+        server.stop()
+
+
+@contextmanager
+def on_demand(server: ConnectServer, folder: Path, echo=print, poll: float = 0.05):
+    """Start `server` when a task first asks (see the module's docstring); stop it, if it started, at exit."""
+    stop = threading.Event()
+    (folder / READY).unlink(missing_ok=True)
+
+    def watch():
+        while not stop.is_set():
+            if (folder / WANT).exists():
+                t0 = time.time()
+                try:
+                    server.start()
+                    server.wait_ready()
+                    answer = "up"
+                    echo(f"  Spark Connect server for this run at {server.url}, up in {time.time() - t0:.1f} s "
+                         "(a task asked for a Spark session)")
+                except Exception as e:  # noqa: BLE001 - the asking task reports it
+                    answer = f"failed: {e}"
+                tmp = folder / f"{READY}.tmp"
+                tmp.write_text(answer)
+                os.replace(tmp, folder / READY)
+                return
+            stop.wait(poll)
+
+    thread = threading.Thread(target=watch, name="connect-server-on-demand", daemon=True)
+    thread.start()
+    try:
+        yield server.url
+    finally:
+        stop.set()
+        thread.join()
+        server.stop()
+
+
+def ask_for_server(folder: str, runner_pid: int | None, timeout: float = 300) -> None:
+    """In a task: ask the runner for its Connect server and wait until it is up; a clear error if it
+    failed to start or the runner is gone."""
+    root = Path(folder)
+    (root / WANT).touch()
+    deadline = time.time() + timeout
+    while True:
+        try:
+            answer = (root / READY).read_text().strip()
+        except FileNotFoundError:
+            answer = ""
+        if answer == "up":
+            return
+        if answer:
+            raise RuntimeError(f"this run's Spark Connect server: {answer}")
+        if runner_pid:
+            try:
+                os.kill(runner_pid, 0)
+            except ProcessLookupError:
+                raise RuntimeError("the runner that starts this run's Spark Connect server is gone") from None
+        if time.time() > deadline:
+            raise RuntimeError(f"this run's Spark Connect server was not up after {timeout:.0f} s")
+        time.sleep(0.05)
