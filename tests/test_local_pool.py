@@ -54,4 +54,4 @@ def test_worker_processes_give_the_threads_rows_and_a_dead_worker_fails_clearly(
 def test_slices_even_out_over_the_workers():
     from dicom_lakehouse.local_pool import slice_rows
 
-    assert [slice_rows(n, 2) for n in (1, 13, 1000, 10_000)] == [1, 2, 125, 500]
+    assert [slice_rows(n, 2) for n in (1, 13, 1000, 10_000)] == [1, 1, 63, 100]

@@ -56,7 +56,7 @@ def test_counts_in_conf_or_environment_are_checked_before_any_work(monkeypatch):
     from dicom_lakehouse.config import ConfigError, load_conf
 
     conf = load_conf("local")
-    assert conf["driver_max_files"] == 2000 and conf["driver_processes"] == 0  # local: one per core
+    assert conf["driver_max_files"] == 10000 and conf["driver_processes"] == 0  # local: one per core
     defaults = load_conf("dev")
     assert defaults["driver_max_files"] == 0 and defaults["driver_processes"] == 1
     monkeypatch.setenv("DICOM_LAKEHOUSE_DRIVER_PROCESSES", "3")

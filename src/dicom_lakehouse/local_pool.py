@@ -70,10 +70,10 @@ def _apply(fn_bytes: bytes, batch: pa.RecordBatch) -> list[pa.RecordBatch]:
     return list(fn(iter([batch])))
 
 
-def slice_rows(rows: int, workers: int, most: int = 500) -> int:
-    """Rows per slice: about four slices per worker, so that slow files even out, and at most `most`
-    (Spark's Arrow batch size, which keeps a worker's memory flat)."""
-    return max(1, min(most, -(-rows // (workers * 4))))
+def slice_rows(rows: int, workers: int, most: int = 100) -> int:
+    """Rows per slice: at least eight slices per worker, and at most `most` rows, so that a slice of
+    slow files (large JPEG 2000 frames) does not leave the other workers idle at the end."""
+    return max(1, min(most, -(-rows // (workers * 8))))
 
 
 def map_table(fn, table: pa.Table, out_schema: pa.Schema) -> pa.Table:
