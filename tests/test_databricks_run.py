@@ -28,7 +28,7 @@ from dicom_lakehouse.delta_jars import cache_root, coordinate, fetch
 from dicom_lakehouse.params import validate
 from dicom_lakehouse.pipeline import STEP_FUNCS
 from dicom_lakehouse.runner import job_parameters, task_argv
-from dicom_lakehouse.tables import SparkDeltaStore, read_delta
+from dicom_lakehouse.tables import DeltaRsStore, read_delta
 
 pytestmark = pytest.mark.e2e
 # What a Databricks Runtime already has; the wheel must not bring its own.
@@ -147,12 +147,12 @@ def test_job_runs_as_on_databricks_and_equals_a_local_run(deployed, tmp_path, sa
     assert sorted(x["status"] for x in report["deid"]).count("ok") == 7 and len(report["deid"]) == 13
     assert sorted(f"file:{p}" for p in (tmp_path / "deid").rglob("*.dcm")) == sorted(
         x["path"] for x in report["deid"] if x["status"] == "ok")
-    # the same files, run locally in-process
+    # the same files as the local target runs them: delta-rs, the per-file work in the task process
     p = validate({"path": str(sample_dir), "catalog": "main", "schema": "pixels", "table": "object_catalog",
                   "mode": "overwrite", "run_id": "local1"})
-    store = SparkDeltaStore(spark, tmp_path / "wh")
+    store = DeltaRsStore(spark, tmp_path / "wh")
     for step in STEP_FUNCS:
-        STEP_FUNCS[step](spark, store, p, conf)
+        STEP_FUNCS[step](spark, store, p, {**conf, "driver_max_files": 100})
     local = read_delta(tmp_path / "wh" / "main" / "pixels" / "object_catalog")
     remote = pq.read_table(spec["out"])
     assert remote.schema.names == local.schema.names

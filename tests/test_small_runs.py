@@ -123,3 +123,20 @@ def test_a_retried_publish_does_not_commit_its_runs_rows_twice(spark, conf, samp
     assert [h["operation"] for h in history] == ["WRITE"]  # one commit: the first attempt's
     assert again["rows_out"] == first["rows_out"] == again["table_rows"] == 13
     assert not any((tmp_path / "wh" / "main" / "pixels").glob("t__*"))  # the retry dropped the stages
+
+
+def test_the_demo_summary_without_a_jvm_equals_spark_sqls(spark, conf, sample_dir, tmp_path):
+    """`RUNME.py demo` on delta-rs runs its summary on delta-rs's SQL engine: the rows Spark SQL gives."""
+    from conftest import publish_in_process
+
+    from dicom_lakehouse.cli import SUMMARY_SQL
+    from dicom_lakehouse.localsql import run_sql, run_sql_delta_rs, show_text
+
+    publish_in_process(spark, conf, sample_dir, tmp_path / "wh", "summary")
+    query = SUMMARY_SQL.format(table="main.pixels.object_catalog")
+    fast = run_sql_delta_rs(tmp_path / "wh", query)
+    assert fast.to_pylist() == [r.asDict() for r in run_sql(spark, tmp_path / "wh", query).collect()]
+    assert sum(fast.column("files").to_pylist()) == 13
+    text = show_text(fast).splitlines()
+    assert text[1] == "|modality|          status|thumbnail_status|files|"
+    assert "|      CT|              ok|              ok|    1|" in text and text[-2].startswith("|    null|")

@@ -23,7 +23,7 @@ from .params import ParameterError
 
 DEFAULT_SAMPLE = "sample_data"
 SUMMARY_SQL = ("SELECT modality, status, thumbnail_status, count(*) AS files "
-               "FROM {table} GROUP BY modality, status, thumbnail_status ORDER BY modality, status")
+               "FROM {table} GROUP BY modality, status, thumbnail_status ORDER BY modality NULLS LAST, status")
 
 
 def _pairs(items: tuple[str, ...], what: str) -> dict:
@@ -184,6 +184,13 @@ def demo(ctx, params):
     v = resolved.variables
     table = f"{overrides.get('catalog', v['catalog'])}.{overrides.get('schema', v['schema'])}.{overrides.get('table', v['table'])}"
     click.echo(f"\n{SUMMARY_SQL.format(table=table)}")
+    conf = load_conf("local")
+    if conf.get("table_engine") == "delta-rs":  # the local default: the summary without a JVM either
+        from .localsql import run_sql_delta_rs, show_text
+
+        click.echo(show_text(run_sql_delta_rs(warehouse_dir(conf, ctx.obj.get("warehouse")),
+                                              SUMMARY_SQL.format(table=table))))
+        return
     ctx.invoke(sql, query=SUMMARY_SQL.format(table=table), limit=50, as_json=False)
 
 

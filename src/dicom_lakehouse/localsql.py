@@ -68,3 +68,27 @@ def rewrite(query: str, views: dict[str, str]) -> str:
 
 def run_sql(spark, warehouse: str | Path, query: str):
     return spark.sql(rewrite(query, register(spark, warehouse)))
+
+
+def run_sql_delta_rs(warehouse: str | Path, query: str):
+    """The query on delta-rs's own SQL engine (DataFusion), as an Arrow table: no JVM. For queries
+    that are the same in both dialects (the demo's summary); `run_sql` is the Spark SQL of Databricks."""
+    from deltalake import DeltaTable, QueryBuilder
+
+    qb, views = QueryBuilder(), {}
+    for full, folder in warehouse_tables(warehouse).items():
+        qb.register(view_name(full), DeltaTable(str(folder)))
+        views[full] = view_name(full)
+    import pyarrow as pa
+
+    return pa.RecordBatchReader.from_stream(qb.execute(rewrite(query, views))).read_all()
+
+
+def show_text(table, limit: int = 50) -> str:
+    """Rows as Spark's `DataFrame.show()` prints them (right-aligned, `null` for nulls)."""
+    names = table.column_names
+    rows = [["null" if v is None else str(v) for v in r.values()] for r in table.slice(0, limit).to_pylist()]
+    widths = [max([len(n), *(len(r[i]) for r in rows)]) for i, n in enumerate(names)]
+    rule = "+" + "+".join("-" * w for w in widths) + "+"
+    line = lambda cells: "|" + "|".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)) + "|"  # noqa: E731
+    return "\n".join([rule, line(names), rule, *(line(r) for r in rows), rule])
