@@ -90,3 +90,14 @@ def _quiet_env(monkeypatch):
     monkeypatch.setenv("SPARK_LOCAL_IP", "127.0.0.1")
     os.environ.setdefault("PYARROW_IGNORE_TIMEZONE", "1")
 
+
+
+# The longest files first (xdist hands out whole files in this order, `--no-loadscope-reorder`), so that
+# the run does not end on one worker with a long file while the other is idle.
+LONGEST_FIRST = ("test_cluster.py", "test_databricks_run.py", "test_pipeline.py", "test_e2e.py",
+                 "test_exit_status.py", "test_spark_engine.py", "test_small_runs.py", "test_prewarm.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -11,7 +11,7 @@ SCRIPT = r"""
 import json, os, sys
 import pyarrow as pa
 from dicom_lakehouse import local_pool, schema as S
-from dicom_lakehouse.pipeline import meta_batches, thumbnail_batches
+from dicom_lakehouse.pipeline import THUMB_COLUMNS, THUMB_READS, meta_batches, thumbnail_batches
 
 paths = json.loads(sys.argv[1])
 files = pa.Table.from_pylist([{"path": p, "status": "ok", "length": os.path.getsize(p)} for p in paths],
@@ -22,12 +22,18 @@ def both():
     meta = local_pool.map_table(meta_fn, files, S.arrow_schema("meta"))
     return meta, local_pool.map_table(thumb_fn, meta, S.arrow_schema("thumbnail"))
 
+
+def narrow():  # only the columns the thumbnail step reads go to the workers, and only its own come back
+    meta = local_pool.map_table(meta_fn, files, S.arrow_schema("meta"))
+    return meta, local_pool.map_table(thumb_fn, meta, S.arrow_schema("thumbnail"), THUMB_READS, THUMB_COLUMNS)
+
 alone = both()
 local_pool.start(2)
 workers = {p.pid for p in local_pool._pool._processes.values()}
-pooled = both()
+pooled, slim = both(), narrow()
 print(json.dumps({"active": local_pool.active(), "workers": len(workers - {os.getpid()}),
-                  "equal": [a.equals(b) for a, b in zip(alone, pooled)], "rows": pooled[1].num_rows,
+                  "equal": [a.equals(b) for a, b in zip(alone, pooled)] + [alone[1].equals(slim[1])],
+                  "rows": pooled[1].num_rows,
                   "thumbnails": pooled[1].column("thumbnail_status").to_pylist()}))
 
 def die(batches):
@@ -46,7 +52,7 @@ def test_worker_processes_give_the_threads_rows_and_a_dead_worker_fails_clearly(
     r = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(paths)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     out, died = (json.loads(line) for line in r.stdout.splitlines())
-    assert (out["active"], out["workers"], out["equal"], out["rows"]) == (2, 2, [True, True], 60)
+    assert (out["active"], out["workers"], out["equal"], out["rows"]) == (2, 2, [True, True, True], 60)
     assert out["thumbnails"].count("ok") >= 30  # thumbnails were made, not only skipped
     assert "a worker process of this task died" in died["died"] and "driver_processes: 1" in died["died"]
 

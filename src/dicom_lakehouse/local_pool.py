@@ -61,13 +61,18 @@ def stop() -> None:
     _pool, _processes = None, 0
 
 
-def _apply(fn_bytes: bytes, batch: pa.RecordBatch) -> list[pa.RecordBatch]:
+def _apply(fn_bytes: bytes, batch: pa.RecordBatch, in_schema: pa.Schema | None, adds: list[str] | None):
     fn = _fn_cache.get(fn_bytes)
     if fn is None:
         from pyspark import cloudpickle
 
         fn = _fn_cache.setdefault(fn_bytes, cloudpickle.loads(fn_bytes))
-    return list(fn(iter([batch])))
+    if in_schema is not None:  # only the columns fn reads were sent: the rest as nulls
+        batch = pa.RecordBatch.from_arrays(
+            [batch.column(f.name) if f.name in batch.schema.names else pa.nulls(batch.num_rows, f.type)
+             for f in in_schema], schema=in_schema)
+    out = list(fn(iter([batch])))
+    return [b.select(adds) for b in out] if adds else out
 
 
 def slice_rows(rows: int, workers: int, most: int = 100) -> int:
@@ -76,17 +81,29 @@ def slice_rows(rows: int, workers: int, most: int = 100) -> int:
     return max(1, min(most, -(-rows // (workers * 8))))
 
 
-def map_table(fn, table: pa.Table, out_schema: pa.Schema) -> pa.Table:
-    """`fn` (a mapInArrow function) over the rows of `table`: in the workers if started, else here."""
+def map_table(fn, table: pa.Table, out_schema: pa.Schema, reads: tuple[str, ...] | None = None,
+              adds: tuple[str, ...] | None = None) -> pa.Table:
+    """`fn` (a mapInArrow function that maps rows one to one, in order) over the rows of `table`: in
+    the workers if started, else here. With `reads` and `adds`, only the columns fn reads go to the
+    workers and only those it sets come back; the rest stay here (a header stage's JSON is most of its
+    bytes, and the thumbnail step never reads it)."""
     if _pool is None or table.num_rows == 0:
         return pa.Table.from_batches(list(fn(iter(table.to_batches(max_chunksize=500)))), schema=out_schema)
     from pyspark import cloudpickle
 
     fn_bytes = cloudpickle.dumps(fn)
-    batches = table.combine_chunks().to_batches(max_chunksize=slice_rows(table.num_rows, _processes))
+    narrow = reads is not None and adds is not None
+    sent = table.select(list(reads)) if narrow else table
+    batches = sent.combine_chunks().to_batches(max_chunksize=slice_rows(table.num_rows, _processes))
+    n = len(batches)
     try:
-        out = [b for part in _pool.map(_apply, [fn_bytes] * len(batches), batches) for b in part]
+        out = [b for part in _pool.map(_apply, [fn_bytes] * n, batches, [table.schema if narrow else None] * n,
+                                       [list(adds) if narrow else None] * n) for b in part]
     except BrokenProcessPool as e:
         raise WorkerDied(f"a worker process of this task died while reading its files ({e}); "
                          "set driver_processes: 1 to find the file in the task's log") from e
-    return pa.Table.from_batches(out, schema=out_schema)
+    if not narrow:
+        return pa.Table.from_batches(out, schema=out_schema)
+    added = pa.Table.from_batches(out, schema=pa.schema([out_schema.field(n) for n in adds]))
+    return pa.Table.from_arrays([added.column(f.name) if f.name in adds else table.column(f.name).cast(f.type)
+                                 for f in out_schema], schema=out_schema)

@@ -262,18 +262,21 @@ def _with_columns(batch, new: dict, names: list[str], out_schema) -> pa.RecordBa
 
 
 def _map_step(spark, store: TableStore, p: JobParams, src: str, dst: str, fn, status_col: str,
-              columns: tuple[str, ...] | None = None, driver_max: int = 0) -> dict:
+              columns: tuple[str, ...] | None = None, driver_max: int = 0,
+              reads_adds: tuple[tuple[str, ...], tuple[str, ...]] | None = None) -> dict:
     """Read the previous step's stage, map every row through `fn` on the executors, write this step's
     stage in one commit, and fail loudly if a row was lost or duplicated. `columns`: the only input
     columns `fn` reads, when it builds its rows from scratch (the rest is never read or sent to Python).
-    At most `driver_max` rows: `fn` runs in this process, with the same rows, checks and commit."""
+    At most `driver_max` rows: `fn` runs in this process's workers (local_pool), with the same rows,
+    checks and commit; `reads_adds`: the columns fn reads and those it sets, all that the workers need."""
     schema_in = {"catalog": "files", "extract_meta": "meta"}[src]
     schema_out = {"extract_meta": "meta", "thumbnail": "thumbnail", "deidentify": S.DEID_STAGE}[dst]
     ref = stage_ref(p, dst)
     meta = commit_metadata(p.run_id, p.as_dict(), dst)
     src_ref, rows_in = _stage_rows(store, p, src)
     if rows_in <= driver_max:
-        out = local_pool.map_table(fn, store.read_arrow(src_ref, schema_in, columns), S.arrow_schema(schema_out))
+        out = local_pool.map_table(fn, store.read_arrow(src_ref, schema_in, columns), S.arrow_schema(schema_out),
+                                   *(reads_adds or (None, None)))
         rows = store.write_arrow(out, ref, "overwrite", meta, step=schema_out)
         counts = {v["values"]: v["counts"] for v in out.column(status_col).value_counts().to_pylist()}
         where = f"task process ({local_pool.active()} worker processes)" if local_pool.active() else "task process"
@@ -304,6 +307,7 @@ def run_extract_meta(spark, store: TableStore, p: JobParams, conf: dict) -> dict
 
 # ------------------------------------------------------------------ thumbnail
 DECLARED = ("rows", "columns", "samples_per_pixel", "bits_allocated", "number_of_frames")
+THUMB_READS = ("path", "status", "has_pixels", *DECLARED)  # all that the thumbnail step reads of a row
 
 
 def thumbnail_batches(size: int, max_frame_bytes: int, compress_level: int, max_inflated: int):
@@ -317,7 +321,7 @@ def thumbnail_batches(size: int, max_frame_bytes: int, compress_level: int, max_
         names = S.column_names("thumbnail")
         out_schema = S.arrow_schema("thumbnail")
         for b in batches:
-            cols = {c: b.column(c).to_pylist() for c in ("path", "status", "has_pixels", *DECLARED)}
+            cols = {c: b.column(c).to_pylist() for c in THUMB_READS}
             results = []
             for i, path in enumerate(cols["path"]):
                 if cols["status"][i] not in OK:
@@ -349,7 +353,7 @@ def run_thumbnail(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
                            int(tconf.get("png_compress_level", 1)),
                            int((conf.get("dicom") or {}).get("max_deflated_bytes", 256 * 2**20)))
     return _map_step(spark, store, p, "extract_meta", "thumbnail", fn, "thumbnail_status",
-                     driver_max=driver_max_files(conf))
+                     driver_max=driver_max_files(conf), reads_adds=(THUMB_READS, THUMB_COLUMNS))
 
 
 # ------------------------------------------------------------------ deidentify

@@ -160,27 +160,29 @@ def _run_step(step: str, params, conf: dict) -> int:
     from .session import LazySession, get_spark
     from .tables import open_store
 
-    # Made when first used: a small run on delta-rs needs no Spark session (nor its runner a JVM).
-    spark = LazySession(lambda: get_spark(conf, params.remote, app_name=f"dicom-lakehouse:{step}"))
+    # On delta-rs the session is made when first used: a small run needs none (nor its runner a JVM).
+    # Every other engine uses it at once, and gets the session itself (Databricks: the one it made).
+    lazy = LazySession(lambda: get_spark(conf, params.remote, app_name=f"dicom-lakehouse:{step}"))
+    spark = lazy if conf.get("table_engine") == "delta-rs" else lazy.get()
     if params.deid != "none":
-        from .deid import DeidError
+        from .deid import KEY_ENV, DeidError
         from .deid_key import resolve_key
 
         try:  # every task checks, so that a missing key stops the job before the catalog task's work
-            resolve_key(conf, spark)
+            resolve_key(conf, None if os.environ.get(KEY_ENV) else lazy.get())
         except DeidError as e:
             log.error("%s: invalid parameters, nothing was done: %s", step, e)
-            _stop(spark)
+            _stop(lazy)
             return 2
     store = open_store(spark, conf, params.warehouse)
     gate = os.environ.get(GATE_ENV)
-    finish_warm_up = start_warm_up(spark, store, params, conf, step, gate) if gate else (lambda: None)
+    finish_warm_up = start_warm_up(lazy, store, params, conf, step, gate) if gate else (lambda: None)
     if gate:
         t_gate = time.time()
         if not wait_for_gate(gate, int(os.environ.get(RUNNER_PID_ENV) or 0) or None):
             log.info("%s: canceled before it started (its upstream task did not succeed)", step)
             finish_warm_up()
-            _stop(spark)
+            _stop(lazy)
             return CANCELED_BEFORE_START
         log.info("%s: started ahead of time; waited %.1f s at the gate for the upstream task (warm-ups done: %s)",
                  step, time.time() - t_gate, ", ".join(finish_warm_up.finished) or "none")
@@ -199,12 +201,12 @@ def _run_step(step: str, params, conf: dict) -> int:
     finally:
         finish_warm_up()
     stats.update(step=step, run_id=params.run_id, seconds=round(time.time() - t1, 2),
-                 spark_startup_seconds=round(spark.startup_seconds, 2), spark_session=spark.created,
+                 spark_startup_seconds=round(lazy.startup_seconds, 2), spark_session=lazy.created,
                  engine=store.engine)
     log.info("%s done: files in %s, rows out %s, errors %s, %.1f s", step, stats.get("files_in"),
              stats.get("rows_out"), stats.get("errors"), stats["seconds"])
     print(RESULT_MARK + json.dumps(stats, default=str, sort_keys=True), flush=True)
-    _stop(spark)
+    _stop(lazy)
     return 0
 
 
