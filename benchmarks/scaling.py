@@ -21,10 +21,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 SERIES = [("baseline_meta_s", "baseline (b): header->JSON, Pool"),
-          ("baseline_full_wall_s", "baseline (c): + thumbnail, Pool"),
+          ("baseline_thumb_s", "baseline (c'): thumbnail only, Pool"),
+          ("baseline_full_wall_s", "baseline (c): header->JSON + thumbnail, Pool"),
           ("catalog_s", "catalog"), ("extract_meta_s", "extract_meta"), ("thumbnail_s", "thumbnail"),
           ("publish_s", "publish"), ("jobs.spark", "whole job via runner (e), Spark's Delta, shared session"),
-          ("jobs.delta-rs", "whole job via runner (e), delta-rs, shared session")]
+          ("jobs.delta-rs", "whole job through the runner (e), the local default")]
 
 
 def value(r: dict, key: str):
