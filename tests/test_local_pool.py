@@ -61,3 +61,22 @@ def test_slices_even_out_over_the_workers():
     from dicom_lakehouse.local_pool import slice_rows
 
     assert [slice_rows(n, 2) for n in (1, 13, 1000, 10_000)] == [1, 1, 63, 100]
+
+
+def test_workers_do_not_outlive_a_killed_task():
+    code = ("import os, sys, time; from dicom_lakehouse import local_pool; local_pool.start(2); "
+            "print(' '.join(str(p.pid) for p in local_pool._pool._processes.values()), flush=True); time.sleep(60)")
+    task = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    workers = [int(x) for x in task.stdout.readline().split()]
+    assert len(workers) == 2
+    task.kill()
+    task.wait()
+    import os
+    import time
+
+    deadline = time.time() + 10
+    alive = workers
+    while alive and time.time() < deadline:
+        alive = [w for w in workers if os.path.exists(f"/proc/{w}") and "Z" not in open(f"/proc/{w}/stat").read().split()[2]]
+        time.sleep(0.1)
+    assert alive == [], f"workers {alive} outlived their task"

@@ -38,12 +38,27 @@ def _noop() -> int:
     return os.getpid()
 
 
-def start(n: int, initializer=None) -> None:
+def _die_with(parent: int) -> None:
+    """A worker must not outlive its task: a task killed with SIGKILL cannot stop it, and it would
+    wait for work forever (it holds its own end of the task queue's pipe)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the task died before the line above
+        os._exit(1)
+
+
+def start(n: int) -> None:
     """Fork `n` workers now (n <= 1: none). Call before any thread starts."""
     global _pool, _processes
     if n <= 1 or _pool is not None:
         return
-    _pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"), initializer=initializer)
+    _pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"), initializer=_die_with,
+                                initargs=(os.getpid(),))
     _processes = n
     # With fork, the first submit forks every worker at once: do it here, while no thread runs.
     _pool.submit(_noop).result()
