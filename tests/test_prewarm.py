@@ -127,3 +127,24 @@ def test_waiting_task_runs_at_lowest_priority_until_go(tmp_path):
     assert ok == "True"
     if os.geteuid() == 0:  # raising priority back needs CAP_SYS_NICE
         assert int(nice) == os.getpriority(os.PRIO_PROCESS, 0)
+
+
+def test_a_task_asking_for_the_server_gets_the_runners_answer(tmp_path):
+    """connect_server's handshake: `up` lets the task connect; a failure or a vanished runner is a
+    clear error, not a wait without end."""
+    from dicom_lakehouse.connect_server import READY, WANT, ask_for_server
+    from dicom_lakehouse.taskmain import write_word
+
+    threading.Timer(0.3, lambda: write_word(tmp_path / READY, "up")).start()
+    ask_for_server(str(tmp_path), os.getpid())
+    assert (tmp_path / WANT).exists()
+    write_word(tmp_path / READY, "failed: the Spark Connect server did not start; see x.log")
+    with pytest.raises(RuntimeError, match="server: failed: the Spark Connect server did not start; see x.log"):
+        ask_for_server(str(tmp_path), os.getpid())
+    (tmp_path / READY).unlink()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with pytest.raises(RuntimeError, match="the runner that starts this run's Spark Connect server is gone"):
+        ask_for_server(str(tmp_path), dead.pid)
+    with pytest.raises(RuntimeError, match="was not up after 0 s"):
+        ask_for_server(str(tmp_path), os.getpid(), timeout=0.2)

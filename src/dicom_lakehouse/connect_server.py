@@ -21,6 +21,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from .taskmain import process_alive, wait_for_word, write_word
+
 TOKEN_ENV = "SPARK_CONNECT_AUTHENTICATE_TOKEN"
 ON_DEMAND_ENV = "DICOM_LAKEHOUSE_CONNECT_ON_DEMAND"
 WANT, READY = "connect-server.want", "connect-server.ready"
@@ -136,9 +138,7 @@ def on_demand(server: ConnectServer, folder: Path, echo=print, poll: float = 0.0
                          "(a task asked for a Spark session)")
                 except Exception as e:  # noqa: BLE001 - the asking task reports it
                     answer = f"failed: {e}"
-                tmp = folder / f"{READY}.tmp"
-                tmp.write_text(answer)
-                os.replace(tmp, folder / READY)
+                write_word(folder / READY, answer)
                 return
             stop.wait(poll)
 
@@ -157,21 +157,11 @@ def ask_for_server(folder: str, runner_pid: int | None, timeout: float = 300) ->
     failed to start or the runner is gone."""
     root = Path(folder)
     (root / WANT).touch()
-    deadline = time.time() + timeout
-    while True:
-        try:
-            answer = (root / READY).read_text().strip()
-        except FileNotFoundError:
-            answer = ""
-        if answer == "up":
-            return
-        if answer:
-            raise RuntimeError(f"this run's Spark Connect server: {answer}")
-        if runner_pid:
-            try:
-                os.kill(runner_pid, 0)
-            except ProcessLookupError:
-                raise RuntimeError("the runner that starts this run's Spark Connect server is gone") from None
-        if time.time() > deadline:
-            raise RuntimeError(f"this run's Spark Connect server was not up after {timeout:.0f} s")
-        time.sleep(0.05)
+    answer = wait_for_word(str(root / READY), runner_pid, timeout=timeout)
+    if answer == "up":
+        return
+    if answer:
+        raise RuntimeError(f"this run's Spark Connect server: {answer}")
+    if runner_pid and not process_alive(runner_pid):
+        raise RuntimeError("the runner that starts this run's Spark Connect server is gone")
+    raise RuntimeError(f"this run's Spark Connect server was not up after {timeout:.0f} s")

@@ -26,7 +26,7 @@ from pathlib import Path
 from .bundle import task_order
 from .connect_server import ON_DEMAND_ENV, TOKEN_ENV, ConnectServer, on_demand
 from .params import ParameterError, validate
-from .taskmain import GATE_ENV, RESULT_MARK, RUNNER_PID_ENV, SERVER_HAS_LIBRARY_ENV
+from .taskmain import GATE_ENV, RESULT_MARK, RUNNER_PID_ENV, SERVER_HAS_LIBRARY_ENV, write_word
 
 log = logging.getLogger(__name__)
 PARAM_REF = re.compile(r"\{\{\s*job\.parameters\.([A-Za-z0-9_]+)\s*\}\}")
@@ -191,9 +191,7 @@ class _Launched:
         if word == "go":
             _normal_priority(self.proc.pid)
         if self.gate is not None:
-            tmp = self.gate.with_name(self.gate.name + ".tmp")
-            tmp.write_text(word)
-            os.replace(tmp, self.gate)
+            write_word(self.gate, word)
 
     def cancel(self, grace: float = 15) -> None:
         """Tell a waiting task not to start; it stops its Spark session and exits. Kill it if it hangs."""

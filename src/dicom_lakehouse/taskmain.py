@@ -24,7 +24,7 @@ CANCELED_BEFORE_START = 3
 SERVER_HAS_LIBRARY_ENV = "DICOM_LAKEHOUSE_SERVER_HAS_LIBRARY"
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -35,23 +35,37 @@ def _alive(pid: int) -> bool:
 
 
 def gate_word(path: str) -> str:
-    """What the runner wrote at the gate: `go`, `cancel`, or nothing yet."""
+    """What the runner wrote in one of its files for the tasks (a gate: `go` or `cancel`; the Connect
+    server's answer: `up` or `failed: ...`), or nothing yet."""
     try:
         return Path(path).read_text().strip()
     except FileNotFoundError:
         return ""
 
 
-def wait_for_gate(path: str, runner_pid: int | None, poll: float = 0.05) -> bool:
-    """A task started ahead of time waits here, its Spark session up, until the runner writes
-    `go` (its upstream task succeeded) or `cancel`; a vanished runner counts as cancel."""
+def write_word(path: Path, word: str) -> None:
+    """The runner's side: the word appears whole, never half-written."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(word)
+    os.replace(tmp, path)
+
+
+def wait_for_word(path: str, runner_pid: int | None, poll: float = 0.05, timeout: float | None = None) -> str:
+    """The word the runner writes at `path`; "" if the runner vanished or `timeout` passed first."""
+    deadline = None if timeout is None else time.time() + timeout
     while True:
         word = gate_word(path)
         if word:
-            return word == "go"
-        if runner_pid and not _alive(runner_pid):
-            return False
+            return word
+        if (runner_pid and not process_alive(runner_pid)) or (deadline is not None and time.time() > deadline):
+            return ""
         time.sleep(poll)
+
+
+def wait_for_gate(path: str, runner_pid: int | None, poll: float = 0.05) -> bool:
+    """A task started ahead of time waits here, its Spark session up, until the runner writes
+    `go` (its upstream task succeeded) or `cancel`; a vanished runner counts as cancel."""
+    return wait_for_word(path, runner_pid, poll) == "go"
 
 
 WARM_UP_TAG = "dicom-lakehouse-warm-up"
