@@ -281,25 +281,34 @@ def gallery(ctx, table_name, where, limit, out):
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
 @click.option("--port", default=8042, show_default=True, help="Port; the service is at http://HOST:PORT/dicomweb.")
 @click.option("--viewer", is_flag=True, help="Also serve OHIF's viewer at / (fetched once from npm into the cache).")
+@click.option("--cors-origin", "cors_origins", multiple=True, metavar="URL",
+              help="A web viewer's origin (scheme://host[:port]) allowed to read answers from its pages; "
+                   "repeatable. None by default: only this service's own pages can.")
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="Another Host name to answer to (behind a proxy, or a DNS name); repeatable. Other names "
+                   "get 421 (DNS rebinding).")
 @click.pass_context
-def serve(ctx, table_name, host, port, viewer):
+def serve(ctx, table_name, host, port, viewer, cors_origins, allowed_hosts):
     """Serve the published table over DICOMweb (QIDO-RS, WADO-RS, rendered, thumbnail).
 
-    Set DICOM_LAKEHOUSE_DICOMWEB_TOKEN to require that bearer token on every DICOMweb request."""
+    Set DICOM_LAKEHOUSE_DICOMWEB_TOKEN to require that bearer token on every DICOMweb request; a --host
+    beyond loopback is refused without it."""
     import logging
 
-    from .dicomweb import TOKEN_ENV, make_server, token_from_env
+    from .dicomweb import TOKEN_ENV, check_exposure, make_server, token_from_env
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     conf = load_conf(ctx.obj.get("target") or "local")
     token = token_from_env()
     try:
+        check_exposure(host, token)
         ohif = None
         if viewer:
             from .ohif import fetch
 
             ohif = fetch()
-        server = make_server(table_name, str(warehouse_dir(conf, ctx.obj.get("warehouse"))), host, port, token, ohif)
+        server = make_server(table_name, str(warehouse_dir(conf, ctx.obj.get("warehouse"))), host, port, token, ohif,
+                             cors_origins, allowed_hosts)
     except (ValueError, OSError, RuntimeError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from .delta_reader import read_delta
 from .dicomweb_page import PAGE
@@ -236,7 +237,59 @@ STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript", "
                 ".txt": "text/plain"}
 
 
-def make_handler(catalog: Catalog, token: str | None, viewer: Path | None = None):
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a --host value) is reachable only from this machine: every address it names is
+    loopback. An empty host, or one that does not resolve, is not."""
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        addrs = {a[4][0] for a in socket.getaddrinfo(host, None)}
+    except (OSError, UnicodeError):
+        return False
+    return bool(addrs) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addrs)
+
+
+def host_names(host: str, allowed: tuple[str, ...] = ()) -> frozenset[str]:
+    """The Host header names this service answers to (lower case, without a port): the bound address as
+    given, loopback's names on loopback, also this machine's names on a wildcard address (0.0.0.0, ::),
+    and `allowed` (--allowed-host, for a name a proxy or DNS gives it). A name a web page's DNS points
+    at this address is not among them: that is DNS rebinding, refused with 421."""
+    names = {host.lower(), f"[{host.lower()}]"} | {_host_name(a) for a in allowed}
+    if is_loopback(host):
+        names |= LOOPBACK_NAMES
+    elif host in ("", "0.0.0.0", "::"):
+        names |= LOOPBACK_NAMES | {socket.gethostname().lower(), socket.getfqdn().lower()}
+    return frozenset(n for n in names if n not in ("", "[]"))
+
+
+def cors_origin(origin: str) -> str:
+    """A --cors-origin value as browsers send `Origin`: scheme://host[:port], lower case, no path."""
+    o = origin.strip().rstrip("/").lower()
+    u = urlsplit(o)
+    if u.scheme not in ("http", "https") or not u.netloc or u.path or u.query or u.fragment or "@" in u.netloc:
+        raise ValueError(f"--cors-origin {origin!r}: give scheme://host[:port], e.g. https://viewer.example.org")
+    return o
+
+
+def _host_name(header: str) -> str:
+    """The name of a Host header, without its port ([v6] keeps its brackets)."""
+    h = header.strip().lower()
+    if h.startswith("["):
+        return h[:h.find("]") + 1] if "]" in h else h
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+
+
+def make_handler(catalog: Catalog, token: str | None, viewer: Path | None = None,
+                 cors_origins: frozenset[str] = frozenset(), hosts: frozenset[str] | None = None):
+    """`cors_origins`: origins allowed to read answers from a web page of another origin (none by
+    default: no page but this service's own can). `hosts`: the Host names answered (None: any)."""
     from .sources import open_source
 
     class Handler(BaseHTTPRequestHandler):
@@ -249,6 +302,8 @@ def make_handler(catalog: Catalog, token: str | None, viewer: Path | None = None
         # ------------------------------------------------------------ plumbing
         def do_GET(self):  # noqa: N802
             try:
+                if not self._host_ok():
+                    raise HttpError(421, "this service does not answer for that Host name")
                 self._dispatch()
             except HttpError as e:
                 self._send(e.status, _error_body(str(e)), DICOM_JSON)
@@ -260,16 +315,37 @@ def make_handler(catalog: Catalog, token: str | None, viewer: Path | None = None
                 log.exception("dicomweb: request failed")
                 self._send(500, _error_body(f"{type(e).__name__}"), DICOM_JSON)
 
-        def do_OPTIONS(self):  # noqa: N802 - CORS preflight for browser viewers
+        def do_OPTIONS(self):  # noqa: N802 - CORS preflight for viewers of a --cors-origin
+            if not self._host_ok():
+                return self._send(421, _error_body("this service does not answer for that Host name"), DICOM_JSON)
             self.send_response(204)
-            self._cors()
-            self.send_header("Access-Control-Allow-Methods", "GET, OPTIONS")
-            self.send_header("Access-Control-Allow-Headers", "Authorization, Accept")
+            if self._cors():
+                self.send_header("Access-Control-Allow-Methods", "GET, OPTIONS")
+                self.send_header("Access-Control-Allow-Headers", "Authorization, Accept")
+                self.send_header("Access-Control-Max-Age", "600")
             self.send_header("Content-Length", "0")
             self.end_headers()
 
-        def _cors(self):
-            self.send_header("Access-Control-Allow-Origin", "*")
+        def _host_ok(self) -> bool:
+            """DNS rebinding: a page of another site whose name now points here sends that name."""
+            if hosts is None:
+                return True
+            got = self.headers.get("Host")
+            if not got:
+                return False
+            local = self.connection.getsockname()[0].lower()  # the address the client reached
+            return _host_name(got) in hosts or _host_name(got).strip("[]") == local
+
+        def _cors(self) -> bool:
+            """Only an origin of --cors-origin, exactly, is named back; no wildcard, no other echo."""
+            if not cors_origins:
+                return False
+            self.send_header("Vary", "Origin")
+            origin = self.headers.get("Origin", "")
+            if origin.lower() not in cors_origins:
+                return False
+            self.send_header("Access-Control-Allow-Origin", origin)
+            return True
 
         def _send(self, status: int, body: bytes, ctype: str, extra: dict | None = None):
             self.send_response(status)
@@ -310,7 +386,10 @@ def make_handler(catalog: Catalog, token: str | None, viewer: Path | None = None
 
             if path == "/app-config.js":
                 return self._send(200, app_config(self._base()).encode(), "text/javascript")
-            target = (viewer / path.lstrip("/")).resolve()
+            name = unquote(path).lstrip("/")  # a percent-escaped `..` is a `..`: resolved and checked below
+            if "\x00" in name:
+                raise HttpError(400, "a path may not hold a NUL byte")
+            target = (viewer / name).resolve()
             if not target.is_relative_to(viewer) or not target.is_file():
                 target = viewer / "index.html"
             self._send(200, target.read_bytes(), STATIC_TYPES.get(target.suffix, "application/octet-stream"))
@@ -483,10 +562,23 @@ def table_location(table: str, warehouse: str) -> str:
     return str(loc)
 
 
+def check_exposure(host: str, token: str | None) -> None:
+    """Refuses (ValueError) an address beyond loopback without a token, before anything binds: anyone
+    on the network could read every study."""
+    if not token and not is_loopback(host):
+        raise ValueError(f"--host {host or '(all addresses)'} is reachable from other machines: set {TOKEN_ENV} "
+                         "to require a bearer token, or serve on 127.0.0.1")
+
+
 def make_server(table: str, warehouse: str, host: str = "127.0.0.1", port: int = 8042,
-                token: str | None = None, viewer: Path | None = None) -> ThreadingHTTPServer:
+                token: str | None = None, viewer: Path | None = None, cors_origins: tuple[str, ...] = (),
+                allowed_hosts: tuple[str, ...] = ()) -> ThreadingHTTPServer:
+    check_exposure(host, token)
+    origins = frozenset(cors_origin(o) for o in cors_origins)
     catalog = Catalog(table_location(table, warehouse))
-    server = ThreadingHTTPServer((host, port), make_handler(catalog, token, viewer.resolve() if viewer else None))
+    handler = make_handler(catalog, token, viewer.resolve() if viewer else None, origins,
+                           host_names(host, tuple(allowed_hosts)))
+    server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     server.catalog = catalog
     return server
