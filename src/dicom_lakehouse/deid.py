@@ -27,6 +27,8 @@ from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
+from .paths import check_uid, is_uid
+
 KEY_ENV = "DICOM_LAKEHOUSE_DEID_KEY"
 MIN_KEY_CHARS = 16
 PROFILE_EDITION = "PS3.15 2026c Table E.1-1"
@@ -220,8 +222,10 @@ class _Context:
         self.patient_key = patient_key
 
     def new_uid(self, value: str) -> str:
+        # Only a real standard UID is kept: a value that merely starts like one may hold anything.
         value = str(value).strip()
-        return value if not value or value.startswith(STANDARD_UID_ROOT) else self.pseudo.uid(value)
+        keep = not value or (value.startswith(STANDARD_UID_ROOT) and is_uid(value))
+        return value if keep else self.pseudo.uid(value)
 
 
 def _replace_uids(elem, ctx: _Context) -> None:
@@ -391,6 +395,8 @@ def deidentify_file(fp, pseudo: Pseudonyms, options: DeidOptions) -> DeidResult:
 
 def output_name(pseudo: Pseudonyms, result: DeidResult, source_path: str) -> str:
     """Relative path of a de-identified file: new study UID / new series UID / keyed hash of the source
-    path. Folder and file names of the source often hold patient names, so none of them is kept."""
-    return f"{result.study_uid or 'no-study'}/{result.series_uid or 'no-series'}/" \
-           f"{pseudo.token('path', source_path, 32)}.dcm"
+    path. Folder and file names of the source often hold patient names, so none of them is kept.
+    Raises paths.UnsafePath when a UID is not one (it would not be a safe folder name)."""
+    study = check_uid(result.study_uid, "StudyInstanceUID") if result.study_uid else "no-study"
+    series = check_uid(result.series_uid, "SeriesInstanceUID") if result.series_uid else "no-series"
+    return f"{study}/{series}/{pseudo.token('path', source_path, 32)}.dcm"
