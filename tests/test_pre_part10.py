@@ -145,3 +145,16 @@ def test_error_text_keeps_pydicoms_words_not_values(tmp_path):
     assert _short(e) == str(e)
     assert _short(ValueError("Invalid value for VR PN: 'Doe^Jane', \"Smith\" in 'FileMetaDataset.PatientName'")) \
         == "Invalid value for VR PN: '<value>', '<value>' in 'FileMetaDataset.PatientName'"
+
+
+@pytest.mark.parametrize("spec", [*FILES.values(), ZIPPED])
+def test_deidentified_copy_is_a_part10_file(spec):
+    """De-identification reads such a file too (it was `not_dicom`), and its copy gets a File Meta group."""
+    from dicom_lakehouse.deid import DeidOptions, Pseudonyms, deidentify_file
+
+    r = deidentify_file(io.BytesIO(_pre_part10(*spec)), Pseudonyms("k" * 32), DeidOptions())
+    assert (r.status, r.error) == ("ok", None)
+    ds = pydicom.dcmread(io.BytesIO(r.data))  # no force: a Part 10 file
+    assert ds.file_meta.TransferSyntaxUID == TS[spec[1], spec[2]] and ds.PatientIdentityRemoved == "YES"
+    assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    assert np.array_equal(ds.pixel_array, _original(spec[0]).pixel_array)

@@ -27,6 +27,7 @@ from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
+from .dicom_meta import read_any
 from .paths import check_uid, is_uid
 
 KEY_ENV = "DICOM_LAKEHOUSE_DEID_KEY"
@@ -372,7 +373,7 @@ def deidentify_file(fp, pseudo: Pseudonyms, options: DeidOptions) -> DeidResult:
     """One file in, its de-identified bytes out, or a status saying why not. Messages never quote
     values: an exception's text may hold one (pydicom quotes invalid values)."""
     try:
-        ds = pydicom.dcmread(fp)
+        ds = read_any(fp)  # a file without a File Meta group too: its copy gets one
     except pydicom.errors.InvalidDicomError:
         return DeidResult("not_dicom", "not a DICOM file")
     except Exception as e:  # noqa: BLE001

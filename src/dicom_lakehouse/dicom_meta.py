@@ -299,6 +299,8 @@ def read_any(fp, **kwargs):
     if has_file_meta(fp):
         return dcmread(fp, **kwargs)
     ds = dcmread(fp, force=True, **kwargs)
+    if not _looks_like_dicom(ds):  # force=True reads anything: random bytes must not pass
+        raise InvalidDicomError("no File Meta group and the content does not parse as a DICOM data set")
     ts = implied_transfer_syntax(ds)
     if ts:
         if getattr(ds, "file_meta", None) is None:
