@@ -158,3 +158,19 @@ def test_deidentified_copy_is_a_part10_file(spec):
     assert ds.file_meta.TransferSyntaxUID == TS[spec[1], spec[2]] and ds.PatientIdentityRemoved == "YES"
     assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
     assert np.array_equal(ds.pixel_array, _original(spec[0]).pixel_array)
+
+
+def test_a_file_meta_group_without_a_preamble_gets_only_the_preamble():
+    """A file that has its own File Meta group but no preamble and DICM: only those are added, never
+    a second group."""
+    from dicom_lakehouse.dicomweb import part10_prefix
+
+    ds = _original("CT_small.dcm")
+    ds.preamble = None
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=False)
+    data = buf.getvalue()
+    assert data[:2] == b"\x02\x00"
+    prefix, skip, ts = part10_prefix(io.BytesIO(data))
+    assert (prefix, skip, ts) == (b"\0" * 128 + b"DICM", 0, "1.2.840.10008.1.2.1")
+    assert pydicom.dcmread(io.BytesIO(prefix + data)).SOPInstanceUID == ds.SOPInstanceUID

@@ -143,16 +143,15 @@ _PYDICOM_NAMES = frozenset({"src", "ds_out", "file_meta", "transfer_syntax_uid",
 
 
 @lru_cache(maxsize=1)
-def _dictionary_words() -> frozenset:
-    """DICOM keywords and attribute names (PS3.6), as pydicom quotes them in messages."""
+def _known_words() -> frozenset:
+    """DICOM keywords and attribute names (PS3.6), as pydicom quotes them in messages, and its own names."""
     from pydicom.datadict import DicomDictionary
 
-    return frozenset(w for entry in DicomDictionary.values() for w in (entry[2], entry[4]) if w)
+    return _PYDICOM_NAMES | {w for entry in DicomDictionary.values() for w in (entry[2], entry[4]) if w}
 
 
 def _names_only(m: re.Match) -> str:
-    word = m.group(0)[1:-1]
-    known = _PYDICOM_NAMES | _dictionary_words()
+    word, known = m.group(0)[1:-1], _known_words()
     return m.group(0) if word and all(p in known for p in word.split(".")) else "'<value>'"
 
 

@@ -222,11 +222,14 @@ def part10_prefix(fp) -> tuple[bytes, int, str | None]:
     if has_file_meta(fp):
         return b"", 0, None
     start = fp.tell()
-    skip = 132 if fp.read(132)[128:132] == b"DICM" else 0  # a preamble and DICM, but no group
+    head = fp.read(132)
+    skip = 132 if head[128:132] == b"DICM" else 0  # a preamble and DICM, but no group
     fp.seek(start)
     ds = read_any(fp, stop_before_pixels=True)
     fp.seek(start)
     ts = (getattr(ds, "file_meta", None) or {}).get("TransferSyntaxUID")
+    if not skip and head[:2] == b"\x02\x00" and ts:  # its own group, but no preamble: only that is added
+        return b"\0" * 128 + b"DICM", 0, str(ts)
     if not (ts and ds.get("SOPClassUID") and ds.get("SOPInstanceUID")):
         raise HttpError(500, "an instance of this request has no File Meta group and no transfer syntax or SOP "
                              "Class UID to make one from: it cannot be sent as a DICOM file")
@@ -425,7 +428,7 @@ def make_handler(catalog: Catalog, token: str | None, viewer: Path | None = None
             parts = []
             for i, n in zip(instances, sizes, strict=True):
                 path = local_path_of(i.path)
-                with open(path, "rb") as f:
+                with open(path, "rb", buffering=0) as f:  # one read of 134 bytes for a Part 10 file
                     prefix, skip, found = part10_prefix(f)
                 parts.append((f"application/dicom{ts(i, found)}", path, n, prefix, skip))
             self._multipart_files(parts)
