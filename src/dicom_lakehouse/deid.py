@@ -27,6 +27,9 @@ from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
+from .dicom_meta import read_any
+from .paths import check_uid, is_uid
+
 KEY_ENV = "DICOM_LAKEHOUSE_DEID_KEY"
 MIN_KEY_CHARS = 16
 PROFILE_EDITION = "PS3.15 2026c Table E.1-1"
@@ -220,8 +223,10 @@ class _Context:
         self.patient_key = patient_key
 
     def new_uid(self, value: str) -> str:
+        # Only a real standard UID is kept: a value that merely starts like one may hold anything.
         value = str(value).strip()
-        return value if not value or value.startswith(STANDARD_UID_ROOT) else self.pseudo.uid(value)
+        keep = not value or (value.startswith(STANDARD_UID_ROOT) and is_uid(value))
+        return value if keep else self.pseudo.uid(value)
 
 
 def _replace_uids(elem, ctx: _Context) -> None:
@@ -368,7 +373,7 @@ def deidentify_file(fp, pseudo: Pseudonyms, options: DeidOptions) -> DeidResult:
     """One file in, its de-identified bytes out, or a status saying why not. Messages never quote
     values: an exception's text may hold one (pydicom quotes invalid values)."""
     try:
-        ds = pydicom.dcmread(fp)
+        ds = read_any(fp)  # a file without a File Meta group too: its copy gets one
     except pydicom.errors.InvalidDicomError:
         return DeidResult("not_dicom", "not a DICOM file")
     except Exception as e:  # noqa: BLE001
@@ -391,6 +396,8 @@ def deidentify_file(fp, pseudo: Pseudonyms, options: DeidOptions) -> DeidResult:
 
 def output_name(pseudo: Pseudonyms, result: DeidResult, source_path: str) -> str:
     """Relative path of a de-identified file: new study UID / new series UID / keyed hash of the source
-    path. Folder and file names of the source often hold patient names, so none of them is kept."""
-    return f"{result.study_uid or 'no-study'}/{result.series_uid or 'no-series'}/" \
-           f"{pseudo.token('path', source_path, 32)}.dcm"
+    path. Folder and file names of the source often hold patient names, so none of them is kept.
+    Raises paths.UnsafePath when a UID is not one (it would not be a safe folder name)."""
+    study = check_uid(result.study_uid, "StudyInstanceUID") if result.study_uid else "no-study"
+    series = check_uid(result.series_uid, "SeriesInstanceUID") if result.series_uid else "no-series"
+    return f"{study}/{series}/{pseudo.token('path', source_path, 32)}.dcm"

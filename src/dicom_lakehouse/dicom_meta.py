@@ -16,10 +16,12 @@ import tempfile
 import warnings
 import zlib
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import orjson
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
+from pydicom.dataset import FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_partial, read_preamble
 from pydicom.filewriter import write_file_meta_info
@@ -134,10 +136,45 @@ def _private_creator(ds, tag) -> None:
         ds[creator].value  # noqa: B018 - raises where pydicom's conversion would
 
 
+# Quoted words that name things, never hold values: pydicom's parameter and class names.
+_PYDICOM_NAMES = frozenset({"src", "ds_out", "file_meta", "transfer_syntax_uid", "pixel_array", "index",
+                            "decoding_plugin", "specific_tags", "as_rgb", "raw", "Dataset", "FileDataset",
+                            "FileMetaDataset", "dcmread", "dcmwrite", "save_as"})
+
+
+@lru_cache(maxsize=1)
+def _known_words() -> frozenset:
+    """DICOM keywords and attribute names (PS3.6), as pydicom quotes them in messages, and its own names."""
+    from pydicom.datadict import DicomDictionary
+
+    return _PYDICOM_NAMES | {w for entry in DicomDictionary.values() for w in (entry[2], entry[4]) if w}
+
+
+def _names_only(m: re.Match) -> str:
+    word, known = m.group(0)[1:-1], _known_words()
+    return m.group(0) if word and all(p in known for p in word.split(".")) else "'<value>'"
+
+
 def _short(e: Exception, n: int = 160) -> str:
-    """Message without quoted values, so that no patient data reaches `error` or logs."""
-    s = _QUOTED.sub("'<value>'", str(e).replace("\n", " ")).split(" Please see <")[0]
+    """Message without quoted values, so that no patient data reaches `error` or logs; a quoted
+    attribute, keyword or parameter name stays (it says what is missing, and holds no value)."""
+    s = _QUOTED.sub(_names_only, str(e).replace("\n", " ")).split(" Please see <")[0]
     return s if len(s) <= n else s[: n - 3] + "..."
+
+
+# The transfer syntax of each encoding pydicom can detect in a file without a File Meta group.
+_ENCODINGS = {(True, True): "1.2.840.10008.1.2", (False, True): "1.2.840.10008.1.2.1",
+              (False, False): "1.2.840.10008.1.2.2"}
+
+
+def implied_transfer_syntax(ds) -> str | None:
+    """The Transfer Syntax UID of a data set read from a file without a File Meta group (pre-Part-10,
+    as older archives hold them): the encoding pydicom parsed it in. None if the file states one, or
+    the encoding has no transfer syntax (implicit VR big endian)."""
+    fm = getattr(ds, "file_meta", None)
+    if fm is not None and "TransferSyntaxUID" in fm:
+        return None
+    return _ENCODINGS.get(tuple(getattr(ds, "original_encoding", None) or (None, None)))
 
 
 def _first(model: dict, tag: str):
@@ -246,10 +283,35 @@ def inflate_capped(fp, cap: int = MAX_INFLATED):
     return buf, meta
 
 
+def has_file_meta(fp) -> bool:
+    """A Part 10 file: preamble, DICM and a group 0002 element. `fp` is left where it was. (Files
+    without a File Meta group come with no preamble, or with a preamble and DICM but no group.)"""
+    start = fp.tell()
+    head = fp.read(134)
+    fp.seek(start)
+    return head[128:134] == b"DICM\x02\x00"
+
+
+def read_any(fp, **kwargs):
+    """dcmread that also reads a file without a File Meta group (pre-Part-10): its Transfer Syntax UID,
+    the encoding pydicom parsed it in, is set in a file meta group so that pixel decoding works."""
+    if has_file_meta(fp):
+        return dcmread(fp, **kwargs)
+    ds = dcmread(fp, force=True, **kwargs)
+    if not _looks_like_dicom(ds):  # force=True reads anything: random bytes must not pass
+        raise InvalidDicomError("no File Meta group and the content does not parse as a DICOM data set")
+    ts = implied_transfer_syntax(ds)
+    if ts:
+        if getattr(ds, "file_meta", None) is None:
+            ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ts
+    return ds
+
+
 def open_dataset(fp, cap: int = MAX_INFLATED):
     """The whole data set (pixels included), with the deflate cap applied."""
     stream, meta = inflate_capped(fp, cap)
-    ds = dcmread(stream if stream is not None else fp)
+    ds = dcmread(stream) if stream is not None else read_any(fp)
     if meta is not None:
         ds.file_meta = meta
     return ds
@@ -352,6 +414,8 @@ def extract_header(fp, uri: str, bulk_data_threshold: int = 1024, max_inflated: 
         ts = getattr(fm, "TransferSyntaxUID", None) if fm is not None else None
         if cols.get("transfer_syntax_uid") is None and ts:
             cols["transfer_syntax_uid"] = str(ts)
+        if cols.get("transfer_syntax_uid") is None:  # no File Meta group: the encoding it was read in
+            cols["transfer_syntax_uid"] = implied_transfer_syntax(ds)
         warns = conv.warnings + [f"pydicom: {_short(w.message)}" for w in caught if _relevant(w)]
         meta = _dumps(model)
         if short:

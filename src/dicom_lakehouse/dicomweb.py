@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import io
 import ipaddress
 import json
 import logging
@@ -124,13 +125,13 @@ def read_frames(fp, total: int, numbers: list[int]) -> list[tuple[str, bytes]]:
     """(content type, bytes) of the numbered frames, reading only those frames where the file allows:
     encapsulated frames through the fragment table, little-endian native frames by offset. Other
     encodings (big endian, deflated) read the whole pixel data."""
-    import pydicom
     from pydicom.encaps import get_frame
 
+    from .dicom_meta import read_any
     from .reduced_decode import PIXEL_DATA
 
     start = fp.tell()
-    ds = pydicom.dcmread(fp, stop_before_pixels=True)
+    ds = read_any(fp, stop_before_pixels=True)  # a file without a File Meta group too
     ts = str((getattr(ds, "file_meta", None) or {}).get("TransferSyntaxUID", ""))
     native = "application/octet-stream; transfer-syntax=1.2.840.10008.1.2.1"
     pos = fp.tell()
@@ -152,7 +153,7 @@ def read_frames(fp, total: int, numbers: list[int]) -> list[tuple[str, bytes]]:
             out.append((native, fp.read(size)))
         return out
     fp.seek(start)
-    ds = pydicom.dcmread(fp)
+    ds = read_any(fp)
     if ds.file_meta.get("TransferSyntaxUID") is not None and ds.file_meta.TransferSyntaxUID.is_compressed:
         return [(f"application/octet-stream; transfer-syntax={ts}", get_frame(ds.PixelData, n - 1, number_of_frames=total))
                 for n in numbers]
@@ -161,15 +162,15 @@ def read_frames(fp, total: int, numbers: list[int]) -> list[tuple[str, bytes]]:
     return [(native, arr[n - 1].astype(arr.dtype.newbyteorder("<")).tobytes()) for n in numbers]
 
 
-def _sendfile(out: int, path: str, n: int) -> int:
-    """The first n bytes of a file to a blocking socket, by the kernel: os.sendfile on raw
-    descriptors (socket.sendfile adds an fstat, a poll set-up and a seek per file). Returns the bytes
-    sent, fewer if the file shrank."""
+def _sendfile(out: int, path: str, n: int, skip: int = 0) -> int:
+    """The first n bytes of a file, less the first `skip`, to a blocking socket, by the kernel:
+    os.sendfile on raw descriptors (socket.sendfile adds an fstat, a poll set-up and a seek per
+    file). Returns the bytes sent, fewer if the file shrank."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        sent = 0
+        sent, n = 0, n - skip
         while sent < n:
-            k = os.sendfile(out, fd, sent, n - sent)
+            k = os.sendfile(out, fd, skip + sent, n - sent)
             if not k:
                 break
             sent += k
@@ -208,6 +209,38 @@ def _local_sizes(instances) -> list[int] | None:
         except OSError:
             raise HttpError(404, "a file of this request is no longer readable") from None
     return sizes
+
+
+def part10_prefix(fp) -> tuple[bytes, int, str | None]:
+    """What makes a file without a File Meta group (pre-Part-10) a Part 10 stream: (preamble, DICM and
+    a File Meta group, bytes of the file it replaces, its transfer syntax). The file's own bytes follow
+    unchanged, so it can still be streamed. (b"", 0, None) for a Part 10 file. `fp` stays where it was."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filewriter import write_file_meta_info
+
+    from .dicom_meta import has_file_meta, read_any
+
+    if has_file_meta(fp):
+        return b"", 0, None
+    start = fp.tell()
+    head = fp.read(132)
+    skip = 132 if head[128:132] == b"DICM" else 0  # a preamble and DICM, but no group
+    fp.seek(start)
+    ds = read_any(fp, stop_before_pixels=True)
+    fp.seek(start)
+    ts = (getattr(ds, "file_meta", None) or {}).get("TransferSyntaxUID")
+    if not skip and head[:2] == b"\x02\x00" and ts:  # its own group, but no preamble: only that is added
+        return b"\0" * 128 + b"DICM", 0, str(ts)
+    if not (ts and ds.get("SOPClassUID") and ds.get("SOPInstanceUID")):
+        raise HttpError(500, "an instance of this request has no File Meta group and no transfer syntax or SOP "
+                             "Class UID to make one from: it cannot be sent as a DICOM file")
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID, meta.MediaStorageSOPClassUID = ts, ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    buf = io.BytesIO()
+    buf.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(buf, meta, enforce_standard=True)
+    return buf.getvalue(), skip, str(ts)
 
 
 def _bulk_uris(meta: str, base: str) -> dict:
@@ -458,24 +491,36 @@ def make_handler(catalog: Catalog, token: str | None, viewer: Path | None = None
 
             def stream(inst):
                 with open_source(inst.path) as f:
+                    prefix, skip, _ = part10_prefix(f)  # a pre-Part-10 file is sent as Part 10
+                    yield prefix
+                    f.seek(skip, os.SEEK_CUR)
                     while piece := f.read(CHUNK):
                         yield piece
 
-            ts = lambda i: f"; transfer-syntax={i.transfer_syntax}" if i.transfer_syntax else ""  # noqa: E731
+            def ts(i, found=None):
+                found = i.transfer_syntax or found
+                return f"; transfer-syntax={found}" if found else ""
+
             sizes = _local_sizes(instances)
             if sizes is None:  # zip members, object storage: streamed in chunks
                 return self._multipart((f"application/dicom{ts(i)}", stream(i)) for i in instances)
-            self._multipart_files([(f"application/dicom{ts(i)}", local_path_of(i.path), n)
-                                   for i, n in zip(instances, sizes, strict=True)])
+            parts = []
+            for i, n in zip(instances, sizes, strict=True):
+                path = local_path_of(i.path)
+                with open(path, "rb", buffering=0) as f:  # one read of 134 bytes for a Part 10 file
+                    prefix, skip, found = part10_prefix(f)
+                parts.append((f"application/dicom{ts(i, found)}", path, n, prefix, skip))
+            self._multipart_files(parts)
 
         def _multipart_files(self, parts):
             """Local files: a Content-Length known up front and each file sent by the kernel (sendfile),
             so neither side handles the bytes in Python. A file that changed size since it was measured
-            ends the connection: the client sees an error, never a wrong instance."""
+            ends the connection: the client sees an error, never a wrong instance. Each part is
+            (content type, path, size, prefix sent first, bytes of the file skipped)."""
             boundary = secrets.token_hex(16)
-            heads = [f"--{boundary}\r\nContent-Type: {ctype}\r\n\r\n".encode() for ctype, _, _ in parts]
+            heads = [f"--{boundary}\r\nContent-Type: {p[0]}\r\n\r\n".encode() + p[3] for p in parts]
             tail = f"--{boundary}--\r\n".encode()
-            total = sum(len(h) + n + 2 for h, (_, _, n) in zip(heads, parts, strict=True)) + len(tail)
+            total = sum(len(h) + n - skip + 2 for h, (_, _, n, _, skip) in zip(heads, parts, strict=True)) + len(tail)
             ptype = parts[0][0].split(";")[0]
             self.send_response(200)
             self._cors()
@@ -485,9 +530,9 @@ def make_handler(catalog: Catalog, token: str | None, viewer: Path | None = None
             with _corked(self.connection):
                 # each part's CRLF goes out with the next part's head: one small write per file
                 between, out = b"", self.connection.fileno()
-                for head, (_, path, n) in zip(heads, parts, strict=True):
+                for head, (_, path, n, _, skip) in zip(heads, parts, strict=True):
                     self.wfile.write(between + head)
-                    if _sendfile(out, path, n) != n:
+                    if _sendfile(out, path, n, skip) != n - skip:
                         self.close_connection = True
                         raise ConnectionResetError(f"{path} changed size while being sent")
                     between = b"\r\n"

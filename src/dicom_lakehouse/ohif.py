@@ -15,6 +15,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from .paths import UnsafePath, contained
+
 VERSION = "3.13.2"
 PACKAGE = f"@ohif/app@{VERSION}"
 
@@ -41,16 +43,32 @@ def fetch() -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([npm, "pack", PACKAGE, "--silent"], cwd=tmp, check=True, capture_output=True, timeout=600)
         (tgz,) = Path(tmp).glob("*.tgz")
-        with tarfile.open(tgz) as tar:
-            members = [m for m in tar.getmembers() if m.name.startswith("package/dist/") and (m.isfile() or m.isdir())]
-            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.11.4
-            tar.extractall(tmp, members=[m for m in members if ".." not in Path(m.name).parts], **safe)
+        dist = extract_dist(tgz, Path(tmp))
         target.mkdir(parents=True, exist_ok=True)
         partial = target / "dist.partial"
         shutil.rmtree(partial, ignore_errors=True)
-        shutil.move(str(Path(tmp) / "package" / "dist"), partial)
+        shutil.move(str(dist), partial)
         os.replace(partial, target / "dist")
     return target / "dist"
+
+
+def extract_dist(tgz: Path, into: Path) -> Path:
+    """The tarball's package/dist/ under `into`: regular files and folders only (no links, devices or
+    absolute names), each checked to land inside `into` (paths.contained, on every Python), then
+    extracted with tarfile's "data" filter where it exists (3.10.12, 3.11.4 and later)."""
+    with tarfile.open(tgz) as tar:
+        members = []
+        for m in tar.getmembers():
+            if not (m.name.startswith("package/dist/") and (m.isfile() or m.isdir())):
+                continue
+            try:
+                contained(str(into / "package" / "dist"), str(into / m.name))
+            except UnsafePath:
+                continue  # a name with .. parts: not OHIF's, and never written
+            members.append(m)
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(into, members=members, **safe)
+    return into / "package" / "dist"
 
 
 def app_config(dicomweb_root: str) -> str:

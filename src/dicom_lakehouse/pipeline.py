@@ -376,6 +376,7 @@ def deid_batches(pseudo, options, out_root: str, threshold: int, max_inflated: i
     def fn(batches):
         from .deid import DeidResult, deidentify_file, output_name
         from .dicom_meta import PROMOTED_COLUMNS, extract_header
+        from .paths import UnsafePath
         from .sources import open_source, write_file
 
         _quiet_worker()
@@ -398,11 +399,14 @@ def deid_batches(pseudo, options, out_root: str, threshold: int, max_inflated: i
                     status, error = res.status, res.error
                 header, new_path, rel = None, not_copied, None
                 if res is not None and res.status == "ok":
-                    rel = output_name(pseudo, res, path)
-                    new_path = f"{out_root}/{rel}"
                     try:
-                        write_file(new_path, res.data)
+                        rel = output_name(pseudo, res, path)
+                        new_path = f"{out_root}/{rel}"
+                        write_file(new_path, res.data, out_root)
                         header = extract_header(io.BytesIO(res.data), new_path, threshold, max_inflated)
+                    except UnsafePath as e:  # a header value that cannot name a file: no copy
+                        status, error = "refused", f"not copied: {e}"
+                        new_path, rel = not_copied, None
                     except OSError as e:
                         status, error = "error", f"cannot write the copy: {e.strerror or type(e).__name__}"
                         new_path, rel = not_copied, None

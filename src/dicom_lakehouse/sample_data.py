@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from pydicom.data import get_testdata_file
+
+from .paths import UnsafePath, contained
+from .sources import write_file
 
 # (pydicom file name, where it goes in the sample tree) - patient/study-like folders.
 SAMPLES = [
@@ -43,19 +45,28 @@ def make_sample(dest: str | Path) -> list[Path]:
     if dest.is_dir() and not _made_by_sample(dest):
         raise SampleError(f"{dest} is not empty and was not made by `sample`: nothing was changed; "
                           "give a new or empty folder")
+    _check_contained(dest)
     written = []
     for name, rel in SAMPLES:
         src = get_testdata_file(name, download=False)
         if src is None:
             raise FileNotFoundError(f"pydicom does not ship {name}")
-        out = dest / rel
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, out)
-        written.append(out)
-    (dest / MARKER).parent.mkdir(parents=True, exist_ok=True)
-    (dest / MARKER).write_text(MARKER_TEXT)
+        write_file(str(dest / rel), Path(src).read_bytes(), str(dest))
+        written.append(dest / rel)
+    write_file(str(dest / MARKER), MARKER_TEXT.encode(), str(dest))
     written.append(dest / MARKER)
     return written
+
+
+def _check_contained(dest: Path) -> None:
+    """Every target resolves inside `dest`: a symlinked folder or file in it would make a copy land
+    (or overwrite a file) elsewhere. Checked for all before anything is written."""
+    for rel in [r for _, r in SAMPLES] + [MARKER]:
+        try:
+            contained(str(dest), str(dest / rel))
+        except UnsafePath:
+            raise SampleError(f"{dest} holds a symbolic link where the sample writes ({rel}) that links out "
+                              "of it: nothing was written; give a new or empty folder") from None
 
 
 def _made_by_sample(folder: Path) -> bool:

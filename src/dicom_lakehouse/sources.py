@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 
 from .params import is_remote_path, local_path_of
+from .paths import contained
 
 ARCHIVE_SEP = "!/"
 
@@ -81,9 +82,14 @@ def open_source(path: str):
         outer.close()
 
 
-def write_file(path: str, data: bytes) -> None:
-    """Write a whole file, replacing any earlier copy. Locally (and on /Volumes or /dbfs) through a
-    temporary name in the same folder, so a reader or a retried task never sees half a file."""
+def write_file(path: str, data: bytes, root: str) -> None:
+    """Write a whole file under `root`, replacing any earlier copy. Locally (and on /Volumes or /dbfs)
+    through a temporary name in the same folder, so a reader or a retried task never sees half a file.
+
+    A target that does not resolve inside `root` (a `..` part, a symlink to elsewhere) raises
+    paths.UnsafePath and nothing is written: the names come from file headers, and the check here
+    holds even where a caller's own check of them was missed."""
+    contained(root, path)
     if is_remote_path(path) and not path.startswith("dbfs:/"):
         try:
             import fsspec
@@ -95,11 +101,14 @@ def write_file(path: str, data: bytes) -> None:
         return
     local = local_path_of(path)
     os.makedirs(os.path.dirname(local), exist_ok=True)
+    contained(root, path)  # again: a folder made meanwhile may be a symlink
     tmp = f"{local}.{os.getpid()}.tmp"
     try:
-        with open(tmp, "wb") as f:
+        # O_NOFOLLOW: a symlink planted at the temporary name is not followed.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        with open(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, local)
     finally:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.unlink(tmp)

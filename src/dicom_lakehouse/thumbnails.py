@@ -13,11 +13,19 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
 from pydicom.pixels import pixel_array
 from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
 
-from .dicom_meta import MAX_INFLATED, TooLarge, _short, is_decoder_panic, open_dataset
+from .dicom_meta import (
+    MAX_INFLATED,
+    TooLarge,
+    _short,
+    has_file_meta,
+    implied_transfer_syntax,
+    is_decoder_panic,
+    open_dataset,
+)
 from .reduced_decode import decode_reduced
 
 
@@ -175,8 +183,14 @@ def decode_frame(fp, index: int | None, max_inflated: int = MAX_INFLATED) -> tup
     streaming path cannot work (deflated data sets, some odd encapsulations)."""
     start = fp.tell()
     ds = Dataset()
+    opts = {}
+    if not has_file_meta(fp):  # pre-Part-10: decode in the encoding the header was parsed in
+        ts = implied_transfer_syntax(dcmread(fp, stop_before_pixels=True, force=True))
+        fp.seek(start)
+        if ts:
+            opts["transfer_syntax_uid"] = ts
     try:
-        return ds, pixel_array(fp, ds_out=ds, index=index)
+        return ds, pixel_array(fp, ds_out=ds, index=index, **opts)
     except MemoryError:
         raise
     except Exception as first:  # noqa: BLE001
