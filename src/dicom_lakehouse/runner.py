@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .bundle import task_order
-from .connect_server import ON_DEMAND_ENV, TOKEN_ENV, ConnectServer, on_demand
+from .connect_server import ON_DEMAND_ENV, TOKEN_ENV, ConnectServer, die_with_parent, on_demand
 from .params import ParameterError, validate
 from .taskmain import GATE_ENV, RESULT_MARK, RUNNER_PID_ENV, SERVER_HAS_LIBRARY_ENV, write_word
 
@@ -164,6 +165,15 @@ def _lowest_priority() -> None:
     os.nice(19)
 
 
+def _task_preexec(runner: int, waiting: bool) -> None:
+    """A task dies with its runner (PR_SET_PDEATHSIG): killed with it (SIGKILL, OOM), it would run on
+    with nobody to record it or drop its stages. The runner starts its tasks from one thread that lives
+    as long as they run."""
+    die_with_parent(runner)
+    if waiting:
+        _lowest_priority()
+
+
 def _normal_priority(pgid: int) -> None:
     """Back to the runner's own priority once the task may start (needs CAP_SYS_NICE; without it the
     task keeps nice 19, which only matters while something else competes for the CPU)."""
@@ -188,7 +198,8 @@ class _Launched:
             env = {**env, GATE_ENV: str(gate), RUNNER_PID_ENV: str(os.getpid())}
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(root),
-                                    start_new_session=True, preexec_fn=_lowest_priority if gate else None)
+                                    start_new_session=True,
+                                    preexec_fn=functools.partial(_task_preexec, os.getpid(), gate is not None))
         return cls(key, proc, gate)
 
     def open(self, word: str) -> None:
@@ -405,6 +416,7 @@ def run_job(
     folder.mkdir(parents=True, exist_ok=True)
     record = RunRecord(run_id, settings.get("name", job_key), target, values,
                        started=dt.datetime.now(dt.timezone.utc).isoformat())
+    record.save(folder)  # a run killed before its first task ends is on record too
     master = master or (conf.get("spark") or {}).get("master", "local[*]")
     env = dict(os.environ)
     env.update(PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable,
