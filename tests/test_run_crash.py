@@ -4,6 +4,7 @@ DICOMweb service with a token leaves. One JVM start serves both (module fixture)
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import re
@@ -23,13 +24,19 @@ pytestmark = pytest.mark.e2e
 RUNS = ROOT / "build" / "local" / "runs"
 
 
-def _stat(pid: int) -> tuple[int, str, int] | None:
-    """(parent pid, state, start time) of a live process, None if gone."""
+def _stat(pid: int) -> tuple[int, str, int, int] | None:
+    """(parent pid, state, start time, session id) of a live process, None if gone."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
-    return int(fields[1]), fields[0], int(fields[19])
+    return int(fields[1]), fields[0], int(fields[19]), int(fields[3])
+
+
+def _in_sessions(sessions: set[int]) -> list[int]:
+    """Live processes of these sessions (the runner, each task and the server start their own)."""
+    pids = [int(d) for d in os.listdir("/proc") if d.isdigit()]
+    return [p for p in pids if (st := _stat(p)) and st[3] in sessions and st[1] != "Z"]
 
 
 def _descendants(root: int) -> dict[int, int]:
@@ -83,6 +90,7 @@ def killed_run(tmp_path_factory):
              "--warehouse", str(base / "wh"), "--param", f"path={base / 'sample'}", "--param", "mode=overwrite",
              "--run"], stdout=o, stderr=e, cwd=ROOT, start_new_session=True)
     procs: dict[int, int] = {}
+    sessions: set[int] = set()
     try:
         deadline = time.time() + 300
         while True:
@@ -95,17 +103,19 @@ def killed_run(tmp_path_factory):
             time.sleep(0.5)
         token = Path(f"/proc/{server[0]}/environ").read_bytes().split(f"{TOKEN_ENV}=".encode())[1].split(b"\0")[0]
         run_id = re.search(r"^run (local-\S+): ", out.read_text(), re.M).group(1)
+        sessions.update({st[3] for p in procs if (st := _stat(p))} - {os.getsid(0)})
         os.killpg(runner.pid, signal.SIGKILL)
         runner.wait()
         t0 = time.time()
-        while _alive(procs) and time.time() - t0 < 10:
+        while (_alive(procs) or _in_sessions(sessions)) and time.time() - t0 < 10:
             time.sleep(0.2)
-        left = {p: _cmdline(p)[:160] for p in _alive(procs)}
+        left = {p: _cmdline(p)[:160] for p in {*_alive(procs), *_in_sessions(sessions)}}
         yield {"base": base, "run_id": run_id, "t0": t0, "token": token.decode(), "left": left, "procs": procs,
                "server": server[0], "workers": workers, "files": [out, err]}
     finally:
-        for pid in _alive(procs):  # only the processes this test started
-            os.kill(pid, signal.SIGKILL)
+        for pid in {*_alive(procs), *_in_sessions(sessions)}:  # only the processes this test started
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         runner.kill()
 
 
