@@ -113,7 +113,10 @@ def _local(resolved, do_run: bool, params: dict, warehouse: str | None, master: 
             rec = run_job(settings, conf, target=resolved.target, job_key=key, root=resolved.bundle.root,
                           build_dir=build, overrides=params, warehouse=warehouse, master=master,
                           echo=click.echo, py_files=py_files, remote=remote, session=session)
-            if rec.status != "SUCCESS":
+            if rec.status == "CANCELED":
+                click.echo(f"run {rec.run_id}: {rec.message}", err=True)
+                code = 1
+            elif rec.status != "SUCCESS":
                 click.echo(f"task {rec.failed_task} failed; last lines of its log:\n{rec.message}", err=True)
                 code = 1
     return code
@@ -218,7 +221,9 @@ def validate():
 @click.pass_context
 def schedule(ctx, params, cron, max_runs):
     """Run the job locally at the times of its Quartz schedule (one run at a time) until Ctrl-C."""
-    from .runner import run_job
+    import threading
+
+    from .runner import guarded_echo, run_job
     from .scheduler import ScheduleError, run_schedule
 
     try:
@@ -234,14 +239,17 @@ def schedule(ctx, params, cron, max_runs):
             raise click.UsageError("the job spec has no schedule; pass --cron")
         build = repo_root() / conf.get("build_dir", "build") / resolved.target
         overrides = _pairs(params, "--param")
+        # A closed output pipe (`schedule | head`) stops the run and the schedule, as Ctrl-C does.
+        stop = threading.Event()
+        echo = guarded_echo(click.echo, stop)
 
         def once(stop):
             rec = run_job(settings, conf, target=resolved.target, job_key=key, root=resolved.bundle.root,
-                          build_dir=build, overrides=overrides, warehouse=ctx.obj.get("warehouse"), echo=click.echo,
+                          build_dir=build, overrides=overrides, warehouse=ctx.obj.get("warehouse"), echo=echo,
                           stop=stop)
             return f"{rec.status} ({rec.run_id})"
 
-        run_schedule(sched, once, echo=click.echo, max_runs=max_runs)
+        run_schedule(sched, once, echo=echo, max_runs=max_runs, stop=stop)
     except (BundleError, ConfigError, ParameterError, ScheduleError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)

@@ -11,14 +11,17 @@ answers in `connect-server.ready`: `up`, or `failed: <why>`.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 from .taskmain import process_alive, wait_for_word, write_word
@@ -79,9 +82,7 @@ class ConnectServer:
             for k, v in settings.items():
                 cmd += ["--conf", f"{k}={v}"]
             env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1", TOKEN_ENV: self.token}
-            with open(self.log_path, "wb") as log:
-                self.proc = subprocess.Popen([*cmd, "spark-internal"], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                             start_new_session=True)
+            self.proc = _launch_bound_to_this_process([*cmd, "spark-internal"], self.log_path, env)
 
     def wait_ready(self, timeout: float = 180) -> None:
         deadline = time.time() + timeout
@@ -105,6 +106,50 @@ class ConnectServer:
             self.proc.wait()
         if self.dump is not None:
             self.dump.unlink(missing_ok=True)
+
+
+try:  # looked up here: a forked child of a threaded process should not load libraries
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+    _PRCTL = None
+
+
+def die_with_parent(parent: int) -> None:
+    """A child's preexec_fn: SIGKILL when the thread that forked it ends (PR_SET_PDEATHSIG, Linux);
+    exits at once if `parent` died before the call."""
+    if _PRCTL is None:
+        return
+    _PRCTL(1, int(signal.SIGKILL))
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _launch_bound_to_this_process(cmd: list[str], log_path: Path, env: dict) -> subprocess.Popen:
+    """Start the server so that it dies with this process, however this process ends (SIGKILL, OOM kill,
+    closed terminal): an orphaned JVM would hold its memory indefinitely. Its Python workers follow
+    it (pyspark's daemon exits when the JVM closes its stdin).
+
+    The JVM gets PR_SET_PDEATHSIG (kept through spark-submit's `exec`s), which fires when the *thread*
+    that forked it ends, so the fork happens in a thread that lives as long as the server."""
+    started, out = threading.Event(), []
+
+    def launch():
+        try:
+            with open(log_path, "wb") as log:
+                out.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                            start_new_session=True, preexec_fn=partial(die_with_parent, os.getpid())))
+        except BaseException as e:  # noqa: BLE001 - raised in the caller's thread
+            out.append(e)
+        finally:
+            started.set()
+        if isinstance(out[0], subprocess.Popen):
+            out[0].wait()
+
+    threading.Thread(target=launch, name="connect-server-parent", daemon=True).start()
+    started.wait()
+    if isinstance(out[0], BaseException):
+        raise out[0]
+    return out[0]
 
 
 @contextmanager

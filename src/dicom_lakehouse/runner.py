@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import json
 import logging
 import os
 import re
 import secrets
+import select
+import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -24,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .bundle import task_order
-from .connect_server import ON_DEMAND_ENV, TOKEN_ENV, ConnectServer, on_demand
+from .connect_server import ON_DEMAND_ENV, TOKEN_ENV, ConnectServer, die_with_parent, on_demand
 from .params import ParameterError, validate
 from .taskmain import GATE_ENV, RESULT_MARK, RUNNER_PID_ENV, SERVER_HAS_LIBRARY_ENV, write_word
 
@@ -52,6 +56,7 @@ class RunRecord:
     parameters: dict
     status: str = "RUNNING"
     started: str = ""
+    ended: str = ""
     seconds: float = 0.0
     attempts: list = field(default_factory=list)
     failed_task: str | None = None
@@ -160,6 +165,15 @@ def _lowest_priority() -> None:
     os.nice(19)
 
 
+def _task_preexec(runner: int, waiting: bool) -> None:
+    """A task dies with its runner (PR_SET_PDEATHSIG): killed with it (SIGKILL, OOM), it would run on
+    with nobody to record it or drop its stages. The runner starts its tasks from one thread that lives
+    as long as they run."""
+    die_with_parent(runner)
+    if waiting:
+        _lowest_priority()
+
+
 def _normal_priority(pgid: int) -> None:
     """Back to the runner's own priority once the task may start (needs CAP_SYS_NICE; without it the
     task keeps nice 19, which only matters while something else competes for the CPU)."""
@@ -184,7 +198,8 @@ class _Launched:
             env = {**env, GATE_ENV: str(gate), RUNNER_PID_ENV: str(os.getpid())}
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(root),
-                                    start_new_session=True, preexec_fn=_lowest_priority if gate else None)
+                                    start_new_session=True,
+                                    preexec_fn=functools.partial(_task_preexec, os.getpid(), gate is not None))
         return cls(key, proc, gate)
 
     def open(self, word: str) -> None:
@@ -225,6 +240,110 @@ def _result(path: Path) -> dict | None:
     return None
 
 
+def _halt(stop: threading.Event, why: str) -> None:
+    """Stop the run; the first reason is the one recorded."""
+    if not stop.is_set():
+        stop.reason = why
+    stop.set()
+
+
+def _pipe_closed(fd: int) -> bool:
+    """True when `fd` is a pipe whose reader is gone (`| head` exited): nothing written there is read."""
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return False
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except OSError:
+        return False
+
+
+def _discard_closed_output() -> None:
+    """Point a closed stdout/stderr at /dev/null, so that later writes (and the exit's flush) pass."""
+    for fd in (1, 2):
+        if _pipe_closed(fd):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, fd)
+            os.close(null)
+
+
+def guarded_echo(echo, stop: threading.Event):
+    """`echo` that ends the run instead of raising when its output pipe was closed (Python ignores
+    SIGPIPE: a write to a closed pipe raises BrokenPipeError, which would otherwise escape the runner
+    and leave its tasks running and its record at RUNNING)."""
+    if getattr(echo, "guarded", False):
+        return echo
+
+    def out(*args, **kwargs):
+        try:
+            echo(*args, **kwargs)
+        except BrokenPipeError:
+            _discard_closed_output()
+            _halt(stop, "its output was closed")
+
+    out.guarded = True
+    return out
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: threading.Event, watch_fd: int = 1):
+    """SIGTERM, SIGHUP and SIGINT (in the main thread), or a closed output pipe, end the run as canceled:
+    the running task is killed, waiting ones are canceled, and the record gets its end."""
+    handlers, done = {}, threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            handlers[sig] = signal.signal(sig, lambda n, _: _halt(stop, f"stopped by {signal.Signals(n).name}"))
+
+    def watch():  # a closed pipe is noticed within the poll, not only at the next line written
+        while not done.wait(0.2):
+            if _pipe_closed(watch_fd):
+                _discard_closed_output()
+                _halt(stop, "its output was closed")
+                return
+
+    thread = threading.Thread(target=watch, name="runner-output-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
+
+
+def drop_run_stages(conf: dict, params, run_id: str, warehouse: str | None) -> list[str]:
+    """Remove the staged tables of a canceled run (their names carry its run id, so no other run reads
+    them): no later run could use them. Path-named tables only (local and cluster targets)."""
+    import dataclasses
+
+    from .config import warehouse_dir
+    from .pipeline import STAGES, stage_ref
+    from .tables import remove_delta_folder
+
+    if (conf.get("stage_retention") or "drop") != "drop" or (conf.get("table_names") or "warehouse") != "warehouse":
+        return []
+    p = dataclasses.replace(params, run_id=run_id)
+    wh, dropped = warehouse_dir(conf, warehouse), []
+    for step in STAGES:
+        ref = stage_ref(p, step)
+        folder = wh / ref.catalog / ref.schema / ref.table
+        if not folder.is_dir():
+            continue
+        remove_delta_folder(folder)
+        # A writer killed mid-write leaves data files that no commit names; this run's folder only.
+        for f in sorted(folder.rglob("*.parquet")):
+            f.unlink(missing_ok=True)
+            (f.parent / f".{f.name}.crc").unlink(missing_ok=True)
+        for d in [*sorted((d for d in folder.rglob("*") if d.is_dir()), key=lambda d: len(d.parts), reverse=True),
+                  folder]:
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only when empty
+        dropped.append(ref.table)
+    return dropped
+
+
 def _wait(proc, timeout: int | None, stop: threading.Event | None) -> tuple[int | None, str]:
     """Wait for a task process; kill its whole process group on timeout or stop."""
     deadline = time.time() + timeout if timeout else None
@@ -239,6 +358,23 @@ def _wait(proc, timeout: int | None, stop: threading.Event | None) -> tuple[int 
             os.killpg(proc.pid, 9)
             proc.wait()
             return None, "CANCELED" if cancel else "TIMEDOUT"
+
+
+def _end_run(record: RunRecord, folder: Path, t_job: float, drop_stages, echo) -> None:
+    """Record the run's end; a canceled run's staged tables are dropped first."""
+    if record.status == "RUNNING":  # the runner itself failed
+        record.status = "FAILED"
+        record.message = record.message or "the runner stopped with an error"
+    if record.status == "CANCELED":
+        try:
+            dropped = drop_stages()
+            if dropped:
+                echo(f"run {record.run_id}: dropped its staged tables {', '.join(dropped)}")
+        except OSError as e:
+            log.warning("run %s: could not drop its staged tables: %s", record.run_id, e)
+    record.seconds = round(time.time() - t_job, 2)
+    record.ended = dt.datetime.now(dt.timezone.utc).isoformat()
+    record.save(folder)
 
 
 def run_job(
@@ -280,6 +416,7 @@ def run_job(
     folder.mkdir(parents=True, exist_ok=True)
     record = RunRecord(run_id, settings.get("name", job_key), target, values,
                        started=dt.datetime.now(dt.timezone.utc).isoformat())
+    record.save(folder)  # a run killed before its first task ends is on record too
     master = master or (conf.get("spark") or {}).get("master", "local[*]")
     env = dict(os.environ)
     env.update(PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable,
@@ -290,12 +427,17 @@ def run_job(
     session = session or (conf.get("runner") or {}).get("session", "per_task")
     if session not in ("shared", "per_task"):
         raise ValueError(f"runner session {session!r} in conf/ is not one of shared, per_task")
+    stop = stop or threading.Event()
+    echo = guarded_echo(echo, stop)
     stack = contextlib.ExitStack()
     t_job = time.time()
-    if session == "shared" and not remote:
-        remote = _shared_server(stack, conf, master, folder, env, echo)
-        echo(f"run {run_id}: Spark Connect server for this run at {remote}, started when a task first needs Spark")
+    # Last out: the record gets its end however the run ends (its tasks and server are gone by then).
+    stack.callback(_end_run, record, folder, t_job, lambda: drop_run_stages(conf, checked, run_id, warehouse), echo)
     with stack:
+        stack.enter_context(_stop_on_signals(stop))
+        if session == "shared" and not remote:
+            remote = _shared_server(stack, conf, master, folder, env, echo)
+            echo(f"run {run_id}: Spark Connect server for this run at {remote}, started when a task first needs Spark")
         cds = class_data_archive(conf)
         if cds is not None:
             cds.parent.mkdir(parents=True, exist_ok=True)
@@ -333,6 +475,8 @@ def run_job(
                 pause = int(task.get("min_retry_interval_millis", 0) or 0) / 1000
                 ok = False
                 for attempt in range(1, retries + 2):
+                    if stop.is_set():
+                        break
                     log_path = folder / f"{key}.{attempt}.log"
                     echo(f"  [{key}] attempt {attempt} started")
                     t0 = time.time()
@@ -369,6 +513,11 @@ def run_job(
                         break  # invalid parameters or Ctrl-C: a retry cannot help
                     if attempt <= retries:
                         time.sleep(pause)
+                if not ok and stop.is_set():
+                    record.status = "CANCELED"
+                    record.failed_task = key if record.attempts and record.attempts[-1].task == key else None
+                    record.message = f"run canceled: {getattr(stop, 'reason', 'stopped')}"
+                    break
                 if not ok:
                     record.status, record.failed_task = "FAILED", key
                     record.message = _tail(folder / f"{key}.{record.attempts[-1].attempt}.log")
@@ -378,7 +527,5 @@ def run_job(
         finally:
             for waiting in warm.values():
                 waiting.cancel()
-    record.seconds = round(time.time() - t_job, 2)
-    record.save(folder)
     echo(f"run {run_id}: {record.status} in {record.seconds:.1f} s; record {folder / 'run.json'}")
     return record
