@@ -187,4 +187,4 @@ def test_file_ending_inside_an_undefined_length_element_is_marked():
     struct.pack_into("<I", raw, raw.find(b"\x09\x00\x10\x10OB") + 8, 0xFFFFFFFF)
     r = extract_header(io.BytesIO(bytes(raw)), "file:/x")
     assert r.status == "ok_with_warnings"
-    assert "End of file reached before delimiter" in r.error
+    assert r.error == "the file ends inside an element of undefined length: the elements from there on are missing"

@@ -352,7 +352,7 @@ def extract_header(fp, uri: str, bulk_data_threshold: int = 1024, max_inflated: 
         ts = getattr(fm, "TransferSyntaxUID", None) if fm is not None else None
         if cols.get("transfer_syntax_uid") is None and ts:
             cols["transfer_syntax_uid"] = str(ts)
-        warns = conv.warnings + [f"pydicom: {_short(w.message)}" for w in caught if _relevant(w)]
+        warns = conv.warnings + [_warning_text(w) for w in caught if _relevant(w)]
         meta = _dumps(model)
         if short:
             return HeaderResult("error", f"file is truncated: element {short[0]} is shorter than its declared length",
@@ -383,6 +383,12 @@ def extract_header(fp, uri: str, bulk_data_threshold: int = 1024, max_inflated: 
 def is_decoder_panic(e: BaseException) -> bool:
     """Rust decoders (pylibjpeg-rle, via PyO3) raise PanicException, a BaseException, on bad input."""
     return type(e).__name__ == "PanicException"
+
+
+def _warning_text(w) -> str:
+    if "before delimiter" in str(w.message):  # pydicom's text names the file: say it without the path
+        return "the file ends inside an element of undefined length: the elements from there on are missing"
+    return f"pydicom: {_short(w.message)}"
 
 
 def _relevant(w) -> bool:
