@@ -268,9 +268,9 @@ def gallery(ctx, table_name, where, limit, out):
     conf = load_conf(ctx.obj.get("target") or "local")
     try:  # refuse bad input before a session starts
         check_table(table_name)
+        condition = check_where(where, S.column_names("publish")) if where else None
         if table_name not in warehouse_tables(warehouse_dir(conf, ctx.obj.get("warehouse"))):
             raise GalleryError(f"no Delta table {table_name} in the warehouse: publish it first (python RUNME.py --run)")
-        condition = check_where(where, S.column_names("publish")) if where else None
     except GalleryError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
