@@ -95,3 +95,13 @@ def test_silent_databricks_host_fails_within_30_seconds(tmp_path):
     assert r.returncode == 2
     assert f"the Databricks host {host} did not answer" in one_error_line(r)
     assert seconds < 30
+
+
+def test_unreachable_host_of_a_profile_is_named_too(tmp_path):
+    host = f"https://127.0.0.1:{_closed_port()}"
+    (tmp_path / ".databrickscfg").write_text(f"[work]\nhost = {host}\ntoken = dapi-not-a-real-token-0\n")
+    r, seconds = runme("--target", "dev", "--profile", "work", env={"HOME": str(tmp_path)})
+    assert r.returncode == 2
+    line = one_error_line(r)
+    assert f"the Databricks host {host} cannot be reached" in line and "dapi-not" not in line
+    assert seconds < 30
