@@ -72,8 +72,9 @@ def check_reachable(host: str | None) -> None:
         requests.get(f"{url.rstrip('/')}/.well-known/databricks-config", timeout=PROBE_SECONDS,
                      allow_redirects=False).close()
     except requests.Timeout:
-        raise DeployError(f"the Databricks host {host} did not answer (timed out after at most {sum(PROBE_SECONDS):.0f} s): check "
-                          "DATABRICKS_HOST or the profile's host, and the network") from None
+        raise DeployError(f"the Databricks host {host} did not answer (timed out after at most "
+                          f"{sum(PROBE_SECONDS):.0f} s): check DATABRICKS_HOST or the profile's host, and the network"
+                          ) from None
     except (requests.ConnectionError, ValueError) as e:
         reason = type(e).__name__
         raise DeployError(f"the Databricks host {host} cannot be reached ({reason}): check DATABRICKS_HOST "
