@@ -153,8 +153,13 @@ def _query_session(conf: dict, remote: str | None, name: str):
 @click.pass_context
 def sql(ctx, query, limit, as_json):
     """Run QUERY (Spark SQL with three-part names) on the local warehouse."""
-    from .localsql import run_sql
+    from .localsql import QueryRefused, check_query, run_sql
 
+    try:  # refuse a statement that is not a query before a session starts
+        check_query(query)
+    except QueryRefused as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
     conf = load_conf(ctx.obj.get("target") or "local")
     spark = _query_session(conf, ctx.obj.get("remote"), "sql")
     df = run_sql(spark, warehouse_dir(conf, ctx.obj.get("warehouse")), query)
@@ -259,22 +264,24 @@ def schedule(ctx, params, cron, max_runs):
 @click.option("--table", "table_name", default="main.pixels.object_catalog", show_default=True,
               help="Published table (three-part name).")
 @click.option("--where", default=None, help="SQL condition, e.g. \"modality = 'CT'\".")
-@click.option("--limit", default=500, show_default=True, help="Most cards to show.")
+@click.option("--limit", type=click.IntRange(min=1), default=500, show_default=True, help="Most cards to show.")
 @click.option("--out", default="build/gallery.html", show_default=True, help="HTML file to write.")
 @click.pass_context
 def gallery(ctx, table_name, where, limit, out):
     """Write a self-contained HTML thumbnail gallery of the published table."""
     from . import schema as S
     from .gallery import GalleryError, check_table, check_where, gallery_rows, write_gallery
-    from .localsql import run_sql
+    from .localsql import run_sql, warehouse_tables
 
+    conf = load_conf(ctx.obj.get("target") or "local")
     try:  # refuse bad input before a session starts
         check_table(table_name)
         condition = check_where(where, S.column_names("publish")) if where else None
+        if table_name not in warehouse_tables(warehouse_dir(conf, ctx.obj.get("warehouse"))):
+            raise GalleryError(f"no Delta table {table_name} in the warehouse: publish it first (python RUNME.py --run)")
     except GalleryError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
-    conf = load_conf(ctx.obj.get("target") or "local")
     spark = _query_session(conf, ctx.obj.get("remote"), "gallery")
     table_df = run_sql(spark, warehouse_dir(conf, ctx.obj.get("warehouse")), f"SELECT * FROM {table_name}")
     rows = gallery_rows(table_df, condition, limit)

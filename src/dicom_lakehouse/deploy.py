@@ -48,6 +48,39 @@ def _profile_exists(profile: str) -> bool:
     return profile in parser or (profile == "DEFAULT" and bool(parser.defaults()))
 
 
+def _profile_host(profile: str) -> str | None:
+    cfg = Path(os.environ.get("DATABRICKS_CONFIG_FILE", "~/.databrickscfg")).expanduser()
+    parser = configparser.ConfigParser()
+    with contextlib.suppress(OSError, configparser.Error):
+        parser.read(cfg)
+    return parser.get(profile, "host", fallback=None) if profile in parser or profile == "DEFAULT" else None
+
+
+PROBE_SECONDS = (5.0, 10.0)  # connect, read: the whole probe ends well within 30 s
+
+
+def check_reachable(host: str | None) -> None:
+    """One GET of the host's metadata document (the SDK's own first request) with short timeouts.
+    The SDK retries an unreachable host for its 300 s retry budget, silently; this fails in seconds
+    with the host's name instead. Any HTTP answer, even an error status, means the host is there."""
+    if not host:
+        return
+    import requests
+
+    url = host if "://" in host else f"https://{host}"
+    try:
+        requests.get(f"{url.rstrip('/')}/.well-known/databricks-config", timeout=PROBE_SECONDS,
+                     allow_redirects=False).close()
+    except requests.Timeout:
+        raise DeployError(f"the Databricks host {host} did not answer (timed out after at most "
+                          f"{sum(PROBE_SECONDS):.0f} s): check DATABRICKS_HOST or the profile's host, and the network"
+                          ) from None
+    except (requests.ConnectionError, ValueError) as e:
+        reason = type(e).__name__
+        raise DeployError(f"the Databricks host {host} cannot be reached ({reason}): check DATABRICKS_HOST "
+                          "or the profile's host, and the network") from None
+
+
 def workspace_client(profile: str | None = None, host: str | None = None):
     """databricks-sdk's own credential chain decides (token, OAuth, azure-cli, databricks-cli,
     github-oidc, profiles, notebook context); this only turns its failure into one clear line."""
@@ -67,6 +100,7 @@ def workspace_client(profile: str | None = None, host: str | None = None):
             f"DATABRICKS_TOKEN is not set, no other login was selected (DATABRICKS_AUTH_TYPE, "
             f"DATABRICKS_CLIENT_ID, ARM_CLIENT_ID, GOOGLE_CREDENTIALS, ...) and no profile {name!r} is in {cfg}: "
             "set a token, pass --profile NAME, or run `databricks auth login`.")
+    check_reachable(host or os.environ.get("DATABRICKS_HOST") or _profile_host(name))
     try:
         if profile:
             return WorkspaceClient(profile=profile, host=host) if host else WorkspaceClient(profile=profile)

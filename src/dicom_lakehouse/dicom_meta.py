@@ -416,7 +416,7 @@ def extract_header(fp, uri: str, bulk_data_threshold: int = 1024, max_inflated: 
             cols["transfer_syntax_uid"] = str(ts)
         if cols.get("transfer_syntax_uid") is None:  # no File Meta group: the encoding it was read in
             cols["transfer_syntax_uid"] = implied_transfer_syntax(ds)
-        warns = conv.warnings + [f"pydicom: {_short(w.message)}" for w in caught if _relevant(w)]
+        warns = conv.warnings + [_warning_text(w) for w in caught if _relevant(w)]
         meta = _dumps(model)
         if short:
             return HeaderResult("error", f"file is truncated: element {short[0]} is shorter than its declared length",
@@ -449,6 +449,15 @@ def is_decoder_panic(e: BaseException) -> bool:
     return type(e).__name__ == "PanicException"
 
 
+def _warning_text(w) -> str:
+    if "before delimiter" in str(w.message):  # pydicom's text names the file: say it without the path
+        return "the file ends inside an element of undefined length: the elements from there on are missing"
+    return f"pydicom: {_short(w.message)}"
+
+
 def _relevant(w) -> bool:
     text = str(w.message)
-    return "Invalid value" in text or "invalid" in text.lower() or "truncat" in text.lower()
+    low = text.lower()
+    # "End of file reached before delimiter": the file ends inside an element of undefined length,
+    # and pydicom silently drops every element from there on.
+    return "Invalid value" in text or "invalid" in low or "truncat" in low or "before delimiter" in low

@@ -66,6 +66,46 @@ def rewrite(query: str, views: dict[str, str]) -> str:
     return re.sub(rf"(?<![\w.`]){ident}\s*\.\s*{ident}\s*\.\s*{ident}(?![\w`])", sub, query)
 
 
+class QueryRefused(ValueError):
+    """`RUNME.py sql` was given something other than one query; the message says what it accepts."""
+
+
+QUERY_WORDS = ("SELECT", "WITH", "VALUES", "SHOW", "DESCRIBE", "DESC", "EXPLAIN", "TABLE", "FROM")
+# Words that change a table or the session. `WITH ... INSERT` and `FROM t INSERT ...` are Spark SQL too,
+# so a query's first word is not enough: none of these may appear outside strings and quoted names.
+WRITE_WORDS = {"INSERT", "UPDATE", "DELETE", "MERGE", "DROP", "CREATE", "ALTER", "TRUNCATE", "OVERWRITE", "CACHE",
+               "UNCACHE", "REFRESH", "MSCK", "LOAD", "VACUUM", "OPTIMIZE", "RESTORE", "GRANT", "REVOKE"}
+
+
+def check_query(query: str) -> None:
+    """Refuse anything but a single read-only statement, before any session starts: `run_sql`
+    maps table names to temporary views (or folders), so a DROP or INSERT there would report
+    success while changing nothing, or change the files behind the catalog's back."""
+    import sqlglot
+    from sqlglot.tokens import TokenType
+
+    allowed = ", ".join(QUERY_WORDS)
+    try:
+        tokens = sqlglot.tokenize(query, read="spark")
+    except sqlglot.errors.TokenError:
+        raise QueryRefused("the query cannot be read as SQL: check its quotes and comments") from None
+    while tokens and tokens[-1].token_type == TokenType.SEMICOLON:
+        tokens.pop()
+    if not tokens:
+        raise QueryRefused("the query is empty")
+    if any(t.token_type == TokenType.SEMICOLON for t in tokens):
+        raise QueryRefused("give one statement: the query has more than one (';')")
+    first = next((t for t in tokens if t.token_type != TokenType.L_PAREN), tokens[0])
+    if first.text.upper() not in QUERY_WORDS:
+        raise QueryRefused(f"sql runs queries only ({allowed}), not {first.text.upper()[:30]!r}: "
+                           "tables change through the job (python RUNME.py --run)")
+    quoted = {TokenType.STRING, TokenType.IDENTIFIER, TokenType.RAW_STRING, TokenType.NATIONAL_STRING}
+    writes = [t.text.upper() for t in tokens if t.token_type not in quoted and t.text.upper() in WRITE_WORDS]
+    if writes:
+        raise QueryRefused(f"sql runs queries only ({allowed}); this one also has {writes[0]!r}: "
+                           "tables change through the job (python RUNME.py --run)")
+
+
 def run_sql(spark, warehouse: str | Path, query: str):
     return spark.sql(rewrite(query, register(spark, warehouse)))
 

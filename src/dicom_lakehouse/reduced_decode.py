@@ -107,8 +107,20 @@ def jpeg_frame(frame: bytes, ds, k: int) -> np.ndarray | None:
     return np.asarray(im) if im.mode == want else None
 
 
+def j2k_phase(k: int) -> float:
+    """Where a resize should start reading a frame reduced k times by JPEG 2000, in its own pixels.
+
+    A resolution level's sample i lies at full-size pixel 2**k * i (the wavelet's low-pass keeps the
+    even samples' phase), not at the middle of that pixel's block of 2**k as a box reduction, a
+    scaled IDCT or a resize assume: the image is 0.5 - 2**-(k+1) of its pixels to the left. At
+    16 px from a 64 px MR that shift alone made the thumbnail differ from the full decode's by 6
+    grey levels on average; started at this offset, by 2."""
+    return 0.5 - 2.0 ** -(k + 1)
+
+
 def decode_reduced(fp, size: int, index: int | None):
-    """(dataset without pixel data, frame at about `size`), or None with `fp` back where it was."""
+    """(dataset without pixel data, frame at about `size`, offset for the resize: see j2k_phase),
+    or None with `fp` back where it was."""
     start = fp.tell()
     try:
         ds = dcmread(fp, stop_before_pixels=True)
@@ -124,4 +136,4 @@ def decode_reduced(fp, size: int, index: int | None):
     if arr is None:
         fp.seek(start)
         return None
-    return ds, arr
+    return ds, arr, j2k_phase(k) if ts in J2K else 0.0
