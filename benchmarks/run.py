@@ -135,7 +135,7 @@ def baseline_deid(path: str) -> int:
     if r.status != "ok":
         return 0
     dest = f"{_DEID['out']}/{output_name(_DEID['pseudo'], r, 'file:' + path)}"
-    write_file(dest, r.data)
+    write_file(dest, r.data, _DEID['out'])
     if _DEID["with_row"]:
         extract_header(io.BytesIO(r.data), dest, _DEID["threshold"], _DEID["cap"])
     return len(r.data)
