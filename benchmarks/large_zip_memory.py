@@ -169,7 +169,8 @@ class PeakSampler(threading.Thread):
         if "RUNME.py" in cmd:
             return "runner"
         if "tasks/" in cmd:
-            return "task worker" if "tasks/" in parent else "task"
+            step = cmd.split("tasks/", 1)[1].split(".py", 1)[0]
+            return f"task worker ({step})" if "tasks/" in parent else f"task ({step})"
         return "other python"
 
     def sample(self) -> None:
@@ -189,6 +190,7 @@ class PeakSampler(threading.Thread):
     def stop(self) -> dict:
         self._halt.set()
         self.join()
+        self.sample()
         return self.by_kind()
 
     def by_kind(self) -> dict:
