@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import zipfile
+import zlib
 from contextlib import contextmanager
 from functools import lru_cache
 
@@ -71,15 +73,69 @@ def open_source(path: str):
     try:
         with zipfile.ZipFile(outer) as zf:
             info = zf.getinfo(member)
+            if info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1:
+                yield _StoredMember(outer, info)  # outer is buffered already
+                return
             with zf.open(info) as m:
-                # ZipExtFile is seekable but re-inflates on backward seeks; DICOM headers are small,
-                # so members up to 64 MiB are buffered and larger ones are streamed.
+                # A compressed member: ZipExtFile is seekable but re-inflates on backward seeks; DICOM
+                # headers are small, so members up to 64 MiB are buffered and larger ones are streamed.
                 if info.file_size <= 64 * 1024 * 1024:
                     yield io.BytesIO(m.read(info.file_size + 1)[: info.file_size])
                 else:
                     yield m
     finally:
         outer.close()
+
+
+class _StoredMember(io.RawIOBase):
+    """A stored (uncompressed) zip member read in place in its archive: seeks cost nothing and no
+    member, whatever its size, is copied into memory (a worker reads one frame of a 600 MB multi-frame
+    member). A member read from its start to its end is checked against its CRC, as zipfile does."""
+
+    def __init__(self, f, info: zipfile.ZipInfo):
+        super().__init__()
+        f.seek(info.header_offset)
+        head = f.read(zipfile.sizeFileHeader)
+        if len(head) != zipfile.sizeFileHeader or head[:4] != zipfile.stringFileHeader:
+            raise zipfile.BadZipFile("bad local file header of a zip member")
+        name_len, extra_len = struct.unpack("<HH", head[26:30])
+        self._f, self._size, self._crc_want = f, info.file_size, info.CRC
+        self._start = info.header_offset + zipfile.sizeFileHeader + name_len + extra_len
+        self._pos = self._crc_pos = 0
+        self._crc = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position in a zip member")
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, b) -> int:
+        n = min(len(b), self._size - self._pos)
+        if n <= 0:
+            return 0
+        self._f.seek(self._start + self._pos)
+        view = memoryview(b)[:n]
+        got = self._f.readinto(view)
+        if not got:
+            raise EOFError("zip member ends before its declared size")
+        if self._pos == self._crc_pos:  # sequential from the start: keep the CRC going
+            self._crc = zlib.crc32(view[:got], self._crc)
+            self._crc_pos += got
+            if self._crc_pos == self._size and self._crc != self._crc_want:
+                raise zipfile.BadZipFile("bad CRC-32 of a zip member")
+        self._pos += got
+        return got
 
 
 def write_file(path: str, data: bytes, root: str) -> None:
