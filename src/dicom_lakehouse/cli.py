@@ -309,10 +309,14 @@ def serve(ctx, table_name, host, port, viewer, cors_origins, allowed_hosts):
     Set DICOM_LAKEHOUSE_DICOMWEB_TOKEN to require that bearer token on every DICOMweb request; a --host
     beyond loopback is refused without it."""
     import logging
+    import warnings
 
     from .dicomweb import TOKEN_ENV, check_exposure, make_server, token_from_env
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # pydicom's warnings quote header values (a bad UID may hold a name): none reach the service's log.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
     conf = load_conf(ctx.obj.get("target") or "local")
     token = token_from_env()
     try:

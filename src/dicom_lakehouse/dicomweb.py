@@ -315,8 +315,12 @@ def _host_name(header: str) -> str:
     """The name of a Host header, without its port ([v6] keeps its brackets)."""
     h = header.strip().lower()
     if h.startswith("["):
-        return h[:h.find("]") + 1] if "]" in h else h
-    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+        name = h[:h.find("]") + 1] if "]" in h else h
+    else:
+        name = h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+    port = h[len(name):]
+    # Only digits after the colon: the header is copied into the URLs this service hands out.
+    return name if port == "" or (port[:1] == ":" and port[1:].isdigit()) else ""
 
 
 def make_handler(catalog: Catalog, token: str | None, viewer: Path | None = None,
@@ -489,13 +493,18 @@ def make_handler(catalog: Catalog, token: str | None, viewer: Path | None = None
                 raise HttpError(406, 'instances are sent as multipart/related; type="application/dicom"')
             instances = _instances(index, study, series, sop)
 
-            def stream(inst):
+            def stream(inst, prefix, skip):
                 with open_source(inst.path) as f:
-                    prefix, skip, _ = part10_prefix(f)  # a pre-Part-10 file is sent as Part 10
                     yield prefix
-                    f.seek(skip, os.SEEK_CUR)
+                    f.seek(skip)
                     while piece := f.read(CHUNK):
                         yield piece
+
+            def prefixes(inst):
+                """A pre-Part-10 file is sent as Part 10; worked out before the status line is sent,
+                so a file that cannot be gets a clean error response."""
+                with open_source(inst.path) as f:
+                    return part10_prefix(f)
 
             def ts(i, found=None):
                 found = i.transfer_syntax or found
@@ -503,11 +512,17 @@ def make_handler(catalog: Catalog, token: str | None, viewer: Path | None = None
 
             sizes = _local_sizes(instances)
             if sizes is None:  # zip members, object storage: streamed in chunks
-                return self._multipart((f"application/dicom{ts(i)}", stream(i)) for i in instances)
+                heads = [prefixes(i) for i in instances]
+                return self._multipart((f"application/dicom{ts(i, h[2])}", stream(i, h[0], h[1]))
+                                       for i, h in zip(instances, heads, strict=True))
             parts = []
             for i, n in zip(instances, sizes, strict=True):
                 path = local_path_of(i.path)
-                with open(path, "rb", buffering=0) as f:  # one read of 134 bytes for a Part 10 file
+                try:
+                    f = open(path, "rb", buffering=0)  # noqa: SIM115 - one read of 134 bytes for a Part 10 file
+                except FileNotFoundError:
+                    raise HttpError(404, "an instance's file is no longer there") from None
+                with f:
                     prefix, skip, found = part10_prefix(f)
                 parts.append((f"application/dicom{ts(i, found)}", path, n, prefix, skip))
             self._multipart_files(parts)

@@ -370,8 +370,8 @@ def _end_run(record: RunRecord, folder: Path, t_job: float, drop_stages, echo) -
             dropped = drop_stages()
             if dropped:
                 echo(f"run {record.run_id}: dropped its staged tables {', '.join(dropped)}")
-        except OSError as e:
-            log.warning("run %s: could not drop its staged tables: %s", record.run_id, e)
+        except Exception as e:  # a torn stage must not keep the run's end off the record
+            log.warning("run %s: could not drop its staged tables: %s", record.run_id, type(e).__name__)
     record.seconds = round(time.time() - t_job, 2)
     record.ended = dt.datetime.now(dt.timezone.utc).isoformat()
     record.save(folder)
@@ -411,6 +411,9 @@ def run_job(
             raise ParameterError(str(e)) from None
     if not remote:
         conf = with_delta(conf)
+    session = session or (conf.get("runner") or {}).get("session", "per_task")
+    if session not in ("shared", "per_task"):
+        raise ValueError(f"runner session {session!r} in conf/ is not one of shared, per_task")
     run_id = run_id or new_run_id()
     folder = build_dir / "runs" / run_id
     folder.mkdir(parents=True, exist_ok=True)
@@ -424,9 +427,6 @@ def run_job(
     env.setdefault("SPARK_LOCAL_IP", (conf.get("spark") or {}).get("local_ip", "127.0.0.1"))
     if warehouse:
         env["DICOM_LAKEHOUSE_WAREHOUSE"] = str(Path(warehouse).resolve())
-    session = session or (conf.get("runner") or {}).get("session", "per_task")
-    if session not in ("shared", "per_task"):
-        raise ValueError(f"runner session {session!r} in conf/ is not one of shared, per_task")
     stop = stop or threading.Event()
     echo = guarded_echo(echo, stop)
     stack = contextlib.ExitStack()

@@ -118,6 +118,8 @@ class _StoredMember(io.RawIOBase):
         if base + offset < 0:
             raise ValueError("negative seek position in a zip member")
         self._pos = base + offset
+        if self._pos == 0:  # a read from the start again (a header sniffed first) checks the CRC anew
+            self._crc = self._crc_pos = 0
         return self._pos
 
     def readinto(self, b) -> int:
