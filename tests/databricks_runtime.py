@@ -12,6 +12,15 @@ import os
 import runpy
 import sys
 
+LOG4J2 = """rootLogger.level = LEVEL
+rootLogger.appenderRef.stderr.ref = console
+appender.console.type = Console
+appender.console.name = console
+appender.console.target = SYSTEM_ERR
+appender.console.layout.type = PatternLayout
+appender.console.layout.pattern = %d{yy/MM/dd HH:mm:ss} %p %c{1}: %m%n%ex
+"""
+
 
 def _install_dbutils(secrets: dict) -> None:
     """`pyspark.dbutils.DBUtils(spark).secrets.get(scope, key)`, as a runtime has it, answering from the
@@ -37,14 +46,21 @@ def main(spec_path: str) -> int:
     os.environ["DATABRICKS_RUNTIME_VERSION"] = spec.get("runtime_version", "17.3")
     from pyspark.sql import SparkSession
 
-    spark = (SparkSession.builder.master("local[2]").appName("databricks-runtime-standin")
-             .config("spark.jars", ",".join(spec["jars"]))
-             .config("spark.sql.extensions", "io.delta.sql.DeltaSparkSessionExtension")
-             .config("spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog")
-             .config("spark.sql.warehouse.dir", spec["spark_warehouse"])
-             .config("spark.ui.enabled", "false")
-             .getOrCreate())
-    spark.sparkContext.setLogLevel("ERROR")
+    builder = (SparkSession.builder.master("local[2]").appName("databricks-runtime-standin")
+               .config("spark.jars", ",".join(spec["jars"]))
+               .config("spark.sql.extensions", "io.delta.sql.DeltaSparkSessionExtension")
+               .config("spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog")
+               .config("spark.sql.warehouse.dir", spec["spark_warehouse"])
+               .config("spark.ui.enabled", "false"))
+    level = spec.get("log_level")
+    if level:  # a Databricks driver's log4j configuration: every logger at INFO, into the driver's log
+        props = os.path.join(os.path.dirname(os.path.abspath(spec_path)), "driver-log4j2.properties")
+        with open(props, "w") as f:
+            f.write(LOG4J2.replace("LEVEL", level.lower()))
+        builder = builder.config("spark.driver.extraJavaOptions", f"-Dlog4j2.configurationFile={props}")
+    spark = builder.getOrCreate()
+    if not level:
+        spark.sparkContext.setLogLevel("ERROR")
     _install_dbutils(spec.get("secrets") or {})
     import dicom_lakehouse.taskmain
 
