@@ -50,6 +50,18 @@ def test_two_first_runs_both_land_on_delta_rs(tmp_path):
             (f, f"file:/data/{f}/{i}.dcm") for f in ("a", "b") for i in range(3)), n
 
 
+def test_the_creating_commit_does_not_count_as_the_publish(tmp_path):
+    """A publish that died after creating the table and before its MERGE must merge on its retry."""
+    from dicom_lakehouse.pipeline import _published_by
+
+    store = DeltaRsStore(None, tmp_path)
+    meta = commit_metadata("r1", {"path": "a"}, "publish")
+    store._prepare(REF, "publish", meta)
+    assert store.exists(REF) and not _published_by(store, REF, "r1")
+    store.write_arrow(rows_of("a"), REF, "upsert", meta)
+    assert _published_by(store, REF, "r1") and store.count(REF) == 3
+
+
 def test_two_first_runs_both_land_on_spark_delta(spark, tmp_path):
     """Two writers in one JVM (the publish tasks of two runs on one cluster), one round: each costs
     Spark jobs, and before the fix the second CREATE TABLE IF NOT EXISTS failed (Delta's
