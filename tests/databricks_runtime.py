@@ -12,15 +12,6 @@ import os
 import runpy
 import sys
 
-LOG4J2 = """rootLogger.level = LEVEL
-rootLogger.appenderRef.stderr.ref = console
-appender.console.type = Console
-appender.console.name = console
-appender.console.target = SYSTEM_ERR
-appender.console.layout.type = PatternLayout
-appender.console.layout.pattern = %d{yy/MM/dd HH:mm:ss} %p %c{1}: %m%n%ex
-"""
-
 
 def _install_dbutils(secrets: dict) -> None:
     """`pyspark.dbutils.DBUtils(spark).secrets.get(scope, key)`, as a runtime has it, answering from the
@@ -52,15 +43,12 @@ def main(spec_path: str) -> int:
                .config("spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog")
                .config("spark.sql.warehouse.dir", spec["spark_warehouse"])
                .config("spark.ui.enabled", "false"))
-    level = spec.get("log_level")
-    if level:  # a Databricks driver's log4j configuration: every logger at INFO, into the driver's log
-        props = os.path.join(os.path.dirname(os.path.abspath(spec_path)), "driver-log4j2.properties")
-        with open(props, "w") as f:
-            f.write(LOG4J2.replace("LEVEL", level.lower()))
-        builder = builder.config("spark.driver.extraJavaOptions", f"-Dlog4j2.configurationFile={props}")
     spark = builder.getOrCreate()
-    if not level:
-        spark.sparkContext.setLogLevel("ERROR")
+    # A Databricks driver logs at INFO (its log4j default) when the spec asks for that. Spark 4 keeps
+    # pyspark's WARN threshold when the level asked for is the root logger's already: set another first.
+    spark.sparkContext.setLogLevel("ERROR")
+    if spec.get("log_level"):
+        spark.sparkContext.setLogLevel(spec["log_level"])
     _install_dbutils(spec.get("secrets") or {})
     import dicom_lakehouse.taskmain
 
