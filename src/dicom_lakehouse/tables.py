@@ -509,9 +509,9 @@ class SparkDeltaStore(TableStore):
         statistics until the table is rewritten."""
         (key, value), = S.stats_property(names).items()
         props = self.spark.sql(f"SHOW TBLPROPERTIES {self.ident(ref)}").collect()
-        if {r["key"]: r["value"] for r in props}.get(key) != value:
-            self.spark.sql(f"ALTER TABLE {self.ident(ref)} SET TBLPROPERTIES "
-                           f"({S.sql_string(key)} = {S.sql_string(value)})")
+        if {r["key"]: r["value"] for r in props}.get(key) != value:  # two runs may both ALTER
+            alter = f"ALTER TABLE {self.ident(ref)} SET TBLPROPERTIES ({S.sql_string(key)} = {S.sql_string(value)})"
+            _retry(f"set properties of {ref.name}", lambda: self.spark.sql(alter))
 
     def _committed_rows(self, ref: TableRef, mode: str, nonce: str | None = None, after_version: int = -1) -> int:
         """Rows the commit took in, from Delta's own operation metrics: counting the source again
