@@ -37,14 +37,18 @@ def main(spec_path: str) -> int:
     os.environ["DATABRICKS_RUNTIME_VERSION"] = spec.get("runtime_version", "17.3")
     from pyspark.sql import SparkSession
 
-    spark = (SparkSession.builder.master("local[2]").appName("databricks-runtime-standin")
-             .config("spark.jars", ",".join(spec["jars"]))
-             .config("spark.sql.extensions", "io.delta.sql.DeltaSparkSessionExtension")
-             .config("spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog")
-             .config("spark.sql.warehouse.dir", spec["spark_warehouse"])
-             .config("spark.ui.enabled", "false")
-             .getOrCreate())
+    builder = (SparkSession.builder.master("local[2]").appName("databricks-runtime-standin")
+               .config("spark.jars", ",".join(spec["jars"]))
+               .config("spark.sql.extensions", "io.delta.sql.DeltaSparkSessionExtension")
+               .config("spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog")
+               .config("spark.sql.warehouse.dir", spec["spark_warehouse"])
+               .config("spark.ui.enabled", "false"))
+    spark = builder.getOrCreate()
+    # A Databricks driver logs at INFO (its log4j default) when the spec asks for that. Spark 4 keeps
+    # pyspark's WARN threshold when the level asked for is the root logger's already: set another first.
     spark.sparkContext.setLogLevel("ERROR")
+    if spec.get("log_level"):
+        spark.sparkContext.setLogLevel(spec["log_level"])
     _install_dbutils(spec.get("secrets") or {})
     import dicom_lakehouse.taskmain
 

@@ -118,7 +118,7 @@ def test_job_runs_as_on_databricks_and_equals_a_local_run(deployed, tmp_path, sa
     table = "spark_catalog.pixels_dev.object_catalog"
     spec = {"jars": fetch(coordinate()), "spark_warehouse": str(tmp_path / "uc"), "tasks": tasks,
             "table": table, "out": str(tmp_path / "published.parquet"), "report": str(tmp_path / "report.json"),
-            "secrets": {"dicom-lakehouse/deid-key": DEID_KEY}}
+            "secrets": {"dicom-lakehouse/deid-key": DEID_KEY}, "log_level": "INFO"}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     harness = tmp_path / "driver" / "databricks_runtime.py"
     harness.parent.mkdir()
@@ -165,3 +165,15 @@ def test_job_runs_as_on_databricks_and_equals_a_local_run(deployed, tmp_path, sa
     diff = {(x[0], keep[i]) for x, y in zip(a, b, strict=True) for i in range(len(keep)) if x[i] != y[i]}
     assert not diff
     assert remote.num_rows == 13
+    # Delta's INFO lines (snapshots, checksums) quote column statistics: none may hold patient data
+    phi = {x for r in remote.select(["patient_id", "meta"]).to_pylist()
+           for x in (r["patient_id"], _patient_name(r["meta"])) if x and len(x) >= 4}
+    assert {"1CT1", "CompressedSamples^CT1"} <= phi
+    log = r.stderr + r.stdout
+    assert " INFO DeltaLog: " in log  # the driver did log at INFO
+    assert not sorted(x for x in phi if x in log)
+
+
+def _patient_name(meta: str | None) -> str | None:
+    value = (json.loads(meta) if meta else {}).get("00100010", {}).get("Value") or [{}]
+    return value[0].get("Alphabetic")

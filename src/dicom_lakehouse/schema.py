@@ -68,6 +68,29 @@ TABLE_PROPERTIES = {
     "delta.logRetentionDuration": "interval 30 days",
     "delta.deletedFileRetentionDuration": "interval 7 days",
 }
+# Delta keeps each data file's minimum and maximum per column in its log, and prints them in its INFO
+# lines: only these columns get statistics, none that can identify a patient (not paths, which are
+# often named after patients, nor UIDs, dates, names, descriptions or the header). Filters on them
+# still skip files; MERGE on `path` reads every file (a catalog is small next to its images). Spark's
+# Delta keeps no statistics for booleans (has_pixels) and refuses them here.
+STATS_PROPERTY = "delta.dataSkippingStatsColumns"
+STATS_COLUMNS = ("extension", "length", "status", "sop_class_uid", "modality", "series_number",
+                 "instance_number", "rows", "columns", "number_of_frames", "samples_per_pixel", "bits_allocated",
+                 "photometric_interpretation", "transfer_syntax_uid", "thumbnail_width",
+                 "thumbnail_height", "thumbnail_status", "run_id", "ingested_at",
+                 # the derived studies and series
+                 "series_count", "instance_count", "total_bytes")
+
+
+def stats_property(names) -> dict:
+    """The statistics setting for a table with these columns (Spark's Delta refuses absent ones)."""
+    return {STATS_PROPERTY: ",".join(c for c in STATS_COLUMNS if c in set(names))}
+
+
+def table_properties(step: str = "publish") -> dict:
+    return {**TABLE_PROPERTIES, **stats_property(column_names(step))}
+
+
 TABLE_COMMENT = "DICOM object catalog: one row per file, with header (DICOM JSON) and thumbnail. Written by dicom-lakehouse."
 
 _SPARK = {

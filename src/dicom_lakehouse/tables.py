@@ -138,6 +138,12 @@ def _delta_rs_commit(metadata: dict):
     return CommitProperties(custom_metadata={**metadata, "userMetadata": user_metadata(metadata)})
 
 
+def _setup_commit(metadata: dict, what: str):
+    """A commit that only prepares the table: its own step name, so that it never counts as the
+    step's data commit (a retried publish looks for that)."""
+    return _delta_rs_commit({**metadata, "dicom_lakehouse.step": what})
+
+
 def commit_metadata(run_id: str, params: dict, step: str) -> dict:
     return {
         "dicom_lakehouse.run_id": run_id,
@@ -231,7 +237,8 @@ class DeltaRsStore(TableStore):
         arrow_schema = S.arrow_schema(step)
         delta_schema = Schema.from_arrow(arrow_schema)
         props = _delta_rs_commit(metadata)
-        if mode == "upsert" and self.exists(ref):
+        if mode == "upsert":
+            self._prepare(ref, step, metadata)
             incoming = root / "_incoming" / uuid.uuid4().hex
             try:
                 files = self._spark_write(df, incoming)
@@ -249,17 +256,51 @@ class DeltaRsStore(TableStore):
 
         def commit():
             if self.exists(ref):
+                self._set_stats_columns(ref, cols, metadata)
                 DeltaTable(str(root)).create_write_transaction(
                     adds, mode="overwrite", schema=delta_schema, commit_properties=props
                 )
             else:
                 create_table_with_add_actions(
                     str(root), delta_schema, adds, mode="overwrite", name=ref.table,
-                    description=S.TABLE_COMMENT, configuration=S.TABLE_PROPERTIES, commit_properties=props,
+                    description=S.TABLE_COMMENT, configuration=S.table_properties(step), commit_properties=props,
                 )
 
         _retry(f"overwrite {ref.name}", commit)
         return rows
+
+    def _prepare(self, ref: TableRef, step: str, metadata: dict) -> None:
+        """Before an upsert: create the table if absent, in a commit of its own, so that two first runs
+        both merge into it instead of both creating it (the second creation would replace the first's
+        rows). Version 0 is written only if absent: the run that loses that race finds the table there.
+        A table from before the statistics setting gets it first."""
+        from deltalake import DeltaTable
+
+        root = self.location(ref)
+        props = _setup_commit(metadata, "create")
+
+        def create():
+            if not self.exists(ref):
+                root.mkdir(parents=True, exist_ok=True)
+                DeltaTable.create(str(root), S.arrow_schema(step), mode="ignore", name=ref.table,
+                                  description=S.TABLE_COMMENT, configuration=S.table_properties(step),
+                                  commit_properties=props)
+
+        _retry(f"create {ref.name}", create)
+        self._set_stats_columns(ref, S.column_names(step), metadata)
+
+    def _set_stats_columns(self, ref: TableRef, names, metadata: dict) -> None:
+        """Give a table written before the statistics setting that setting (its older log files keep
+        their statistics until the table is rewritten)."""
+        from deltalake import DeltaTable
+
+        want = S.stats_property(names)
+        dt = DeltaTable(str(self.location(ref)))
+        if all(dt.metadata().configuration.get(k) == v for k, v in want.items()):
+            return
+        props = _setup_commit(metadata, "set_properties")
+        _retry(f"set properties of {ref.name}",
+               lambda: DeltaTable(str(self.location(ref))).alter.set_table_properties(want, commit_properties=props))
 
     def _merge(self, ref: TableRef, batches, arrow_schema, props) -> None:
         """Upsert on `path` in one delta-rs MERGE; `batches` makes the source afresh for each attempt."""
@@ -291,14 +332,17 @@ class DeltaRsStore(TableStore):
         arrow_schema = S.arrow_schema(step)
         table = table.select(S.column_names(step)).cast(arrow_schema)
         props = _delta_rs_commit(metadata)
-        if mode == "upsert" and self.exists(ref):
+        if mode == "upsert":
+            self._prepare(ref, step, metadata)
             if table.num_rows:
                 self._merge(ref, lambda: table.to_batches(), arrow_schema, props)
             return table.num_rows
         root = self.location(ref)
         root.mkdir(parents=True, exist_ok=True)
+        if self.exists(ref):
+            self._set_stats_columns(ref, arrow_schema.names, metadata)
         new = {} if self.exists(ref) else {"name": ref.table, "description": S.TABLE_COMMENT,
-                                           "configuration": S.TABLE_PROPERTIES}
+                                           "configuration": S.table_properties(step)}
         _retry(f"overwrite {ref.name}", lambda: write_deltalake(
             str(root), table, mode="overwrite", schema_mode="overwrite", commit_properties=props, **new))
         return table.num_rows
@@ -327,10 +371,14 @@ class DeltaRsStore(TableStore):
             finally:
                 self.spark.catalog.dropTempView(view)
         props = _delta_rs_commit(metadata)
+        new = {"configuration": S.stats_property(arrow.schema.names)}
+        if self.exists(ref):
+            self._set_stats_columns(ref, arrow.schema.names, metadata)
+            new = {}
         _retry(
             f"refresh {ref.name}",
             lambda: write_deltalake(str(self.location(ref)), arrow, mode="overwrite", schema_mode="overwrite",
-                                    commit_properties=props),
+                                    commit_properties=props, **new),
         )
         return "table"
 
@@ -407,8 +455,13 @@ class SparkDeltaStore(TableStore):
 
     def _save(self, df, ref: TableRef, metadata: dict, replace_schema: bool = False) -> None:
         """One DataFrameWriter overwrite: one commit that creates the table or replaces its rows (and,
-        with replace_schema, its columns) while keeping its identity, unlike CREATE OR REPLACE TABLE."""
+        with replace_schema, its columns) while keeping its identity, unlike CREATE OR REPLACE TABLE.
+        A new table gets the statistics setting from the writer's options, an older one by ALTER."""
         w = df.write.format("delta").mode("overwrite").option("userMetadata", user_metadata(metadata))
+        if self.exists(ref):
+            self._set_stats_columns(ref, df.columns)
+        else:
+            w = w.options(**S.stats_property(df.columns))
         if replace_schema:
             w = w.option("overwriteSchema", "true")
         if self.warehouse is None:
@@ -426,7 +479,7 @@ class SparkDeltaStore(TableStore):
             self._save(df, ref, metadata)
             return self.count(ref)
         target = self.ident(ref)
-        self.spark.sql(create_table_sql(target, step))
+        self._create_if_absent(ref, step)
         view = f"dl_src_{uuid.uuid4().hex[:12]}"
         # A nonce in the commit's metadata finds this commit's row count among concurrent writers'.
         metadata = {**metadata, "dicom_lakehouse.commit": uuid.uuid4().hex}
@@ -437,6 +490,28 @@ class SparkDeltaStore(TableStore):
                                 lambda: _retry(f"{mode} {ref.name}", lambda: self.spark.sql(stmt)))
         finally:
             self.spark.catalog.dropTempView(view)
+
+    def _create_if_absent(self, ref: TableRef, step: str) -> None:
+        """CREATE TABLE IF NOT EXISTS, a commit of its own before the data's. Two first runs may both
+        try; the one whose version 0 comes second gets a conflict, finds the table there, and goes on
+        to its MERGE. A table from before the statistics setting gets it."""
+        try:
+            self.spark.sql(create_table_sql(self.ident(ref), step))
+        except Exception as e:  # noqa: BLE001 - Delta's ProtocolChangedException, or the catalog's own
+            text = f"{type(e).__name__}: {e}"
+            if not (any(w in text for w in CONFLICT_WORDS) and self.exists(ref)):
+                raise
+            log.info("create %s: another run created it first", ref.name)
+        self._set_stats_columns(ref, S.column_names(step))
+
+    def _set_stats_columns(self, ref: TableRef, names) -> None:
+        """An ALTER only where the setting differs (older tables): its older log files keep their
+        statistics until the table is rewritten."""
+        (key, value), = S.stats_property(names).items()
+        props = self.spark.sql(f"SHOW TBLPROPERTIES {self.ident(ref)}").collect()
+        if {r["key"]: r["value"] for r in props}.get(key) != value:  # two runs may both ALTER
+            alter = f"ALTER TABLE {self.ident(ref)} SET TBLPROPERTIES ({S.sql_string(key)} = {S.sql_string(value)})"
+            _retry(f"set properties of {ref.name}", lambda: self.spark.sql(alter))
 
     def _committed_rows(self, ref: TableRef, mode: str, nonce: str | None = None, after_version: int = -1) -> int:
         """Rows the commit took in, from Delta's own operation metrics: counting the source again
@@ -525,7 +600,7 @@ def _name(table: TableRef | str) -> str:
 
 
 def create_table_sql(table: TableRef | str, step: str = "publish") -> str:
-    props = ", ".join(f"{S.sql_string(k)} = {S.sql_string(v)}" for k, v in S.TABLE_PROPERTIES.items())
+    props = ", ".join(f"{S.sql_string(k)} = {S.sql_string(v)}" for k, v in S.table_properties(step).items())
     return (
         f"CREATE TABLE IF NOT EXISTS {_name(table)} (\n  {S.ddl(step)}\n) USING DELTA\n"
         f"COMMENT {S.sql_string(S.TABLE_COMMENT)}\nTBLPROPERTIES ({props})"
