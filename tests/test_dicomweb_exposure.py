@@ -131,7 +131,9 @@ def test_only_names_of_the_bound_address_are_answered(site):
                      b"DICOM.example.org:443"):
             assert raw(port, b"/dicomweb/studies", host=host)[0] == 200, host
         # a page whose own name now resolves here (DNS rebinding), and requests without a Host
-        for host in (b"evil.example", b"localhost.evil.example", b"127.0.0.1.nip.io", b"example.org", None):
+        # ... and a port part that is not a number (the Host is copied into the URLs handed out)
+        for host in (b"evil.example", b"localhost.evil.example", b"127.0.0.1.nip.io", b"example.org", None,
+                     b"localhost:8042@evil.example", b"localhost:x/<script>", b"[::1]:80/evil"):
             for target, method in ((b"/dicomweb/studies", b"GET"), (b"/", b"GET"), (b"/app-config.js", b"GET"),
                                    (b"/dicomweb/studies", b"OPTIONS")):
                 status, _, body = raw(port, target, method, host=host)
