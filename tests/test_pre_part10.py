@@ -174,3 +174,48 @@ def test_a_file_meta_group_without_a_preamble_gets_only_the_preamble():
     prefix, skip, ts = part10_prefix(io.BytesIO(data))
     assert (prefix, skip, ts) == (b"\0" * 128 + b"DICM", 0, "1.2.840.10008.1.2.1")
     assert pydicom.dcmread(io.BytesIO(prefix + data)).SOPInstanceUID == ds.SOPInstanceUID
+
+
+def test_serve_logs_no_header_value_of_a_pre_part10_instance(tmp_path):
+    """Making the File Meta group reads the header; pydicom's warnings about a bad value quote it (a bad
+    UID field may hold a name): the service's log keeps none of it."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dicom_lakehouse.listing import list_files
+    from dicom_lakehouse.pipeline import meta_batches, thumbnail_batches
+
+    ds = pydicom.dcmread(dicom_file("CT_small.dcm"))
+    del ds.file_meta
+    ds.SOPInstanceUID = "DOE^JOHN"
+    src = tmp_path / "src"
+    src.mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.save_as(src / "old.dcm", implicit_vr=True, little_endian=True, enforce_file_format=False)
+    conf = {"zip": {"max_members": 10, "max_total_bytes": 2**26, "max_ratio": 1000}, "listing": {}}
+    meta = meta_batches(1024, 2**26)(list_files(None, str(src), conf, "p10").to_batches())
+    rows = pa.Table.from_batches(list(thumbnail_batches(SIZE, 2**26, 1, 2**26)(meta)))
+    write_deltalake(str(tmp_path / "wh" / "main" / "pixels" / "object_catalog"), rows)
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "DICOM_LAKEHOUSE_DICOMWEB_TOKEN"}
+    p = subprocess.Popen([sys.executable, str(root / "RUNME.py"), "--warehouse", str(tmp_path / "wh"), "serve",
+                          "--port", "0"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = ""
+        while "DICOMweb for" not in line:
+            line = p.stderr.readline()
+            assert line, "serve ended before it listened"
+        url = re.search(r"(http://127\.0\.0\.1:\d+)/dicomweb", line).group(1)
+        r = requests.get(f"{url}/dicomweb/studies/{ds.StudyInstanceUID}",
+                         headers={"Accept": 'multipart/related; type="application/dicom"'}, timeout=30)
+        assert r.status_code == 200 and b"DICM" in r.content
+    finally:
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=30)
+    assert p.returncode == 0
+    assert "DOE" not in err and "JOHN" not in err, err

@@ -315,6 +315,8 @@ def serve(ctx, table_name, host, port, viewer, cors_origins, allowed_hosts):
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # pydicom's warnings quote header values (a bad UID may hold a name): none reach the service's log.
+    import pydicom.config  # noqa: F401 - its import sets its logger's level: imported first, then set here
+
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
     conf = load_conf(ctx.obj.get("target") or "local")

@@ -118,7 +118,11 @@ def setup_logging() -> None:
     )
     for noisy in ("py4j", "pyspark"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.getLogger("pydicom").setLevel(logging.ERROR)  # its warnings quote values, e.g. patient names
+    # pydicom's warnings quote values, e.g. patient names. Its import sets its logger's level, so it is
+    # imported first: a level set before that import does not hold.
+    import pydicom.config  # noqa: F401
+
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 
 KNOWN_CAUSES = ("No space left on device", "Read-only file system", "Operation not permitted", "Permission denied",
