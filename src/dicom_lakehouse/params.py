@@ -224,6 +224,8 @@ def build_parser(description: str = "dicom-lakehouse task") -> argparse.Argument
     for name in DEID_OPTIONS:
         p.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name)
     p.add_argument("--conf_dir", "--conf-dir", dest="conf_dir")
+    # Table engine of a task run by hand (spark-submit); the runner passes its choice by environment.
+    p.add_argument("--engine", choices=("auto", "spark", "delta-rs"))
     return p
 
 

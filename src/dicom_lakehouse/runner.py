@@ -28,9 +28,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .bundle import task_order
+from .config import ENV_DRIVER_MAX_FILES
 from .connect_server import ON_DEMAND_ENV, TOKEN_ENV, ConnectServer, die_with_parent, on_demand
 from .params import ParameterError, validate
-from .taskmain import GATE_ENV, RESULT_MARK, RUNNER_PID_ENV, SERVER_HAS_LIBRARY_ENV, write_word
+from .taskmain import GATE_ENV, RESULT_MARK, RUNNER_ENV, RUNNER_PID_ENV, SERVER_HAS_LIBRARY_ENV, write_word
 
 log = logging.getLogger(__name__)
 PARAM_REF = re.compile(r"\{\{\s*job\.parameters\.([A-Za-z0-9_]+)\s*\}\}")
@@ -409,9 +410,18 @@ def run_job(
             resolve_key(conf)
         except DeidError as e:
             raise ParameterError(str(e)) from None
+    master = master or (conf.get("spark") or {}).get("master", "local[*]")
+    # A cluster (a master that is not local, or a Connect URL) was asked for: the tasks are its
+    # applications (per_task, unless --session says otherwise) and the per-file work goes to its
+    # executors, unless --driver-max-files was given.
+    on_cluster = bool(remote) or not master.startswith("local")
     if not remote:
+        from .session import check_master
+
+        check_master(master)
         conf = with_delta(conf)
-    session = session or (conf.get("runner") or {}).get("session", "per_task")
+    session = session or ("per_task" if on_cluster and not remote else None) \
+        or (conf.get("runner") or {}).get("session", "per_task")
     if session not in ("shared", "per_task"):
         raise ValueError(f"runner session {session!r} in conf/ is not one of shared, per_task")
     run_id = run_id or new_run_id()
@@ -420,10 +430,11 @@ def run_job(
     record = RunRecord(run_id, settings.get("name", job_key), target, values,
                        started=dt.datetime.now(dt.timezone.utc).isoformat())
     record.save(folder)  # a run killed before its first task ends is on record too
-    master = master or (conf.get("spark") or {}).get("master", "local[*]")
     env = dict(os.environ)
     env.update(PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable,
-               DICOM_LAKEHOUSE_CONF_DIR=conf["conf_dir"])
+               DICOM_LAKEHOUSE_CONF_DIR=conf["conf_dir"], **{RUNNER_ENV: "1"})
+    if on_cluster and not os.environ.get(ENV_DRIVER_MAX_FILES):
+        env[ENV_DRIVER_MAX_FILES] = "0"
     env.setdefault("SPARK_LOCAL_IP", (conf.get("spark") or {}).get("local_ip", "127.0.0.1"))
     if warehouse:
         env["DICOM_LAKEHOUSE_WAREHOUSE"] = str(Path(warehouse).resolve())
@@ -435,9 +446,10 @@ def run_job(
     stack.callback(_end_run, record, folder, t_job, lambda: drop_run_stages(conf, checked, run_id, warehouse), echo)
     with stack:
         stack.enter_context(_stop_on_signals(stop))
+        where = remote or master
         if session == "shared" and not remote:
             remote = _shared_server(stack, conf, master, folder, env, echo)
-            echo(f"run {run_id}: Spark Connect server for this run at {remote}, started when a task first needs Spark")
+            where = f"{master} (through a Spark Connect server on loopback, started only if a task needs Spark)"
         cds = class_data_archive(conf)
         if cds is not None:
             cds.parent.mkdir(parents=True, exist_ok=True)
@@ -466,7 +478,7 @@ def run_job(
         # Two tasks ahead: a task that ends at once (deidentify with deid none) would otherwise leave
         # the one after it to start cold.
         warm: dict[str, _Launched] = {}
-        echo(f"run {run_id}: job {record.job} on {remote or master}, parameters {json.dumps(values)}")
+        echo(f"run {run_id}: job {record.job} on {where}, parameters {json.dumps(values)}")
         try:
             for idx, task in enumerate(tasks):
                 key = task["task_key"]

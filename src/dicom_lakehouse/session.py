@@ -10,6 +10,7 @@ import time
 
 from pyspark.sql import SparkSession
 
+from .config import ConfigError
 from .connect_server import ON_DEMAND_ENV, ask_for_server
 from .delta_jars import delta_settings
 from .taskmain import RUNNER_PID_ENV, SERVER_HAS_LIBRARY_ENV
@@ -18,6 +19,58 @@ from .taskmain import RUNNER_PID_ENV, SERVER_HAS_LIBRARY_ENV
 def _under_launcher() -> bool:
     """True when spark-submit or Databricks already chose the master; we must not override it."""
     return bool(os.environ.get("PYSPARK_GATEWAY_PORT") or os.environ.get("DATABRICKS_RUNTIME_VERSION"))
+
+
+class ClusterUnavailable(ConfigError):
+    """A cluster master that cannot run the job: unreachable, or without workers. One line."""
+
+
+def master_addresses(master: str) -> list[tuple[str, int]]:
+    """(host, port) of each master in a `spark://h1:p1,h2:p2` URL (standby masters included)."""
+    out = []
+    for part in master[len("spark://"):].split(","):
+        host, _, port = part.strip().rpartition(":")
+        out.append((host.strip("[]"), int(port) if port.isdigit() else 7077))
+    return out
+
+
+def check_master(master: str, timeout: float = 5.0) -> None:
+    """Fail at once when no `spark://` master answers: Spark itself retries for minutes."""
+    import socket
+
+    if not master.startswith("spark://"):
+        return
+    errors = []
+    for host, port in master_addresses(master):
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                return
+        except OSError as e:
+            errors.append(e.strerror or type(e).__name__)
+    raise ClusterUnavailable(f"Spark master {master} is not reachable ({'; '.join(errors)}): check that the "
+                             "master is running and that its host and port are right (--master or conf spark.master)")
+
+
+def wait_for_executors(spark, master: str, timeout: float) -> None:
+    """A standalone master without free workers accepts the application and then waits forever
+    ("Initial job has not accepted any resources"): give it `timeout` seconds to grant one executor."""
+    tracker = spark.sparkContext._jsc.sc().statusTracker()
+    deadline = time.time() + timeout
+    while len(tracker.getExecutorInfos()) < 2:  # the driver is one of them
+        if time.time() > deadline:
+            raise ClusterUnavailable(
+                f"Spark master {master} granted no executor in {timeout:.0f} s: check that it has alive "
+                "workers with free cores and memory for spark.executor.cores and spark.executor.memory "
+                "(its web UI, port 8080 by default, lists them)")
+        time.sleep(0.2)
+
+
+def cluster_master(spark) -> str:
+    """The session's master when it is a standalone cluster (spark://...), else ""."""
+    if is_connect(spark) or os.environ.get("DATABRICKS_RUNTIME_VERSION"):
+        return ""
+    master = spark.sparkContext.master or ""
+    return master if master.startswith("spark://") else ""
 
 
 def get_spark(conf: dict, remote: str | None = None, app_name: str | None = None) -> SparkSession:
@@ -43,9 +96,28 @@ def get_spark(conf: dict, remote: str | None = None, app_name: str | None = None
         return builder.getOrCreate()
     for key, value in settings.items():
         builder = builder.config(key, str(value))
+    check_master(_launch_master() if _under_launcher() else spark_conf.get("master", "local[*]"))
     spark = builder.getOrCreate()
     quiet_delta_logs(spark)
+    master = cluster_master(spark)
+    if master:
+        try:
+            wait_for_executors(spark, master, float(spark_conf.get("executor_wait_seconds", 30)))
+        except ClusterUnavailable:
+            spark.stop()
+            raise
     return spark
+
+
+def _launch_master() -> str:
+    """The master spark-submit was given, read before the SparkContext (which would hang on it) exists."""
+    from pyspark import SparkConf, SparkContext
+
+    try:
+        SparkContext._ensure_initialized()  # attaches to spark-submit's JVM
+        return SparkConf().get("spark.master", "") or ""
+    except Exception:  # noqa: BLE001 - no gateway: nothing to check
+        return ""
 
 
 DELTA_LOGGERS = ("org.apache.spark.sql.delta", "io.delta")

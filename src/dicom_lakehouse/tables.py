@@ -623,9 +623,14 @@ def insert_overwrite_sql(table: TableRef | str, source_view: str, columns: list[
     return f"INSERT OVERWRITE TABLE {_name(table)} ({names}) SELECT {names} FROM `{source_view}`"
 
 
+class NoSparkDelta(RuntimeError):
+    """`table_engine: spark` on a session without Delta: one line with the flags that add it."""
+
+
 def open_store(spark, conf: dict, warehouse: str | None = None) -> TableStore:
     """Choose the engine from conf `table_engine`: auto | spark | delta-rs."""
     from .config import warehouse_dir
+    from .delta_jars import CATALOG, EXTENSION, coordinate
 
     engine = conf.get("table_engine", "auto")
     if engine == "auto":
@@ -633,6 +638,11 @@ def open_store(spark, conf: dict, warehouse: str | None = None) -> TableStore:
         if engine == "delta-rs":
             log.info("this Spark session has no Delta engine (no Delta jars): tables are written with delta-rs")
     if engine == "spark":
+        if not has_spark_delta(spark):
+            raise NoSparkDelta(
+                f"this Spark session has no Delta engine; add to spark-submit: --packages {coordinate(conf)} "
+                f"--conf spark.sql.extensions={EXTENSION} --conf spark.sql.catalog.spark_catalog={CATALOG} "
+                "(or give the task --engine delta-rs)")
         if (conf.get("table_names") or "warehouse") == "catalog":
             return SparkDeltaStore(spark)
         return SparkDeltaStore(spark, warehouse_dir(conf, warehouse))

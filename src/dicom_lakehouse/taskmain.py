@@ -22,6 +22,8 @@ CANCELED_BEFORE_START = 3
 # Set by the local runner for the clients of its own Connect server, whose Python workers run an
 # interpreter that has this library installed: nothing to ship, one pool of workers for all tasks.
 SERVER_HAS_LIBRARY_ENV = "DICOM_LAKEHOUSE_SERVER_HAS_LIBRARY"
+# Set by the local runner for every task it starts: a task without it was started by hand.
+RUNNER_ENV = "DICOM_LAKEHOUSE_RUNNER"
 
 
 def process_alive(pid: int) -> bool:
@@ -142,8 +144,9 @@ def root_cause(e: BaseException) -> str:
 def run_task(step: str, argv: list[str] | None = None) -> int:
     setup_logging()
     raw, conf_dir = parse_args(argv)
+    engine = raw.pop("engine", None)
     try:
-        conf = load_conf(raw.get("target") or "local", conf_dir)
+        conf = launch_choices(load_conf(raw.get("target") or "local", conf_dir), engine)
         params = validate(raw, (conf.get("listing") or {}).get("allowed_roots"))
     except (ParameterError, ConfigError) as e:
         log.error("%s: invalid parameters, nothing was done: %s", step, e)
@@ -162,6 +165,31 @@ def run_task(step: str, argv: list[str] | None = None) -> int:
         local_pool.stop()
 
 
+def started_by_spark_submit() -> bool:
+    """A task run by plain spark-submit, outside the local runner and Databricks."""
+    from .session import _under_launcher
+
+    return _under_launcher() and not os.environ.get(RUNNER_ENV) and not os.environ.get("DATABRICKS_RUNTIME_VERSION")
+
+
+def launch_choices(conf: dict, engine: str | None) -> dict:
+    """What a task does when someone spark-submits it by hand: it asked for Spark, so Spark's own Delta
+    (an error naming the flags if the session lacks it) and the executors for the per-file work.
+    `--engine` and $DICOM_LAKEHOUSE_DRIVER_MAX_FILES, given explicitly, win."""
+    from .config import ENV_DRIVER_MAX_FILES, ENV_TABLE_ENGINE
+
+    if engine:
+        return {**conf, "table_engine": engine}
+    if not started_by_spark_submit():
+        return conf
+    conf = dict(conf)
+    if not os.environ.get(ENV_TABLE_ENGINE):
+        conf["table_engine"] = "spark"
+    if not os.environ.get(ENV_DRIVER_MAX_FILES):
+        conf["driver_max_files"] = 0
+    return conf
+
+
 def start_local_pool(step: str, conf: dict) -> None:
     """A run small enough for the task process (conf driver_max_files) may use its worker processes:
     forked here, before the Spark session's threads, with the per-file code already imported."""
@@ -175,13 +203,17 @@ def start_local_pool(step: str, conf: dict) -> None:
 
 def _run_step(step: str, params, conf: dict) -> int:
     from .pipeline import STEP_FUNCS, StepError
-    from .session import LazySession, get_spark
-    from .tables import open_store
+    from .session import ClusterUnavailable, LazySession, get_spark
+    from .tables import NoSparkDelta, open_store
 
     # On delta-rs the session is made when first used: a small run needs none (nor its runner a JVM).
     # Every other engine uses it at once, and gets the session itself (Databricks: the one it made).
     lazy = LazySession(lambda: get_spark(conf, params.remote, app_name=f"dicom-lakehouse:{step}"))
-    spark = lazy if conf.get("table_engine") == "delta-rs" else lazy.get()
+    try:
+        spark = lazy if conf.get("table_engine") == "delta-rs" else lazy.get()
+    except ClusterUnavailable as e:
+        log.error("%s: nothing was done: %s", step, e)
+        return 1
     if params.deid != "none":
         from .deid import KEY_ENV, DeidError
         from .deid_key import resolve_key
@@ -192,7 +224,12 @@ def _run_step(step: str, params, conf: dict) -> int:
             log.error("%s: invalid parameters, nothing was done: %s", step, e)
             _stop(lazy)
             return 2
-    store = open_store(spark, conf, params.warehouse)
+    try:
+        store = open_store(spark, conf, params.warehouse)
+    except NoSparkDelta as e:
+        log.error("%s: nothing was done: %s", step, e)
+        _stop(lazy)
+        return 2
     gate = os.environ.get(GATE_ENV)
     finish_warm_up = start_warm_up(lazy, store, params, conf, step, gate) if gate else (lambda: None)
     if gate:
@@ -209,7 +246,7 @@ def _run_step(step: str, params, conf: dict) -> int:
     t1 = time.time()
     try:
         stats = STEP_FUNCS[step](spark, store, params, conf)
-    except StepError as e:
+    except (StepError, ClusterUnavailable) as e:
         log.error("%s failed: %s", step, e)
         return 1
     except Exception as e:  # noqa: BLE001 - one clear line for the run record, the traceback for the log

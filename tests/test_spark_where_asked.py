@@ -1,0 +1,140 @@
+"""Spark where the user asked for it: a task run by plain spark-submit uses Spark's Delta and the
+executors, or stops with the flags that add Delta; an unreachable or workerless master fails fast."""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyspark
+import pytest
+from conftest import ROOT
+
+from dicom_lakehouse.delta_jars import CATALOG, EXTENSION, cached_jars, coordinate
+from dicom_lakehouse.taskmain import RESULT_MARK
+
+SPARK_HOME = Path(pyspark.__file__).parent
+SUBMIT = str(SPARK_HOME / "bin" / "spark-submit")
+CLEAN = ("DICOM_LAKEHOUSE_TABLE_ENGINE", "DICOM_LAKEHOUSE_DRIVER_MAX_FILES", "DICOM_LAKEHOUSE_RUNNER",
+         "PYSPARK_GATEWAY_PORT", "DATABRICKS_RUNTIME_VERSION")
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed once the socket is
+
+
+def submit_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in CLEAN}
+    return {**env, "SPARK_HOME": str(SPARK_HOME), "PYSPARK_PYTHON": sys.executable,
+            "PYSPARK_DRIVER_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
+
+
+def task_args(src: Path, wh: Path, run_id: str = "R1") -> list[str]:
+    return ["--path", str(src), "--catalog", "main", "--schema", "pixels", "--table", "object_catalog",
+            "--mode", "overwrite", "--run_id", run_id, "--warehouse", str(wh)]
+
+
+def submit(task: str, flags: list[str], args: list[str], timeout: float = 300, cwd: Path = ROOT):
+    return subprocess.run([SUBMIT, *flags, str(ROOT / "tasks" / f"{task}.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd, env=submit_env())
+
+
+def result(out: str) -> dict:
+    lines = [ln for ln in out.splitlines() if ln.startswith(RESULT_MARK)]
+    assert lines, out
+    return json.loads(lines[-1][len(RESULT_MARK):])
+
+
+def test_spark_submitted_tasks_use_sparks_delta_and_the_executors(tmp_path, sample_dir):
+    jars = cached_jars(coordinate())
+    assert jars, "Delta's jars are not cached: run python -m dicom_lakehouse.delta_jars"
+    flags = ["--master", "local[2]", "--jars", ",".join(jars), "--conf", f"spark.sql.extensions={EXTENSION}",
+             "--conf", f"spark.sql.catalog.spark_catalog={CATALOG}"]
+    wh = tmp_path / "wh"
+    out = {}
+    for task in ("catalog", "extract_meta"):
+        r = submit(task, flags, task_args(sample_dir, wh))
+        assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+        out[task] = result(r.stdout)
+    assert out["catalog"]["engine"] == out["extract_meta"]["engine"] == "spark"
+    assert out["extract_meta"]["rows_out"] == 13
+    assert out["extract_meta"]["ran_in"].startswith("executors"), out["extract_meta"]
+    # the stages were committed by Spark's Delta, not delta-rs
+    engines = set()
+    for log in wh.rglob("_delta_log/*.json"):
+        for line in log.read_text().splitlines():
+            info = json.loads(line).get("commitInfo")
+            if info:
+                engines.add(info.get("engineInfo", "").split("/")[0])
+    assert engines == {"Apache-Spark"}, engines
+
+
+def test_spark_submit_without_delta_stops_with_the_flags_to_add(tmp_path, sample_dir):
+    wh = tmp_path / "wh"
+    r = submit("catalog", ["--master", "local[1]"], task_args(sample_dir, wh))
+    assert r.returncode == 2, r.stdout + r.stderr[-3000:]
+    # spark-submit passes the Python driver's stderr on to its stdout
+    lines = [ln for ln in (r.stdout + r.stderr).splitlines() if "has no Delta engine" in ln]
+    assert len(lines) == 1, r.stdout[-3000:]
+    assert (f"--packages {coordinate()} --conf spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension "
+            "--conf spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog") in lines[0]
+    assert "Py4JJavaError" not in r.stdout + r.stderr and RESULT_MARK not in r.stdout
+    assert not wh.exists() or not any(wh.rglob("*"))
+    # --engine delta-rs is the other way out
+    r = submit("catalog", ["--master", "local[1]"], [*task_args(sample_dir, wh), "--engine", "delta-rs"])
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert result(r.stdout)["engine"] == "delta-rs"
+
+
+def test_unreachable_master_fails_at_once_with_one_line(tmp_path, sample_dir):
+    master = f"spark://127.0.0.1:{closed_port()}"
+    t0 = time.time()
+    r = subprocess.run([sys.executable, str(ROOT / "RUNME.py"), "--run", "--master", master, "--warehouse",
+                        str(tmp_path / "wh"), "--param", f"path={sample_dir}"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT, env=submit_env())
+    assert time.time() - t0 < 60
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: Spark master {master} is not reachable"), r.stderr
+    assert "check that the master is running" in r.stderr
+    assert "attempt 1 started" not in r.stdout
+    # a task spark-submitted to it fails as fast, with the same line
+    t0 = time.time()
+    r = submit("catalog", ["--master", master], task_args(sample_dir, tmp_path / "wh2"), timeout=120)
+    assert time.time() - t0 < 60
+    assert r.returncode == 1, r.stdout + r.stderr[-3000:]
+    assert f"catalog: nothing was done: Spark master {master} is not reachable" in r.stdout, r.stdout[-3000:]
+
+
+@pytest.fixture
+def master_without_workers(tmp_path):
+    port = closed_port()
+    env = {**os.environ, "CLUSTER_DIR": str(tmp_path / "cluster"), "PYTHON": sys.executable, "WORKERS": "0"}
+    script = ROOT / "scripts" / "local-cluster.sh"
+    r = subprocess.run([str(script), "start", str(port)], capture_output=True, text=True, env=env, timeout=180)
+    try:
+        assert r.returncode == 0, r.stdout + r.stderr
+        yield r.stdout.strip().splitlines()[-1]
+    finally:
+        subprocess.run([str(script), "stop"], env=env, timeout=60)
+
+
+def test_master_without_workers_fails_within_a_minute(tmp_path, sample_dir, master_without_workers):
+    master = master_without_workers
+    wh = tmp_path / "wh"
+    t0 = time.time()
+    r = subprocess.run([sys.executable, str(ROOT / "RUNME.py"), "--run", "--master", master, "--warehouse",
+                        str(wh), "--param", f"path={sample_dir}"],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT, env=submit_env())
+    assert r.returncode == 1, r.stdout + r.stderr[-3000:]
+    record = json.loads(Path(re.search(r"record (\S+run\.json)", r.stdout).group(1)).read_text())
+    failed = record["attempts"][-1]
+    assert failed["status"] == "FAILED" and failed["seconds"] < 60, failed
+    assert f"Spark master {master} granted no executor in 30 s" in r.stderr, r.stderr[-3000:]
+    assert "alive workers" in r.stderr
+    assert time.time() - t0 < 300
