@@ -2,11 +2,13 @@
 
 import json
 import os
+import re
 import secrets
 import socket
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -33,10 +35,10 @@ def check_table(wh, n):
     return rows
 
 
-@pytest.fixture
-def cluster(tmp_path):
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
     port = free_port()
-    env = {**os.environ, "CLUSTER_DIR": str(tmp_path / "cluster"), "PYTHON": sys.executable}
+    env = {**os.environ, "CLUSTER_DIR": str(tmp_path_factory.mktemp("cluster")), "PYTHON": sys.executable}
     script = ROOT / "scripts" / "local-cluster.sh"
     r = subprocess.run([str(script), "start", str(port)], capture_output=True, text=True, env=env, timeout=180)
     try:
@@ -46,8 +48,8 @@ def cluster(tmp_path):
         subprocess.run([str(script), "stop"], env=env, timeout=60)
 
 
-def test_job_on_a_standalone_cluster_runs_on_both_workers(tmp_path, sample_dir, cluster):
-    assert cluster.startswith("spark://127.0.0.1:")
+def event_logging(tmp_path):
+    """A SPARK_CONF_DIR whose applications write Spark's event logs (which executor ran each task)."""
     events = tmp_path / "events"
     events.mkdir()
     sconf = tmp_path / "sparkconf"
@@ -55,15 +57,11 @@ def test_job_on_a_standalone_cluster_runs_on_both_workers(tmp_path, sample_dir, 
     (sconf / "spark-defaults.conf").write_text(
         f"spark.eventLog.enabled true\nspark.eventLog.dir {events.as_uri()}\nspark.eventLog.compress false\n"
         "spark.eventLog.rolling.enabled false\n")
-    wh = tmp_path / "wh"
-    r = subprocess.run([sys.executable, str(ROOT / "RUNME.py"), "--target", "cluster", "--run", "--master", cluster,
-                        "--warehouse", str(wh), "--param", f"path={sample_dir}", "--param", "mode=overwrite"],
-                       capture_output=True, text=True, timeout=900, cwd=ROOT,
-                       env={**os.environ, "SPARK_CONF_DIR": str(sconf)})
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert f"on {cluster}" in r.stdout
-    check_table(wh, 13)
-    # every task's application ran tasks on executors of both workers
+    return events, sconf
+
+
+def tasks_per_executor(events) -> dict:
+    """{application name: Counter of executor id -> tasks run} from the event logs."""
     per_app = {}
     for log in events.rglob("*"):
         if not log.is_file():
@@ -76,10 +74,47 @@ def test_job_on_a_standalone_cluster_runs_on_both_workers(tmp_path, sample_dir, 
             if e.get("Event") == "SparkListenerTaskEnd":
                 executors[(e["Task Info"]["Executor ID"])] += 1
         per_app[name] = executors
+    return per_app
+
+
+def test_job_on_a_standalone_cluster_runs_on_both_workers(tmp_path, sample_dir, cluster):
+    assert cluster.startswith("spark://127.0.0.1:")
+    events, sconf = event_logging(tmp_path)
+    wh = tmp_path / "wh"
+    r = subprocess.run([sys.executable, str(ROOT / "RUNME.py"), "--target", "cluster", "--run", "--master", cluster,
+                        "--warehouse", str(wh), "--param", f"path={sample_dir}", "--param", "mode=overwrite"],
+                       capture_output=True, text=True, timeout=900, cwd=ROOT,
+                       env={**os.environ, "SPARK_CONF_DIR": str(sconf)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"on {cluster}" in r.stdout
+    check_table(wh, 13)
+    # every task's application ran tasks on executors of both workers
+    per_app = tasks_per_executor(events)
     assert set(per_app) == {f"dicom-lakehouse:{t}" for t in ("catalog", "extract_meta", "thumbnail", "publish")}
     assert "driver" not in per_app["dicom-lakehouse:extract_meta"]
     assert len(per_app["dicom-lakehouse:extract_meta"]) == 2, per_app
     assert len(per_app["dicom-lakehouse:thumbnail"]) == 2, per_app
+
+
+def test_master_on_the_local_target_sends_the_per_file_work_to_both_workers(tmp_path, sample_dir, cluster):
+    """`--master spark://...` on the local target (whose conf keeps small runs in the task processes)
+    runs the per-file work on the cluster's executors, and the log names the cluster, no sc:// server."""
+    events, sconf = event_logging(tmp_path)
+    wh = tmp_path / "wh"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_LAKEHOUSE_")}
+    r = subprocess.run([sys.executable, str(ROOT / "RUNME.py"), "--run", "--master", cluster, "--warehouse", str(wh),
+                        "--param", f"path={sample_dir}", "--param", "mode=overwrite"],
+                       capture_output=True, text=True, timeout=900, cwd=ROOT, env={**env, "SPARK_CONF_DIR": str(sconf)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"on {cluster}," in r.stdout and "sc://" not in r.stdout + r.stderr
+    check_table(wh, 13)
+    record = json.loads(Path(re.search(r"record (\S+run\.json)", r.stdout).group(1)).read_text())
+    ran_in = {a["task"]: (a["result"] or {}).get("ran_in") for a in record["attempts"]}
+    assert ran_in["extract_meta"].startswith("executors") and ran_in["thumbnail"].startswith("executors"), ran_in
+    per_app = tasks_per_executor(events)
+    for step in ("extract_meta", "thumbnail"):
+        executors = per_app[f"dicom-lakehouse:{step}"]
+        assert "driver" not in executors and len(executors) == 2, per_app
 
 
 def test_connect_server_refuses_clients_without_its_token(tmp_path, conf):

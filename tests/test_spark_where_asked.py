@@ -107,7 +107,7 @@ def test_unreachable_master_fails_at_once_with_one_line(tmp_path, sample_dir):
     t0 = time.time()
     r = submit("catalog", ["--master", master], task_args(sample_dir, tmp_path / "wh2"), timeout=120)
     assert time.time() - t0 < 60
-    assert r.returncode == 1, r.stdout + r.stderr[-3000:]
+    assert r.returncode == 2, r.stdout + r.stderr[-3000:]
     assert f"catalog: nothing was done: Spark master {master} is not reachable" in r.stdout, r.stdout[-3000:]
 
 
@@ -135,6 +135,19 @@ def test_master_without_workers_fails_within_a_minute(tmp_path, sample_dir, mast
     record = json.loads(Path(re.search(r"record (\S+run\.json)", r.stdout).group(1)).read_text())
     failed = record["attempts"][-1]
     assert failed["status"] == "FAILED" and failed["seconds"] < 60, failed
+    assert failed["attempt"] == 1, record["attempts"]  # no retry: it cannot help
     assert f"Spark master {master} granted no executor in 30 s" in r.stderr, r.stderr[-3000:]
     assert "alive workers" in r.stderr
-    assert time.time() - t0 < 300
+    assert time.time() - t0 < 200
+
+
+def test_a_run_that_started_no_server_names_none(tmp_path, sample_dir):
+    """The local default (delta-rs, a small run in the task processes) starts no Connect server, so no
+    log line names an sc:// address."""
+    env = {k: v for k, v in submit_env().items() if not k.startswith("DICOM_LAKEHOUSE_")}
+    r = subprocess.run([sys.executable, str(ROOT / "RUNME.py"), "--run", "--warehouse", str(tmp_path / "wh"),
+                        "--param", f"path={sample_dir}"], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                       env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "on local[*] (through a Spark Connect server on loopback, started only if a task needs Spark)" in r.stdout
+    assert "sc://" not in r.stdout + r.stderr and "up in" not in r.stdout

@@ -211,9 +211,9 @@ def _run_step(step: str, params, conf: dict) -> int:
     lazy = LazySession(lambda: get_spark(conf, params.remote, app_name=f"dicom-lakehouse:{step}"))
     try:
         spark = lazy if conf.get("table_engine") == "delta-rs" else lazy.get()
-    except ClusterUnavailable as e:
+    except ClusterUnavailable as e:  # exit 2: a retry cannot help
         log.error("%s: nothing was done: %s", step, e)
-        return 1
+        return 2
     if params.deid != "none":
         from .deid import KEY_ENV, DeidError
         from .deid_key import resolve_key
@@ -246,9 +246,12 @@ def _run_step(step: str, params, conf: dict) -> int:
     t1 = time.time()
     try:
         stats = STEP_FUNCS[step](spark, store, params, conf)
-    except (StepError, ClusterUnavailable) as e:
+    except StepError as e:
         log.error("%s failed: %s", step, e)
         return 1
+    except ClusterUnavailable as e:
+        log.error("%s failed: %s", step, e)
+        return 2
     except Exception as e:  # noqa: BLE001 - one clear line for the run record, the traceback for the log
         log.exception("%s failed", step)
         log.error("%s failed: %s", step, root_cause(e))
