@@ -121,6 +121,8 @@ def test_datafusion_gives_sparks_cards(spark, warehouse, where, limit, count):
     ("year(modality) = 2020", "Year of something other than a date column"),
     ("modification_time > '2020-01-01'", "column modification_time is not"),
     ("rows", "it is not a condition"),
+    ("relative_path LIKE 'a\\\\b%'", "LIKE pattern has a"),  # Spark refuses such a pattern
+    ("relative_path LIKE modality", "LIKE of something other than"),
 ])
 def test_conditions_whose_meaning_may_differ_stay_on_spark(where, reason):
     with pytest.raises(NotOnDataFusion, match=reason):

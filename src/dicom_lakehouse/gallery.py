@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from pathlib import Path
 
 from .params import IDENTIFIER
@@ -147,7 +148,6 @@ _KINDS = {"string": "string", "int": "number", "bigint": "number", "smallint": "
 
 def _iso_date(node) -> bool:
     import datetime
-    import re
 
     from sqlglot import exp
 
@@ -205,8 +205,11 @@ def _kind(node, kinds: dict) -> str:
         _kind(node.this, kinds)
         return "boolean"
     if isinstance(node, (exp.Like, exp.ILike)):
-        if same(node.this, node.expression) not in ("string", "null"):
-            raise NotOnDataFusion("LIKE on something other than text")
+        pattern = node.expression
+        if not (isinstance(pattern, exp.Literal) and pattern.is_string) or _kind(node.this, kinds) != "string":
+            raise NotOnDataFusion("LIKE of something other than a text column and a text pattern")
+        if any(m.group(1) not in ("\\", "_", "%") for m in re.finditer(r"\\(.|$)", pattern.this, re.S)):
+            raise NotOnDataFusion("its LIKE pattern has a '\\' before something other than _, % or '\\'")
         return "boolean"
     if isinstance(node, exp.In):
         same(node.this, *node.expressions)
