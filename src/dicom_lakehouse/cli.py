@@ -272,20 +272,36 @@ def gallery(ctx, table_name, where, limit, out):
     from . import schema as S
     from .gallery import GalleryError, check_table, check_where, gallery_rows, write_gallery
     from .localsql import run_sql, warehouse_tables
+    from .tables import configured_engine
 
     conf = load_conf(ctx.obj.get("target") or "local")
     try:  # refuse bad input before a session starts
         check_table(table_name)
         condition = check_where(where, S.column_names("publish")) if where else None
-        if table_name not in warehouse_tables(warehouse_dir(conf, ctx.obj.get("warehouse"))):
+        engine = configured_engine(conf)
+        tables = warehouse_tables(warehouse_dir(conf, ctx.obj.get("warehouse")))
+        if table_name not in tables:
             raise GalleryError(f"no Delta table {table_name} in the warehouse: publish it first (python RUNME.py --run)")
-    except GalleryError as e:
+    except (GalleryError, ValueError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
-    spark = _query_session(conf, ctx.obj.get("remote"), "gallery")
-    table_df = run_sql(spark, warehouse_dir(conf, ctx.obj.get("warehouse")), f"SELECT * FROM {table_name}")
-    rows = gallery_rows(table_df, condition, limit)
-    spark.stop()
+    rows = None
+    if engine == "delta-rs" and not ctx.obj.get("remote"):  # no JVM to filter rows
+        from .gallery import NotOnDataFusion, column_kinds, datafusion_condition, gallery_rows_delta_rs
+
+        try:
+            df_condition = datafusion_condition(condition, column_kinds(S.spark_schema("publish"))) if where else None
+            rows = gallery_rows_delta_rs(tables[table_name], df_condition, limit)
+        except NotOnDataFusion as e:
+            click.echo(f"note: --where is filtered with Spark SQL: {e}, which DataFusion may read differently",
+                       err=True)
+        except Exception as e:  # noqa: BLE001 - e.g. a table feature delta-rs cannot read: Spark can
+            click.echo(f"note: delta-rs could not answer ({type(e).__name__}): the gallery uses Spark", err=True)
+    if rows is None:
+        spark = _query_session(conf, ctx.obj.get("remote"), "gallery")
+        table_df = run_sql(spark, warehouse_dir(conf, ctx.obj.get("warehouse")), f"SELECT * FROM {table_name}")
+        rows = gallery_rows(table_df, condition, limit)
+        spark.stop()
     path = write_gallery(rows, out if Path(out).is_absolute() else repo_root() / out, f"{table_name} gallery", where)
     click.echo(f"{len(rows)} files in {path}")
 

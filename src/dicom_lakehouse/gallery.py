@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from pathlib import Path
 
 from .params import IDENTIFIER
@@ -116,7 +117,8 @@ def check_where(where: str, columns) -> str:
     return tree.sql(dialect="spark", comments=False)
 
 
-ORDER = ("patient_id", "study_instance_uid", "series_instance_uid", "relative_path")
+# `path` last: a total order, so both engines cut --limit at the same card.
+ORDER = ("patient_id", "study_instance_uid", "series_instance_uid", "relative_path", "path")
 
 
 def gallery_rows(table_df, condition: str | None, limit: int) -> list[dict]:
@@ -128,3 +130,149 @@ def gallery_rows(table_df, condition: str | None, limit: int) -> list[dict]:
     if condition:
         df = df.where(F.expr(condition))
     return [r.asDict() for r in df.orderBy(*ORDER).limit(int(limit)).collect()]
+
+
+class NotOnDataFusion(ValueError):
+    """The condition uses something whose meaning on DataFusion is not known to be Spark's."""
+
+
+# The part of check_where's language that means the same on DataFusion as in Spark SQL (ANSI mode)
+# when the operands' types agree: no arithmetic (overflow and integer division differ), no casts
+# (accepted formats differ), no concat (NULLs differ), no substring/round (argument rules differ).
+_DF_SAME = ("Column", "Identifier", "Literal", "Boolean", "Null", "Paren", "Tuple", "And", "Or", "Not", "EQ", "NEQ",
+            "NullSafeEQ", "NullSafeNEQ", "GT", "GTE", "LT", "LTE", "Is", "In", "Like", "ILike", "Between", "Neg",
+            "Lower", "Upper", "Trim", "Length", "Coalesce", "Abs", "Year", "Month", "Day", "TsOrDsToDate")
+_KINDS = {"string": "string", "int": "number", "bigint": "number", "smallint": "number", "tinyint": "number",
+          "double": "number", "float": "number", "date": "date", "boolean": "boolean"}
+
+
+def _iso_date(node) -> bool:
+    import datetime
+
+    from sqlglot import exp
+
+    if not (isinstance(node, exp.Literal) and node.is_string and re.fullmatch(r"\d{4}-\d{2}-\d{2}", node.this)):
+        return False
+    try:
+        datetime.date.fromisoformat(node.this)
+    except ValueError:
+        return False
+    return True
+
+
+def _kind(node, kinds: dict) -> str:
+    """string, number, date, boolean or null: the operand types that DataFusion and Spark treat alike."""
+    from sqlglot import exp
+
+    def same(*nodes):
+        found = [_kind(n, kinds) for n in nodes]
+        if "date" in found:  # date = 'YYYY-MM-DD' compares dates in both
+            found = ["date" if _iso_date(n) else k for n, k in zip(nodes, found, strict=True)]
+        found = set(found) - {"null"}
+        if len(found) > 1:
+            raise NotOnDataFusion(f"it compares {' with '.join(sorted(found))}")
+        return found.pop() if found else "null"
+
+    if type(node).__name__ not in _DF_SAME:
+        raise NotOnDataFusion(f"it uses {type(node).__name__}")
+    if isinstance(node, exp.Column):
+        if node.name not in kinds:
+            raise NotOnDataFusion(f"column {node.name} is not a string, number, date or boolean")
+        return kinds[node.name]
+    if isinstance(node, exp.Literal):
+        return "string" if node.is_string else "number"
+    if isinstance(node, exp.Null):
+        return "null"
+    if isinstance(node, exp.Boolean):
+        return "boolean"
+    if isinstance(node, exp.Paren):
+        return _kind(node.this, kinds)
+    if isinstance(node, exp.Neg):
+        if not (isinstance(node.this, exp.Literal) and not node.this.is_string):
+            raise NotOnDataFusion("it negates something other than a number")
+        return "number"
+    if isinstance(node, (exp.And, exp.Or)):
+        if {_kind(node.this, kinds), _kind(node.expression, kinds)} - {"boolean", "null"}:
+            raise NotOnDataFusion("AND/OR of something other than conditions")
+        return "boolean"
+    if isinstance(node, exp.Not):
+        if _kind(node.this, kinds) not in ("boolean", "null"):
+            raise NotOnDataFusion("NOT of something other than a condition")
+        return "boolean"
+    if isinstance(node, exp.Is):
+        if not isinstance(node.expression, exp.Null):
+            raise NotOnDataFusion("IS with something other than NULL")
+        _kind(node.this, kinds)
+        return "boolean"
+    if isinstance(node, (exp.Like, exp.ILike)):
+        pattern = node.expression
+        if not (isinstance(pattern, exp.Literal) and pattern.is_string) or _kind(node.this, kinds) != "string":
+            raise NotOnDataFusion("LIKE of something other than a text column and a text pattern")
+        if any(m.group(1) not in ("\\", "_", "%") for m in re.finditer(r"\\(.|$)", pattern.this, re.S)):
+            raise NotOnDataFusion("its LIKE pattern has a '\\' before something other than _, % or '\\'")
+        return "boolean"
+    if isinstance(node, exp.In):
+        same(node.this, *node.expressions)
+        return "boolean"
+    if isinstance(node, exp.Between):
+        same(node.this, node.args["low"], node.args["high"])
+        return "boolean"
+    if isinstance(node, (exp.EQ, exp.NEQ, exp.NullSafeEQ, exp.NullSafeNEQ, exp.GT, exp.GTE, exp.LT, exp.LTE)):
+        same(node.this, node.expression)
+        return "boolean"
+    if isinstance(node, (exp.Lower, exp.Upper, exp.Trim)):
+        if set(node.args) - {"this"} and any(node.args[k] for k in set(node.args) - {"this"}):
+            raise NotOnDataFusion(f"{type(node).__name__} with more than one argument")
+        if _kind(node.this, kinds) not in ("string", "null"):
+            raise NotOnDataFusion(f"{type(node).__name__} of something other than text")
+        return "string"
+    if isinstance(node, exp.Length):
+        if _kind(node.this, kinds) not in ("string", "null"):
+            raise NotOnDataFusion("length of something other than text")
+        return "number"
+    if isinstance(node, exp.Abs):
+        if _kind(node.this, kinds) not in ("number", "null"):
+            raise NotOnDataFusion("abs of something other than a number")
+        return "number"
+    if isinstance(node, exp.Coalesce):
+        return same(node.this, *node.expressions)
+    if isinstance(node, (exp.Year, exp.Month, exp.Day)):
+        inner = node.this.this if isinstance(node.this, exp.TsOrDsToDate) else node.this
+        if isinstance(node.this, exp.TsOrDsToDate) and node.this.args.get("format"):
+            raise NotOnDataFusion(f"{type(node).__name__} with a format")
+        if _kind(inner, kinds) != "date":
+            raise NotOnDataFusion(f"{type(node).__name__} of something other than a date column")
+        return "number"
+    raise NotOnDataFusion(f"it uses {type(node).__name__}")
+
+
+def datafusion_condition(condition: str, kinds: dict) -> str:
+    """check_where's condition as DataFusion SQL with the same meaning, or NotOnDataFusion saying why
+    not. `kinds` maps columns to string/number/date/boolean (see column_kinds). The text is generated
+    from the checked parse tree (PostgreSQL's syntax, which DataFusion follows), never pasted."""
+    import sqlglot
+    from sqlglot import exp
+
+    tree = sqlglot.parse_one(condition, read="spark", into=exp.Condition)
+    if _kind(tree, kinds) not in ("boolean", "null"):
+        raise NotOnDataFusion("it is not a condition")
+    return tree.sql(dialect="postgres", identify=True, comments=False)
+
+
+def column_kinds(spark_schema) -> dict:
+    return {f.name: _KINDS[f.dataType.simpleString()] for f in spark_schema.fields
+            if f.dataType.simpleString() in _KINDS}
+
+
+def gallery_rows_delta_rs(folder, condition: str | None, limit: int) -> list[dict]:
+    """gallery_rows on delta-rs's own engine (DataFusion): no JVM. `condition` is what
+    datafusion_condition returned. Spark sorts NULLs first, so they are asked for here."""
+    import pyarrow as pa
+    from deltalake import DeltaTable, QueryBuilder
+
+    qb = QueryBuilder().register("gallery", DeltaTable(str(folder)))
+    cols = ", ".join(f'"{c}"' for c in COLUMNS)
+    order = ", ".join(f'"{c}" ASC NULLS FIRST' for c in ORDER)
+    where = f" WHERE {condition}" if condition else ""
+    query = f"SELECT {cols} FROM gallery{where} ORDER BY {order} LIMIT {int(limit)}"
+    return pa.RecordBatchReader.from_stream(qb.execute(query)).read_all().to_pylist()

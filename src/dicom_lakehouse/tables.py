@@ -627,12 +627,21 @@ class NoSparkDelta(RuntimeError):
     """`table_engine: spark` on a session without Delta: one line with the flags that add it."""
 
 
+def configured_engine(conf: dict) -> str:
+    """conf `table_engine` (after --engine): auto | spark | delta-rs. `auto` is decided by a session
+    (open_store), so a command that can skip the JVM does so only on `delta-rs`."""
+    engine = conf.get("table_engine", "auto")
+    if engine not in ("auto", "spark", "delta-rs"):
+        raise ValueError(f"table_engine {engine!r} in conf/ is not one of auto, spark, delta-rs")
+    return engine
+
+
 def open_store(spark, conf: dict, warehouse: str | None = None) -> TableStore:
     """Choose the engine from conf `table_engine`: auto | spark | delta-rs."""
     from .config import warehouse_dir
     from .delta_jars import CATALOG, EXTENSION, coordinate
 
-    engine = conf.get("table_engine", "auto")
+    engine = configured_engine(conf)
     if engine == "auto":
         engine = "spark" if has_spark_delta(spark) else "delta-rs"
         if engine == "delta-rs":
