@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,22 @@ from pydicom.data import get_testdata_file
 
 ROOT = Path(__file__).resolve().parent.parent
 # The Databricks CLI's `bundle schema`, committed (tests/test_databricks_cli.py checks it is the pinned CLI's).
+
+
+@contextlib.contextmanager
+def local_cluster(folder: Path, port: int, **env):
+    """A loopback standalone cluster (scripts/local-cluster.sh) for the block; yields its master URL.
+    `env`: the script's settings, e.g. WORKERS="0"."""
+    env = {**os.environ, "CLUSTER_DIR": str(folder), "PYTHON": sys.executable, **env}
+    script = ROOT / "scripts" / "local-cluster.sh"
+    r = subprocess.run([str(script), "start", str(port)], capture_output=True, text=True, env=env, timeout=180)
+    try:
+        assert r.returncode == 0, r.stdout + r.stderr
+        yield r.stdout.strip().splitlines()[-1]
+    finally:
+        subprocess.run([str(script), "stop"], env=env, timeout=60)
+
+
 SCHEMA = ROOT / "schemas" / "databricks-bundle.schema.json"
 
 

@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, local_cluster
 
 from dicom_lakehouse.tables import read_delta
 
@@ -37,15 +37,8 @@ def check_table(wh, n):
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    port = free_port()
-    env = {**os.environ, "CLUSTER_DIR": str(tmp_path_factory.mktemp("cluster")), "PYTHON": sys.executable}
-    script = ROOT / "scripts" / "local-cluster.sh"
-    r = subprocess.run([str(script), "start", str(port)], capture_output=True, text=True, env=env, timeout=180)
-    try:
-        assert r.returncode == 0, r.stdout + r.stderr
-        yield r.stdout.strip().splitlines()[-1]
-    finally:
-        subprocess.run([str(script), "stop"], env=env, timeout=60)
+    with local_cluster(tmp_path_factory.mktemp("cluster"), free_port()) as master:
+        yield master
 
 
 def event_logging(tmp_path):

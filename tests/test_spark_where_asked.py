@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pyspark
 import pytest
-from conftest import ROOT
+from conftest import ROOT, local_cluster
 
 from dicom_lakehouse.delta_jars import CATALOG, EXTENSION, cached_jars, coordinate
 from dicom_lakehouse.taskmain import RESULT_MARK
@@ -113,15 +113,8 @@ def test_unreachable_master_fails_at_once_with_one_line(tmp_path, sample_dir):
 
 @pytest.fixture
 def master_without_workers(tmp_path):
-    port = closed_port()
-    env = {**os.environ, "CLUSTER_DIR": str(tmp_path / "cluster"), "PYTHON": sys.executable, "WORKERS": "0"}
-    script = ROOT / "scripts" / "local-cluster.sh"
-    r = subprocess.run([str(script), "start", str(port)], capture_output=True, text=True, env=env, timeout=180)
-    try:
-        assert r.returncode == 0, r.stdout + r.stderr
-        yield r.stdout.strip().splitlines()[-1]
-    finally:
-        subprocess.run([str(script), "stop"], env=env, timeout=60)
+    with local_cluster(tmp_path / "cluster", closed_port(), WORKERS="0") as master:
+        yield master
 
 
 def test_master_without_workers_fails_within_a_minute(tmp_path, sample_dir, master_without_workers):
