@@ -220,8 +220,15 @@ def spark_steps(corpus: Path, warehouse: Path, deid_path: Path | None = None) ->
     return out
 
 
-# (engine, session); the first is the local target's default (`--jobs default` runs only it)
-JOBS = (("delta-rs", "shared"), ("spark", "shared"), ("spark", "per_task"))
+# (engine, session, driver_max_files); the first is the local target's default (`--jobs default` runs
+# only it). driver_max_files 0: every step's per-file work on Spark's executors, the path clusters and
+# Databricks run (`--jobs executors`: the local default and that path, in one run).
+JOBS = (("delta-rs", "shared", None), ("spark", "shared", None), ("spark", "per_task", None), ("spark", "shared", 0))
+JOB_SETS = {"all": JOBS, "default": JOBS[:1], "executors": (JOBS[0], JOBS[3])}
+
+
+def job_key(engine: str, session: str, driver_max_files: int | None) -> str:
+    return f"{engine}, {session}" + (", executors" if driver_max_files == 0 else "")
 
 
 def runner_job(corpus: Path, warehouse: Path, engine: str, session: str = "shared",
@@ -287,13 +294,24 @@ def measure(files: int, corpus: Path, skip_job: bool = False, source: str = "pyd
     print(f"(d) steps: { {k: v for k, v in res.items() if k.endswith('_s')} }", file=sys.stderr)
     if not skip_job:
         res["jobs"] = {}
-        for engine, session in jobs:
+        for engine, session, dmf in jobs:
             with tempfile.TemporaryDirectory() as tmp, RssSampler() as rss:
-                wall, tasks = runner_job(corpus, Path(tmp) / "wh", engine, session)
-            res["jobs"][f"{engine}, {session}"] = {
-                "engine": engine, "session": session, "wall_s": round(wall, 2), "tasks_s": tasks,
-                "peak_rss": rss.peak, "vs_baseline_full": round(wall / res["baseline_full_wall_s"], 2)}
-            print(f"(e) job through runner, {engine} engine, {session} session: {wall:.1f} s", file=sys.stderr)
+                wall, tasks = runner_job(corpus, Path(tmp) / "wh", engine, session, dmf)
+            key = job_key(engine, session, dmf)
+            res["jobs"][key] = job = {
+                "engine": engine, "session": session, "driver_max_files": dmf, "wall_s": round(wall, 2),
+                "tasks_s": tasks, "peak_rss": rss.peak, "vs_baseline_full": round(wall / res["baseline_full_wall_s"], 2)}
+            # Per step: speed against the baseline doing that step's work; time against the local default's step.
+            if tasks.get("extract_meta"):
+                job["extract_meta_speed_vs_baseline_meta"] = round(res["baseline_meta_s"] / tasks["extract_meta"], 2)
+            if tasks.get("thumbnail"):
+                job["thumbnail_speed_vs_baseline_thumb"] = round(res["baseline_thumb_s"] / tasks["thumbnail"], 2)
+            default = res["jobs"].get(job_key(*JOBS[0]))
+            if default and default is not job:
+                for step in ("catalog", "publish"):
+                    if tasks.get(step) and default["tasks_s"].get(step):
+                        job[f"{step}_time_vs_local_default"] = round(tasks[step] / default["tasks_s"][step], 2)
+            print(f"(e) job through runner, {key}: {wall:.1f} s; tasks {tasks}", file=sys.stderr)
     fps = lambda s: round(n / s, 1) if s else None  # noqa: E731
     res.update(
         read_fps=fps(res["read_bytes_s"]), baseline_meta_fps=fps(res["baseline_meta_s"]),
@@ -336,6 +354,9 @@ def table(res: dict) -> str:
     for engine, job in (res.get("jobs") or {}).items():
         out.append(f"whole job wall / baseline (e)/(c), {engine}: **{job['vs_baseline_full']}x** "
                    f"(tasks: {job['tasks_s']}; peak RSS {job['peak_rss']})")
+        ratios = {k: v for k, v in job.items() if "_vs_" in k and k != "vs_baseline_full"}
+        if ratios:
+            out.append(f"  per step, {engine}: {ratios}")
     if "deidentify_vs_baseline" in res:
         out.append(f"deidentify speed / baseline (f)/(d): **{res['deidentify_vs_baseline']}x**; "
                    f"/ copy-only baseline (f')/(d): {res['deidentify_vs_copy_only']}x")
@@ -349,8 +370,10 @@ def main(argv=None):
     ap.add_argument("--corpus", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None, help="write the figures here too")
     ap.add_argument("--skip-job", action="store_true", help="skip (e), the whole job through the runner")
-    ap.add_argument("--jobs", choices=["all", "default"], default="all",
-                    help="(e) for every (engine, session) pair, or only the local default (delta-rs, shared)")
+    ap.add_argument("--jobs", choices=list(JOB_SETS), default="all",
+                    help="(e) for every (engine, session) pair and the executors' path; only the local default "
+                         "(delta-rs, shared); or executors: the local default and the executors' path (Spark's "
+                         "Delta, shared session, driver_max_files 0)")
     ap.add_argument("--source", choices=["pydicom", "pydicom-data"], default="pydicom",
                     help="templates of a corpus that has to be built (see make_corpus.py)")
     ap.add_argument("--deid", action="store_true",
@@ -361,7 +384,7 @@ def main(argv=None):
 
     PNG_LEVEL = int(load_conf("local")["thumbnail"]["png_compress_level"])
     corpus = a.corpus or HERE / "corpus" / (str(a.files) if a.source == "pydicom" else f"realistic-{a.files}")
-    res = measure(a.files, corpus, a.skip_job, a.source, JOBS if a.jobs == "all" else JOBS[:1], a.deid)
+    res = measure(a.files, corpus, a.skip_job, a.source, JOB_SETS[a.jobs], a.deid)
     print(table(res))
     save_results(res, a.json or HERE / "results" / f"{res['date']}.json")
 

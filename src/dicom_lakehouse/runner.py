@@ -145,6 +145,11 @@ def _shared_server(stack: contextlib.ExitStack, conf: dict, master: str, folder:
     env.update({TOKEN_ENV: token, ON_DEMAND_ENV: str(folder), RUNNER_PID_ENV: str(os.getpid())})
     if master.startswith("local"):
         env[SERVER_HAS_LIBRARY_ENV] = "1"  # else the tasks ship the library to the cluster's executors
+        # One Connect session for the whole run: Spark keeps Python workers per session, so each task
+        # would otherwise start its own (a second or two of CPU per worker, every step).
+        from .session import run_session_url
+
+        url = run_session_url(url)
     return url
 
 

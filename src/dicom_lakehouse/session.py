@@ -81,6 +81,8 @@ def get_spark(conf: dict, remote: str | None = None, app_name: str | None = None
         if os.environ.get(ON_DEMAND_ENV):
             ask_for_server(os.environ[ON_DEMAND_ENV], int(os.environ.get(RUNNER_PID_ENV) or 0) or None)
         spark = builder.remote(remote).getOrCreate()
+        if is_run_session(remote):
+            spark.release_session_on_close = False  # the run's, not this task's: the runner's server ends it
         if not os.environ.get(SERVER_HAS_LIBRARY_ENV):
             _ship_library(spark)
         return spark
@@ -107,6 +109,18 @@ def get_spark(conf: dict, remote: str | None = None, app_name: str | None = None
             spark.stop()
             raise
     return spark
+
+
+def run_session_url(url: str) -> str:
+    """A Connect URL that names one session, shared by every task of a run."""
+    import uuid
+
+    return f"{url}/;session_id={uuid.uuid4()}"
+
+
+def is_run_session(remote: str | None) -> bool:
+    """Whether the tasks share the session named in `remote` (see run_session_url)."""
+    return "session_id=" in (remote or "")
 
 
 def _launch_master() -> str:
