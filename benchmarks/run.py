@@ -231,17 +231,33 @@ def job_key(engine: str, session: str, driver_max_files: int | None) -> str:
     return f"{engine}, {session}" + (", executors" if driver_max_files == 0 else "")
 
 
+def full_decode_conf(dest: Path) -> Path:
+    """A copy of conf/ with thumbnail.reduced_decode off: the job without its reduced-size decoding."""
+    import shutil
+
+    import yaml
+
+    shutil.copytree(ROOT / "conf", dest)
+    defaults = yaml.safe_load((dest / "defaults.yml").read_text())
+    defaults.setdefault("thumbnail", {})["reduced_decode"] = False
+    (dest / "defaults.yml").write_text(yaml.safe_dump(defaults))
+    return dest
+
+
 def runner_job(corpus: Path, warehouse: Path, engine: str, session: str = "shared",
-               driver_max_files: int | None = None) -> tuple[float, dict]:
-    """The whole job through RUNME and the local runner; driver_max_files None: the local target's conf."""
+               driver_max_files: int | None = None, conf_dir: Path | None = None,
+               options: tuple[str, ...] = ()) -> tuple[float, dict]:
+    """The whole job through RUNME and the local runner; driver_max_files None: the local target's conf;
+    conf_dir: another conf/ folder; options: more of RUNME's options (--target, --master)."""
     import subprocess
 
-    extra = [] if driver_max_files is None else ["--driver-max-files", str(driver_max_files)]
+    extra = [*options, *([] if driver_max_files is None else ["--driver-max-files", str(driver_max_files)])]
+    env = {**os.environ, **({"DICOM_LAKEHOUSE_CONF_DIR": str(conf_dir)} if conf_dir else {})}
     t = time.perf_counter()
     r = subprocess.run([sys.executable, str(ROOT / "RUNME.py"), *extra, "--engine", engine, "--session", session, "--run",
                         "--warehouse", str(warehouse), "--param", f"path={corpus}", "--param", "mode=overwrite",
                         "--param", "table=bench_job"],
-                       capture_output=True, text=True, cwd=ROOT)
+                       capture_output=True, text=True, cwd=ROOT, env=env)
     wall = time.perf_counter() - t
     if r.returncode != 0:
         raise RuntimeError(r.stdout[-3000:] + r.stderr[-3000:])
@@ -254,7 +270,7 @@ def runner_job(corpus: Path, warehouse: Path, engine: str, session: str = "share
 
 
 def measure(files: int, corpus: Path, skip_job: bool = False, source: str = "pydicom", jobs=JOBS,
-            deid: bool = False) -> dict:
+            deid: bool = False, full_decode: bool = False) -> dict:
     from make_corpus import build
 
     if not corpus.exists() or not any(corpus.iterdir()):
@@ -294,12 +310,14 @@ def measure(files: int, corpus: Path, skip_job: bool = False, source: str = "pyd
     print(f"(d) steps: { {k: v for k, v in res.items() if k.endswith('_s')} }", file=sys.stderr)
     if not skip_job:
         res["jobs"] = {}
-        for engine, session, dmf in jobs:
+        for (engine, session, dmf), full in [(j, False) for j in jobs] + [(j, True) for j in jobs if full_decode]:
             with tempfile.TemporaryDirectory() as tmp, RssSampler() as rss:
-                wall, tasks = runner_job(corpus, Path(tmp) / "wh", engine, session, dmf)
-            key = job_key(engine, session, dmf)
+                conf_dir = full_decode_conf(Path(tmp) / "conf") if full else None
+                wall, tasks = runner_job(corpus, Path(tmp) / "wh", engine, session, dmf, conf_dir)
+            key = job_key(engine, session, dmf) + (", full decode" if full else "")
             res["jobs"][key] = job = {
-                "engine": engine, "session": session, "driver_max_files": dmf, "wall_s": round(wall, 2),
+                "engine": engine, "session": session, "driver_max_files": dmf, "reduced_decode": not full,
+                "wall_s": round(wall, 2),
                 "tasks_s": tasks, "peak_rss": rss.peak, "vs_baseline_full": round(wall / res["baseline_full_wall_s"], 2)}
             # Per step: speed against the baseline doing that step's work; time against the local default's step.
             if tasks.get("extract_meta"):
@@ -376,6 +394,8 @@ def main(argv=None):
                          "Delta, shared session, driver_max_files 0)")
     ap.add_argument("--source", choices=["pydicom", "pydicom-data"], default="pydicom",
                     help="templates of a corpus that has to be built (see make_corpus.py)")
+    ap.add_argument("--full-decode", action="store_true",
+                    help="also each job of (e) with thumbnail.reduced_decode off (every frame decoded at full size)")
     ap.add_argument("--deid", action="store_true",
                     help="also (f) a Pool doing the deidentify task's de-identification, and (d) that task")
     a = ap.parse_args(argv)
@@ -384,7 +404,7 @@ def main(argv=None):
 
     PNG_LEVEL = int(load_conf("local")["thumbnail"]["png_compress_level"])
     corpus = a.corpus or HERE / "corpus" / (str(a.files) if a.source == "pydicom" else f"realistic-{a.files}")
-    res = measure(a.files, corpus, a.skip_job, a.source, JOB_SETS[a.jobs], a.deid)
+    res = measure(a.files, corpus, a.skip_job, a.source, JOB_SETS[a.jobs], a.deid, a.full_decode)
     print(table(res))
     save_results(res, a.json or HERE / "results" / f"{res['date']}.json")
 

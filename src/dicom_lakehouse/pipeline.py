@@ -315,7 +315,7 @@ DECLARED = ("rows", "columns", "samples_per_pixel", "bits_allocated", "number_of
 THUMB_READS = ("path", "status", "has_pixels", *DECLARED)  # all that the thumbnail step reads of a row
 
 
-def thumbnail_batches(size: int, max_frame_bytes: int, compress_level: int, max_inflated: int):
+def thumbnail_batches(size: int, max_frame_bytes: int, compress_level: int, max_inflated: int, reduced: bool = True):
     """mapInArrow function: header rows -> header rows plus thumbnail columns."""
 
     def fn(batches):
@@ -337,7 +337,8 @@ def thumbnail_batches(size: int, max_frame_bytes: int, compress_level: int, max_
                     declared = {c: cols[c][i] for c in DECLARED}
                     try:
                         with open_source(path) as fp:
-                            results.append(render(fp, size, max_frame_bytes, declared, compress_level, max_inflated))
+                            results.append(render(fp, size, max_frame_bytes, declared, compress_level, max_inflated,
+                                                  reduced))
                     except Exception as e:  # noqa: BLE001
                         results.append(Thumbnail("error", error=f"cannot open: {type(e).__name__}"))
             new = {
@@ -356,7 +357,8 @@ def run_thumbnail(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
     tconf = conf.get("thumbnail") or {}
     fn = thumbnail_batches(p.thumbnail_size, int(tconf.get("max_frame_bytes", 512 * 2**20)),
                            int(tconf.get("png_compress_level", 1)),
-                           int((conf.get("dicom") or {}).get("max_deflated_bytes", 256 * 2**20)))
+                           int((conf.get("dicom") or {}).get("max_deflated_bytes", 256 * 2**20)),
+                           bool(tconf.get("reduced_decode", True)))
     return _map_step(spark, store, p, "extract_meta", "thumbnail", fn, "thumbnail_status",
                      driver_max=driver_max_files(conf), reads_adds=(THUMB_READS, THUMB_COLUMNS))
 
@@ -495,6 +497,7 @@ def run_publish(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
     target = target_ref(p)
     mode = "overwrite" if p.mode == "overwrite" else "upsert"
     meta = commit_metadata(p.run_id, p.as_dict(), "publish")
+    counts = None  # the table's rows per status, when the write counted them
     if _published_by(store, target, p.run_id):
         log.info("publish: an earlier attempt of run %s committed to %s and ended before it finished: the "
                  "rows are in; refreshing the rest", p.run_id, target.name)
@@ -505,11 +508,15 @@ def run_publish(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
         table = table.append_column("ingested_at", pa.array([now] * table.num_rows, pa.timestamp("us", tz="UTC")))
         rows = store.write_arrow(table, target, mode, meta, step="publish")
     else:
-        rows = store.write(store.read(thumbs, "thumbnail").withColumn("ingested_at", F.current_timestamp()), target,
-                           mode, meta, step="publish")
+        df = store.read(thumbs, "thumbnail").withColumn("ingested_at", F.current_timestamp())
+        if mode == "overwrite":  # the table is this run's rows: count them as they are written
+            rows, counts = store.write_counted(df, target, meta, "publish", "status", S.STATUSES)
+        else:
+            rows = store.write(df, target, mode, meta, step="publish")
     if rows != rows_in:
         raise StepError(f"publish read {rows_in} rows but wrote {rows}")
-    counts = store.value_counts(target, "status")  # one pass: the table's rows are their sum
+    if counts is None:
+        counts = store.value_counts(target, "status")  # one pass: the table's rows are their sum
     total = sum(counts.values())
     t0 = time.time()
     # A small table's derived rows may be computed here (read once, and only by a store that uses them);

@@ -118,6 +118,11 @@ def run_session_url(url: str) -> str:
     return f"{url}/;session_id={uuid.uuid4()}"
 
 
+def is_run_session_client(spark) -> bool:
+    """Whether this Connect session is a run's shared one (it is not released when a task stops it)."""
+    return getattr(spark, "release_session_on_close", True) is False
+
+
 def is_run_session(remote: str | None) -> bool:
     """Whether the tasks share the session named in `remote` (see run_session_url)."""
     return "session_id=" in (remote or "")
@@ -247,4 +252,8 @@ def _ship_library(spark) -> None:
     from .shipping import build_py_files
 
     with tempfile.TemporaryDirectory() as tmp:
-        spark.addArtifacts(str(build_py_files(tmp)), pyfile=True)
+        try:
+            spark.addArtifacts(str(build_py_files(tmp)), pyfile=True)
+        except Exception as e:  # noqa: BLE001 - the run's session: an earlier task shipped the same zip
+            if not (is_run_session_client(spark) and "exist" in str(e).lower()):
+                raise

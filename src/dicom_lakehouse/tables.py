@@ -456,19 +456,30 @@ class SparkDeltaStore(TableStore):
 
     def write_counted(self, df, ref: TableRef, metadata: dict, step: str, column: str,
                       values: tuple[str, ...]) -> tuple[int, dict]:
-        """A new staged table counts its values while it is written (an observation on the write's own
-        job), and its rows come from the commit's metrics: no second pass over the table. A value
-        outside `values` makes the counts come from a pass over the table after all."""
-        if self.exists(ref):
+        """The table counts its values while it is written (an observation on the write's own job), and
+        its rows come from the commit's metrics: no second pass over the table. A new staged table gets
+        one writer commit; a published table on a path is created if absent, then overwritten by the
+        writer too (a WRITE commit keeps the table's identity and properties). A value outside `values`
+        makes the counts come from a pass over the table after all."""
+        staged_new = step != "publish" and not self.exists(ref)
+        if not (staged_new or (step == "publish" and self.warehouse is not None)):
             return super().write_counted(df, ref, metadata, step, column, values)
         from pyspark.sql import Observation
         from pyspark.sql import functions as F
 
         obs = Observation(f"dl_counts_{uuid.uuid4().hex[:12]}")
         col = F.col(column)
-        df = df.observe(obs, F.count(F.lit(1)).alias("__rows"),
-                        *[F.count(F.when(col == v, 1)).alias(f"v{i}") for i, v in enumerate(values)])
-        rows = self.write(df, ref, "overwrite", metadata, step)
+        df = df.select(*S.column_names(step)).observe(
+            obs, F.count(F.lit(1)).alias("__rows"),
+            *[F.count(F.when(col == v, 1)).alias(f"v{i}") for i, v in enumerate(values)])
+        if staged_new:
+            rows = self.write(df, ref, "overwrite", metadata, step)
+        else:
+            self._create_if_absent(ref, step)
+            # A nonce finds this commit's metrics among other runs' commits to the same table.
+            metadata = {**metadata, "dicom_lakehouse.commit": uuid.uuid4().hex}
+            self._save(df, ref, metadata)
+            rows = self._committed_rows(ref, "overwrite", nonce=metadata["dicom_lakehouse.commit"])
         seen = obs.get
         counts = {v: int(seen[f"v{i}"]) for i, v in enumerate(values) if seen.get(f"v{i}")}
         if sum(counts.values()) != int(seen["__rows"]) or int(seen["__rows"]) != rows:
