@@ -240,6 +240,8 @@ def full_decode_conf(dest: Path) -> Path:
     shutil.copytree(ROOT / "conf", dest)
     defaults = yaml.safe_load((dest / "defaults.yml").read_text())
     defaults.setdefault("thumbnail", {})["reduced_decode"] = False
+    # build/ where the jobs keep the class-data archives: a copy of conf/ elsewhere must not start cold.
+    defaults["build_dir"] = str(ROOT / (defaults.get("build_dir") or "build"))
     (dest / "defaults.yml").write_text(yaml.safe_dump(defaults))
     return dest
 

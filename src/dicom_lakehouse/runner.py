@@ -455,7 +455,9 @@ def run_job(
         where = remote or master
         if session == "shared" and not remote:
             remote = _shared_server(stack, conf, master, folder, env, echo)
-            where = f"{master} (through a Spark Connect server on loopback, started only if a task needs Spark)"
+            eager = conf.get("table_engine") != "delta-rs"
+            where = f"{master} (through a Spark Connect server on loopback, " + \
+                ("started with the run)" if eager else "started only if a task needs Spark)")
         cds = class_data_archive(conf)
         if cds is not None:
             cds.parent.mkdir(parents=True, exist_ok=True)
