@@ -2,8 +2,11 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# The docs site (mkdocs.yml, docs/) into build/site; --strict fails on a link to a missing page or anchor.
+# NO_MKDOCS_2_WARNING silences mkdocs-material's notice about MkDocs 2.0, not any warning about the pages.
+MKDOCS := NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test lint docs bench install clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,10 +21,14 @@ demo: install
 
 test: install
 	$(BIN)/ruff check .
+	$(MKDOCS)
 	$(BIN)/python -m pytest
 
 lint: install
 	$(BIN)/ruff check .
+
+docs: install
+	$(MKDOCS)
 
 bench: install
 	$(BIN)/python benchmarks/run.py --files 10000

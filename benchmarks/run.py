@@ -220,21 +220,46 @@ def spark_steps(corpus: Path, warehouse: Path, deid_path: Path | None = None) ->
     return out
 
 
-# (engine, session); the first is the local target's default (`--jobs default` runs only it)
-JOBS = (("delta-rs", "shared"), ("spark", "shared"), ("spark", "per_task"))
+# (engine, session, driver_max_files); the first is the local target's default (`--jobs default` runs
+# only it). driver_max_files 0: every step's per-file work on Spark's executors, the path clusters and
+# Databricks run (`--jobs executors`: the local default and that path, in one run).
+JOBS = (("delta-rs", "shared", None), ("spark", "shared", None), ("spark", "per_task", None), ("spark", "shared", 0))
+JOB_SETS = {"all": JOBS, "default": JOBS[:1], "executors": (JOBS[0], JOBS[3])}
+
+
+def job_key(engine: str, session: str, driver_max_files: int | None) -> str:
+    return f"{engine}, {session}" + (", executors" if driver_max_files == 0 else "")
+
+
+def full_decode_conf(dest: Path) -> Path:
+    """A copy of conf/ with thumbnail.reduced_decode off: the job without its reduced-size decoding."""
+    import shutil
+
+    import yaml
+
+    shutil.copytree(ROOT / "conf", dest)
+    defaults = yaml.safe_load((dest / "defaults.yml").read_text())
+    defaults.setdefault("thumbnail", {})["reduced_decode"] = False
+    # build/ where the jobs keep the class-data archives: a copy of conf/ elsewhere must not start cold.
+    defaults["build_dir"] = str(ROOT / (defaults.get("build_dir") or "build"))
+    (dest / "defaults.yml").write_text(yaml.safe_dump(defaults))
+    return dest
 
 
 def runner_job(corpus: Path, warehouse: Path, engine: str, session: str = "shared",
-               driver_max_files: int | None = None) -> tuple[float, dict]:
-    """The whole job through RUNME and the local runner; driver_max_files None: the local target's conf."""
+               driver_max_files: int | None = None, conf_dir: Path | None = None,
+               options: tuple[str, ...] = ()) -> tuple[float, dict]:
+    """The whole job through RUNME and the local runner; driver_max_files None: the local target's conf;
+    conf_dir: another conf/ folder; options: more of RUNME's options (--target, --master)."""
     import subprocess
 
-    extra = [] if driver_max_files is None else ["--driver-max-files", str(driver_max_files)]
+    extra = [*options, *([] if driver_max_files is None else ["--driver-max-files", str(driver_max_files)])]
+    env = {**os.environ, **({"DICOM_LAKEHOUSE_CONF_DIR": str(conf_dir)} if conf_dir else {})}
     t = time.perf_counter()
     r = subprocess.run([sys.executable, str(ROOT / "RUNME.py"), *extra, "--engine", engine, "--session", session, "--run",
                         "--warehouse", str(warehouse), "--param", f"path={corpus}", "--param", "mode=overwrite",
                         "--param", "table=bench_job"],
-                       capture_output=True, text=True, cwd=ROOT)
+                       capture_output=True, text=True, cwd=ROOT, env=env)
     wall = time.perf_counter() - t
     if r.returncode != 0:
         raise RuntimeError(r.stdout[-3000:] + r.stderr[-3000:])
@@ -247,7 +272,7 @@ def runner_job(corpus: Path, warehouse: Path, engine: str, session: str = "share
 
 
 def measure(files: int, corpus: Path, skip_job: bool = False, source: str = "pydicom", jobs=JOBS,
-            deid: bool = False) -> dict:
+            deid: bool = False, full_decode: bool = False) -> dict:
     from make_corpus import build
 
     if not corpus.exists() or not any(corpus.iterdir()):
@@ -287,13 +312,26 @@ def measure(files: int, corpus: Path, skip_job: bool = False, source: str = "pyd
     print(f"(d) steps: { {k: v for k, v in res.items() if k.endswith('_s')} }", file=sys.stderr)
     if not skip_job:
         res["jobs"] = {}
-        for engine, session in jobs:
+        for (engine, session, dmf), full in [(j, False) for j in jobs] + [(j, True) for j in jobs if full_decode]:
             with tempfile.TemporaryDirectory() as tmp, RssSampler() as rss:
-                wall, tasks = runner_job(corpus, Path(tmp) / "wh", engine, session)
-            res["jobs"][f"{engine}, {session}"] = {
-                "engine": engine, "session": session, "wall_s": round(wall, 2), "tasks_s": tasks,
-                "peak_rss": rss.peak, "vs_baseline_full": round(wall / res["baseline_full_wall_s"], 2)}
-            print(f"(e) job through runner, {engine} engine, {session} session: {wall:.1f} s", file=sys.stderr)
+                conf_dir = full_decode_conf(Path(tmp) / "conf") if full else None
+                wall, tasks = runner_job(corpus, Path(tmp) / "wh", engine, session, dmf, conf_dir)
+            key = job_key(engine, session, dmf) + (", full decode" if full else "")
+            res["jobs"][key] = job = {
+                "engine": engine, "session": session, "driver_max_files": dmf, "reduced_decode": not full,
+                "wall_s": round(wall, 2),
+                "tasks_s": tasks, "peak_rss": rss.peak, "vs_baseline_full": round(wall / res["baseline_full_wall_s"], 2)}
+            # Per step: speed against the baseline doing that step's work; time against the local default's step.
+            if tasks.get("extract_meta"):
+                job["extract_meta_speed_vs_baseline_meta"] = round(res["baseline_meta_s"] / tasks["extract_meta"], 2)
+            if tasks.get("thumbnail"):
+                job["thumbnail_speed_vs_baseline_thumb"] = round(res["baseline_thumb_s"] / tasks["thumbnail"], 2)
+            default = res["jobs"].get(job_key(*JOBS[0]))
+            if default and default is not job:
+                for step in ("catalog", "publish"):
+                    if tasks.get(step) and default["tasks_s"].get(step):
+                        job[f"{step}_time_vs_local_default"] = round(tasks[step] / default["tasks_s"][step], 2)
+            print(f"(e) job through runner, {key}: {wall:.1f} s; tasks {tasks}", file=sys.stderr)
     fps = lambda s: round(n / s, 1) if s else None  # noqa: E731
     res.update(
         read_fps=fps(res["read_bytes_s"]), baseline_meta_fps=fps(res["baseline_meta_s"]),
@@ -336,6 +374,9 @@ def table(res: dict) -> str:
     for engine, job in (res.get("jobs") or {}).items():
         out.append(f"whole job wall / baseline (e)/(c), {engine}: **{job['vs_baseline_full']}x** "
                    f"(tasks: {job['tasks_s']}; peak RSS {job['peak_rss']})")
+        ratios = {k: v for k, v in job.items() if "_vs_" in k and k != "vs_baseline_full"}
+        if ratios:
+            out.append(f"  per step, {engine}: {ratios}")
     if "deidentify_vs_baseline" in res:
         out.append(f"deidentify speed / baseline (f)/(d): **{res['deidentify_vs_baseline']}x**; "
                    f"/ copy-only baseline (f')/(d): {res['deidentify_vs_copy_only']}x")
@@ -349,10 +390,14 @@ def main(argv=None):
     ap.add_argument("--corpus", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None, help="write the figures here too")
     ap.add_argument("--skip-job", action="store_true", help="skip (e), the whole job through the runner")
-    ap.add_argument("--jobs", choices=["all", "default"], default="all",
-                    help="(e) for every (engine, session) pair, or only the local default (delta-rs, shared)")
+    ap.add_argument("--jobs", choices=list(JOB_SETS), default="all",
+                    help="(e) for every (engine, session) pair and the executors' path; only the local default "
+                         "(delta-rs, shared); or executors: the local default and the executors' path (Spark's "
+                         "Delta, shared session, driver_max_files 0)")
     ap.add_argument("--source", choices=["pydicom", "pydicom-data"], default="pydicom",
                     help="templates of a corpus that has to be built (see make_corpus.py)")
+    ap.add_argument("--full-decode", action="store_true",
+                    help="also each job of (e) with thumbnail.reduced_decode off (every frame decoded at full size)")
     ap.add_argument("--deid", action="store_true",
                     help="also (f) a Pool doing the deidentify task's de-identification, and (d) that task")
     a = ap.parse_args(argv)
@@ -361,7 +406,7 @@ def main(argv=None):
 
     PNG_LEVEL = int(load_conf("local")["thumbnail"]["png_compress_level"])
     corpus = a.corpus or HERE / "corpus" / (str(a.files) if a.source == "pydicom" else f"realistic-{a.files}")
-    res = measure(a.files, corpus, a.skip_job, a.source, JOBS if a.jobs == "all" else JOBS[:1], a.deid)
+    res = measure(a.files, corpus, a.skip_job, a.source, JOB_SETS[a.jobs], a.deid, a.full_decode)
     print(table(res))
     save_results(res, a.json or HERE / "results" / f"{res['date']}.json")
 

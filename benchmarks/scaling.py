@@ -2,6 +2,7 @@
 seconds (one panel per corpus).
 
     python benchmarks/scaling.py --sizes 1000 10000 --source both
+    python benchmarks/scaling.py --cluster --sizes 2000     # scale-out: 1 and 2 workers (scale_out.py)
 
 pydicom's small test files in benchmarks/corpus/<n>, the realistic corpus (pydicom-data) in
 benchmarks/corpus/realistic-<n>; built when missing. The whole job runs once per size, on the local
@@ -75,7 +76,14 @@ def main(argv=None):
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     ap.add_argument("--source", choices=[*CORPORA, "both"], default="both")
     ap.add_argument("--replot", type=Path, default=None, help="only redraw from a scaling JSON")
+    ap.add_argument("--cluster", action="store_true",
+                    help="scale-out instead: the job on a loopback standalone cluster with 1 and 2 one-core "
+                         "workers (benchmarks/scale_out.py, on --sizes' first size)")
     a = ap.parse_args(argv)
+    if a.cluster:
+        from scale_out import main as scale_out
+
+        return scale_out(["--files", str(a.sizes[0])])
     out_dir = HERE / "results"
     out_dir.mkdir(exist_ok=True)
     if a.replot:

@@ -105,3 +105,22 @@ def test_unreachable_host_of_a_profile_is_named_too(tmp_path):
     line = one_error_line(r)
     assert f"the Databricks host {host} cannot be reached" in line and "dapi-not" not in line
     assert seconds < 30
+
+
+@pytest.mark.parametrize("placement", ["before serve", "after serve", "both, serve's wins"])
+def test_serve_takes_warehouse_before_or_after_the_command(tmp_path, placement):
+    """`--warehouse W` works where users put it: before `serve` (the group's option) and after it (serve's
+    own, which wins over the group's). An empty warehouse is refused before anything binds, naming the
+    table's folder in the warehouse the option gave."""
+    wh, other = tmp_path / "wh", tmp_path / "other"
+    wh.mkdir()
+    other.mkdir()
+    args = {"before serve": ["--warehouse", str(wh), "serve"],
+            "after serve": ["serve", "--warehouse", str(wh)],
+            "both, serve's wins": ["--warehouse", str(other), "serve", "--warehouse", str(wh)]}[placement]
+    r, seconds = runme(*args, "--port", "0")
+    assert r.returncode == 2, r.stdout + r.stderr
+    line = one_error_line(r)
+    assert f"no Delta table at {wh.resolve() / 'main' / 'pixels' / 'object_catalog'}" in line
+    assert str(other) not in line
+    assert seconds < 20

@@ -1,6 +1,7 @@
 """End to end through RUNME and the local runner (local target: the tasks share one Spark Connect server)."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -56,6 +57,7 @@ def test_demo_command_then_overwrite_again(tmp_path):
     # a second overwrite leaves the same row count, in a new table version
     # the local target's defaults: delta-rs, and a run this small does its per-file work in the tasks
     results = {f.name: json.loads(_result_line(f)) for f in first.glob("*.1.log")}
+    local_counts = {s: results[f"{s}.1.log"][c] for s, c in (("extract_meta", "status"), ("thumbnail", "thumbnail_status"))}
     assert {r.get("engine") for r in results.values()} == {"delta-rs", None}  # None: deidentify, deid none
     assert all(results[f"{s}.1.log"]["ran_in"].startswith("task process") for s in ("extract_meta", "thumbnail"))
     # ... and no task needed a Spark session, so the run started no JVM
@@ -78,6 +80,17 @@ def test_demo_command_then_overwrite_again(tmp_path):
                                                 "step": "deidentify"}  # deid none: no session, no work
     assert len(results) == 4 and all(r["engine"] == "spark" for r in results.values())
     assert all(results[f"{s}.1.log"]["ran_in"].startswith("executors (") for s in ("extract_meta", "thumbnail"))
+    # the statuses counted while the stages were written are those the task processes counted
+    assert {s: results[f"{s}.1.log"][c] for s, c in (("extract_meta", "status"), ("thumbnail", "thumbnail_status"))} \
+        == local_counts and local_counts["extract_meta"]["not_dicom"] == 1
+    # every task a client of one session, whose Python workers the first per-file step started and the
+    # next one reused; the server started with the run (every task of a Spark's-Delta run uses it)
+    server_log = (second / "connect-server.log").read_text()
+    assert len(set(re.findall(r'session_id: "([0-9a-f-]{36})"', server_log))) == 1
+    boots = [int(b) for b in re.findall(r"Times: total = \d+, boot = (-?\d+)", server_log)]
+    started = sum(b > 0 for b in boots)  # a worker's first task counts its boot; a reused one's is negative
+    assert len(boots) > started and 1 <= started <= (os.cpu_count() or 1), boots
+    assert "(every task of this run uses Spark)" in r.stdout
     # no patient identifier in any log of either run (Delta logs column statistics in places)
     phi = {x for row in rows.values() for x in (row["patient_id"], _name(row["meta"])) if x and len(x) >= 4}
     assert "CompressedSamples^CT1" in phi

@@ -157,3 +157,37 @@ def test_j2k_phase_is_where_a_resolution_level_puts_its_samples():
     """Level k keeps the phase of every 2**k-th full-size pixel, the first of its block; a box
     reduction puts its sample at the block's centre, (2**k - 1) / 2 full-size pixels further on."""
     assert [2**k * j2k_phase(k) for k in (1, 2, 3)] == [0.5, 1.5, 3.5]
+
+
+def test_the_thumbnail_step_decodes_in_full_when_conf_turns_reduced_decoding_off(monkeypatch):
+    """conf thumbnail.reduced_decode (on by default) reaches the step's per-file function: off, its PNG is
+    the full decode's, byte for byte; on, the reduced one's (which differs)."""
+    import pyarrow as pa
+
+    from dicom_lakehouse import pipeline
+    from dicom_lakehouse import schema as S
+    from dicom_lakehouse.config import load_conf
+
+    conf = load_conf("local")
+    assert conf["thumbnail"]["reduced_decode"] is True
+    name = FAST_HERE[0]
+    path = str(dicom_file(name))
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    size = max(ds.Rows, ds.Columns) // 4
+    values = {"path": path, "status": "ok", "has_pixels": True, "rows": ds.Rows, "columns": ds.Columns,
+              "samples_per_pixel": ds.get("SamplesPerPixel", 1), "bits_allocated": ds.BitsAllocated,
+              "number_of_frames": int(ds.get("NumberOfFrames") or 1)}
+    schema = S.arrow_schema("meta")
+    batch = pa.RecordBatch.from_arrays([pa.array([values.get(f.name)], f.type) for f in schema], schema=schema)
+
+    def png(reduced: bool) -> bytes:
+        fn = pipeline.thumbnail_batches(size, 2**30, 1, 2**28, reduced)
+        out = next(fn(iter([batch])))
+        assert out.column("thumbnail_status").to_pylist() == ["ok"]
+        return out.column("thumbnail").to_pylist()[0]
+
+    fast, full = png(True), png(False)
+    with open(path, "rb") as f:
+        monkeypatch.setattr(thumbnails, "decode_reduced", lambda *a: None)
+        reference = thumbnails.render(f, size, compress_level=1).png
+    assert full == reference and fast != full

@@ -309,6 +309,8 @@ def gallery(ctx, table_name, where, limit, out):
 @main.command()
 @click.option("--table", "table_name", default="main.pixels.object_catalog", show_default=True,
               help="Published table (three-part name).")
+@click.option("--warehouse", default=None,
+              help="Local warehouse folder the table is in (the same as RUNME.py --warehouse W serve; this one wins).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
 @click.option("--port", default=8042, show_default=True, help="Port; the service is at http://HOST:PORT/dicomweb.")
 @click.option("--viewer", is_flag=True, help="Also serve OHIF's viewer at / (fetched once from npm into the cache).")
@@ -319,7 +321,7 @@ def gallery(ctx, table_name, where, limit, out):
               help="Another Host name to answer to (behind a proxy, or a DNS name); repeatable. Other names "
                    "get 421 (DNS rebinding).")
 @click.pass_context
-def serve(ctx, table_name, host, port, viewer, cors_origins, allowed_hosts):
+def serve(ctx, table_name, warehouse, host, port, viewer, cors_origins, allowed_hosts):
     """Serve the published table over DICOMweb (QIDO-RS, WADO-RS, rendered, thumbnail).
 
     Set DICOM_LAKEHOUSE_DICOMWEB_TOKEN to require that bearer token on every DICOMweb request; a --host
@@ -344,8 +346,8 @@ def serve(ctx, table_name, host, port, viewer, cors_origins, allowed_hosts):
             from .ohif import fetch
 
             ohif = fetch()
-        server = make_server(table_name, str(warehouse_dir(conf, ctx.obj.get("warehouse"))), host, port, token, ohif,
-                             cors_origins, allowed_hosts)
+        where = warehouse_dir(conf, warehouse or ctx.obj.get("warehouse"))
+        server = make_server(table_name, str(where), host, port, token, ohif, cors_origins, allowed_hosts)
     except (ValueError, OSError, RuntimeError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)

@@ -166,21 +166,22 @@ def local_connect_server(conf: dict, master: str, log_path: Path, token: str, ti
 
 
 @contextmanager
-def on_demand(server: ConnectServer, folder: Path, echo=print, poll: float = 0.05):
-    """Start `server` when a task first asks (see the module's docstring); stop it, if it started, at exit."""
+def on_demand(server: ConnectServer, folder: Path, echo=print, poll: float = 0.05, now: bool = False):
+    """Start `server` when a task first asks (see the module's docstring), or at once with `now` (every
+    task will ask); stop it, if it started, at exit."""
     stop = threading.Event()
     (folder / READY).unlink(missing_ok=True)
+    why = "every task of this run uses Spark" if now else "a task asked for a Spark session"
 
     def watch():
         while not stop.is_set():
-            if (folder / WANT).exists():
+            if now or (folder / WANT).exists():
                 t0 = time.time()
                 try:
                     server.start()
                     server.wait_ready()
                     answer = "up"
-                    echo(f"  Spark Connect server for this run at {server.url}, up in {time.time() - t0:.1f} s "
-                         "(a task asked for a Spark session)")
+                    echo(f"  Spark Connect server for this run at {server.url}, up in {time.time() - t0:.1f} s ({why})")
                 except Exception as e:  # noqa: BLE001 - the asking task reports it
                     answer = f"failed: {e}"
                 write_word(folder / READY, answer)

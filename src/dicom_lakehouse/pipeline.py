@@ -31,7 +31,7 @@ from . import schema as S
 from .derived import DERIVED
 from .derived import INPUT as DERIVED_INPUT
 from .params import JobParams
-from .session import default_parallelism, try_set_conf
+from .session import default_parallelism, is_run_session, try_set_conf
 from .tables import TableRef, TableStore, commit_metadata
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,9 @@ def warm_workers(spark, step: str) -> None:
 
 
 MAP_STEPS = ("extract_meta", "thumbnail", "deidentify")
+# The values each step's status column is expected to take (counted while the stage is written).
+STATUS_VALUES = {("status", "extract_meta"): S.STATUSES, ("thumbnail_status", "thumbnail"): S.THUMBNAIL_STATUSES,
+                 ("status", "deidentify"): S.DEID_STATUSES}
 
 
 def warm_ups(spark, store: TableStore, p: JobParams, conf: dict, step: str, gate_open) -> list:
@@ -93,9 +96,12 @@ def warm_ups(spark, store: TableStore, p: JobParams, conf: dict, step: str, gate
         if step in MAP_STEPS:
             from . import deid, dicom_meta, sources, thumbnails  # noqa: F401
 
+    # On the run's one session, the first step with per-file work starts the Python workers every later
+    # step reuses; starting more while that step runs would only take its cores.
+    workers = step == "extract_meta" or not is_run_session(p.remote)
     return [("imports", import_here, False), ("spark needed", lambda: uses_spark(store, p, conf, step, gate_open), False),
             ("first action", lambda: spark.range(1).collect(), True),
-            ("python workers", lambda: warm_workers(spark, step), True)]
+            *([("python workers", lambda: warm_workers(spark, step), True)] if workers else [])]
 
 
 def uses_spark(store: TableStore, p: JobParams, conf: dict, step: str, gate_open=lambda: False) -> bool:
@@ -143,13 +149,13 @@ def _file_per_partition(spark):
             spark.conf.set(key, old)
 
 
-def _stage_rows(store: TableStore, p: JobParams, step: str) -> tuple[TableRef, int]:
-    """The stage of this run only (its name carries the run id, so no other run's rows can be in it)
-    and its row count. Callers read it with Spark only on the executors' path."""
+def _stage_rows(store: TableStore, p: JobParams, step: str) -> tuple[TableRef, int, int]:
+    """The stage of this run only (its name carries the run id, so no other run's rows can be in it),
+    its row count and its number of data files. Callers read it with Spark only on the executors' path."""
     ref = stage_ref(p, step)
     if not store.exists(ref):
         raise StepError(f"staged table {ref.name} is missing: run the '{step}' task of this run first.")
-    return ref, store.count(ref)
+    return (ref, *store.stage_stats(ref))
 
 
 # ------------------------------------------------------------------ catalog
@@ -273,7 +279,7 @@ def _map_step(spark, store: TableStore, p: JobParams, src: str, dst: str, fn, st
     schema_out = {"extract_meta": "meta", "thumbnail": "thumbnail", "deidentify": S.DEID_STAGE}[dst]
     ref = stage_ref(p, dst)
     meta = commit_metadata(p.run_id, p.as_dict(), dst)
-    src_ref, rows_in = _stage_rows(store, p, src)
+    src_ref, rows_in, files_in = _stage_rows(store, p, src)
     if rows_in <= driver_max:
         out = local_pool.map_table(fn, store.read_arrow(src_ref, schema_in, columns), S.arrow_schema(schema_out),
                                    *(reads_adds or (None, None)))
@@ -286,11 +292,10 @@ def _map_step(spark, store: TableStore, p: JobParams, src: str, dst: str, fn, st
             df = df.select(*columns)
         n = _partitions(spark, rows_in)
         # A stage written by a previous step already has one file per partition: no shuffle needed.
-        enough_files = store.file_count(src_ref) >= n
+        enough_files = files_in >= n
         with _file_per_partition(spark) if enough_files else contextlib.nullcontext():
             out = (df if enough_files else df.repartition(n)).mapInArrow(fn, S.spark_schema(schema_out))
-            rows = store.write(out, ref, "overwrite", meta, step=schema_out)
-        counts = store.value_counts(ref, status_col, schema_out)
+            rows, counts = store.write_counted(out, ref, meta, schema_out, status_col, STATUS_VALUES[status_col, dst])
         where = f"executors ({n} partitions)"
     if rows != rows_in:
         raise StepError(f"{dst} read {rows_in} rows but wrote {rows}: a row was lost or duplicated")
@@ -310,7 +315,7 @@ DECLARED = ("rows", "columns", "samples_per_pixel", "bits_allocated", "number_of
 THUMB_READS = ("path", "status", "has_pixels", *DECLARED)  # all that the thumbnail step reads of a row
 
 
-def thumbnail_batches(size: int, max_frame_bytes: int, compress_level: int, max_inflated: int):
+def thumbnail_batches(size: int, max_frame_bytes: int, compress_level: int, max_inflated: int, reduced: bool = True):
     """mapInArrow function: header rows -> header rows plus thumbnail columns."""
 
     def fn(batches):
@@ -332,7 +337,8 @@ def thumbnail_batches(size: int, max_frame_bytes: int, compress_level: int, max_
                     declared = {c: cols[c][i] for c in DECLARED}
                     try:
                         with open_source(path) as fp:
-                            results.append(render(fp, size, max_frame_bytes, declared, compress_level, max_inflated))
+                            results.append(render(fp, size, max_frame_bytes, declared, compress_level, max_inflated,
+                                                  reduced))
                     except Exception as e:  # noqa: BLE001
                         results.append(Thumbnail("error", error=f"cannot open: {type(e).__name__}"))
             new = {
@@ -351,7 +357,8 @@ def run_thumbnail(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
     tconf = conf.get("thumbnail") or {}
     fn = thumbnail_batches(p.thumbnail_size, int(tconf.get("max_frame_bytes", 512 * 2**20)),
                            int(tconf.get("png_compress_level", 1)),
-                           int((conf.get("dicom") or {}).get("max_deflated_bytes", 256 * 2**20)))
+                           int((conf.get("dicom") or {}).get("max_deflated_bytes", 256 * 2**20)),
+                           bool(tconf.get("reduced_decode", True)))
     return _map_step(spark, store, p, "extract_meta", "thumbnail", fn, "thumbnail_status",
                      driver_max=driver_max_files(conf), reads_adds=(THUMB_READS, THUMB_COLUMNS))
 
@@ -451,7 +458,7 @@ def run_deidentify(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
 def _publish_deid(store: TableStore, p: JobParams, thumbs, mode: str, meta: dict) -> dict:
     """{table}_deid: the de-identified rows, with the thumbnail of each copied file (its pixels are the
     original's); the original path is dropped here."""
-    ref, rows_in = _stage_rows(store, p, "deidentify")
+    ref, rows_in, _ = _stage_rows(store, p, "deidentify")
     df = store.read(ref, S.DEID_STAGE)
     t = thumbs.select(F.col("path").alias("source_path"), *[F.col(c) for c in THUMB_COLUMNS])
     joined = df.join(t, "source_path", "left")
@@ -486,10 +493,11 @@ def _published_by(store: TableStore, target: TableRef, run_id: str) -> bool:
 
 
 def run_publish(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
-    thumbs, rows_in = _stage_rows(store, p, "thumbnail")
+    thumbs, rows_in, _ = _stage_rows(store, p, "thumbnail")
     target = target_ref(p)
     mode = "overwrite" if p.mode == "overwrite" else "upsert"
     meta = commit_metadata(p.run_id, p.as_dict(), "publish")
+    counts = None  # the table's rows per status, when the write counted them
     if _published_by(store, target, p.run_id):
         log.info("publish: an earlier attempt of run %s committed to %s and ended before it finished: the "
                  "rows are in; refreshing the rest", p.run_id, target.name)
@@ -500,11 +508,16 @@ def run_publish(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
         table = table.append_column("ingested_at", pa.array([now] * table.num_rows, pa.timestamp("us", tz="UTC")))
         rows = store.write_arrow(table, target, mode, meta, step="publish")
     else:
-        rows = store.write(store.read(thumbs, "thumbnail").withColumn("ingested_at", F.current_timestamp()), target,
-                           mode, meta, step="publish")
+        df = store.read(thumbs, "thumbnail").withColumn("ingested_at", F.current_timestamp())
+        if mode == "overwrite":  # the table is this run's rows: count them as they are written
+            rows, counts = store.write_counted(df, target, meta, "publish", "status", S.STATUSES)
+        else:
+            rows = store.write(df, target, mode, meta, step="publish")
     if rows != rows_in:
         raise StepError(f"publish read {rows_in} rows but wrote {rows}")
-    total = store.count(target)
+    if counts is None:
+        counts = store.value_counts(target, "status")  # one pass: the table's rows are their sum
+    total = sum(counts.values())
     t0 = time.time()
     # A small table's derived rows may be computed here (read once, and only by a store that uses them);
     # a large one's by Spark SQL.
@@ -531,7 +544,6 @@ def run_publish(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
         for step in STAGES:
             if store.exists(stage_ref(p, step)):
                 store.drop(stage_ref(p, step))
-    counts = store.value_counts(target, "status")
     return {"files_in": rows_in, "rows_out": rows, "table_rows": total, "errors": counts.get("error", 0),
             "status": counts, "derived": derived, "mode": mode, "deid": deid}
 

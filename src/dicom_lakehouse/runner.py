@@ -141,11 +141,17 @@ def _shared_server(stack: contextlib.ExitStack, conf: dict, master: str, folder:
     token = secrets.token_urlsafe(32)
     server = ConnectServer(conf, master, folder / "connect-server.log", token,
                            class_archive=class_data_archive(conf, "connect-server"))
-    url = stack.enter_context(on_demand(server, folder, echo))
+    # Every task but those of a delta-rs run opens its session as it starts (taskmain): then the
+    # server starts with the run, while the first task's process is still importing.
+    url = stack.enter_context(on_demand(server, folder, echo, now=conf.get("table_engine") != "delta-rs"))
     env.update({TOKEN_ENV: token, ON_DEMAND_ENV: str(folder), RUNNER_PID_ENV: str(os.getpid())})
     if master.startswith("local"):
         env[SERVER_HAS_LIBRARY_ENV] = "1"  # else the tasks ship the library to the cluster's executors
-    return url
+    # One Connect session for the whole run: Spark keeps Python workers per session, so each task
+    # would otherwise start its own (a second or two of CPU per worker, every step, on every executor).
+    from .session import run_session_url
+
+    return run_session_url(url)
 
 
 def with_delta(conf: dict) -> dict:
@@ -449,7 +455,9 @@ def run_job(
         where = remote or master
         if session == "shared" and not remote:
             remote = _shared_server(stack, conf, master, folder, env, echo)
-            where = f"{master} (through a Spark Connect server on loopback, started only if a task needs Spark)"
+            eager = conf.get("table_engine") != "delta-rs"
+            where = f"{master} (through a Spark Connect server on loopback, " + \
+                ("started with the run)" if eager else "started only if a task needs Spark)")
         cds = class_data_archive(conf)
         if cds is not None:
             cds.parent.mkdir(parents=True, exist_ok=True)

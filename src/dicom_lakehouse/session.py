@@ -81,6 +81,8 @@ def get_spark(conf: dict, remote: str | None = None, app_name: str | None = None
         if os.environ.get(ON_DEMAND_ENV):
             ask_for_server(os.environ[ON_DEMAND_ENV], int(os.environ.get(RUNNER_PID_ENV) or 0) or None)
         spark = builder.remote(remote).getOrCreate()
+        if is_run_session(remote):
+            spark.release_session_on_close = False  # the run's, not this task's: the runner's server ends it
         if not os.environ.get(SERVER_HAS_LIBRARY_ENV):
             _ship_library(spark)
         return spark
@@ -107,6 +109,23 @@ def get_spark(conf: dict, remote: str | None = None, app_name: str | None = None
             spark.stop()
             raise
     return spark
+
+
+def run_session_url(url: str) -> str:
+    """A Connect URL that names one session, shared by every task of a run."""
+    import uuid
+
+    return f"{url}/;session_id={uuid.uuid4()}"
+
+
+def is_run_session_client(spark) -> bool:
+    """Whether this Connect session is a run's shared one (it is not released when a task stops it)."""
+    return getattr(spark, "release_session_on_close", True) is False
+
+
+def is_run_session(remote: str | None) -> bool:
+    """Whether the tasks share the session named in `remote` (see run_session_url)."""
+    return "session_id=" in (remote or "")
 
 
 def _launch_master() -> str:
@@ -233,4 +252,8 @@ def _ship_library(spark) -> None:
     from .shipping import build_py_files
 
     with tempfile.TemporaryDirectory() as tmp:
-        spark.addArtifacts(str(build_py_files(tmp)), pyfile=True)
+        try:
+            spark.addArtifacts(str(build_py_files(tmp)), pyfile=True)
+        except Exception as e:  # noqa: BLE001 - the run's session: an earlier task shipped the same zip
+            if not (is_run_session_client(spark) and "exist" in str(e).lower()):
+                raise

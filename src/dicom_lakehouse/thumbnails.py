@@ -214,8 +214,11 @@ def render(
     declared: dict | None = None,
     compress_level: int = 1,
     max_inflated: int = MAX_INFLATED,
+    reduced: bool = True,
 ) -> Thumbnail:
     """The per-file work of the thumbnail task. Never raises for bad input: returns a status.
+    `reduced`: decode JPEG 2000 and baseline JPEG frames at about the thumbnail's size (conf
+    thumbnail.reduced_decode); False decodes every frame at full size, as plain pydicom does.
 
     `declared` (rows, columns, samples_per_pixel, bits_allocated, number_of_frames)
     comes from extract-meta, so the budget is checked before anything is decoded.
@@ -243,7 +246,8 @@ def render(
                 return Thumbnail("skipped_too_large", error=f"frame declares {need} bytes, budget is {max_frame_bytes}")
             frames = int(hdr.get("NumberOfFrames") or 1)
         index = max(0, (frames - 1) // 2) if frames > 1 else None
-        ds, arr, offset = decode_reduced(fp, size, index) or (*decode_frame(fp, index, max_inflated), 0.0)
+        ds, arr, offset = (decode_reduced(fp, size, index) if reduced else None) or \
+            (*decode_frame(fp, index, max_inflated), 0.0)
         if arr.ndim == 4 or (arr.ndim == 3 and int(ds.get("SamplesPerPixel", 1)) == 1):
             arr = arr[len(arr) // 2]
         img8 = to_uint8(arr, ds)
