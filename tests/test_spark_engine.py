@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from deltalake import DeltaTable
 
@@ -174,12 +176,19 @@ def test_the_steps_run_where_only_serverless_settings_may_be_set(spark, conf, sa
     stats = {s: STEP_FUNCS[s](spark, store, p, conf) for s in STEP_FUNCS}
     with _file_per_partition(spark):  # what a large folder asks for (the sample is too small to)
         pass
+    # An append of one new file: its MERGE commits by SQL, whose metadata setting is refused too.
+    shutil.copy(sample_dir / "ct" / "CT_small.dcm", sample_dir / "ct" / "CT_small_copy.dcm")
+    appended = {s: STEP_FUNCS[s](spark, store, params(sample_dir, "sl2", mode="append"), conf) for s in STEP_FUNCS}
     monkeypatch.undo()
     assert {"spark.sql.files.openCostInBytes", "spark.databricks.delta.commitInfo.userMetadata"} <= set(refused)
     assert stats["catalog"]["rows_out"] == 13 and stats["extract_meta"]["rows_out"] == 13
-    assert stats["publish"]["rows_out"] == 13
+    assert stats["publish"]["rows_out"] == 13 and stats["publish"]["status"] == {"ok": 11, "ok_with_warnings": 1,
+                                                                                "not_dicom": 1}
+    assert appended["catalog"]["rows_out"] == 1 and appended["publish"]["rows_out"] == 1
+    assert appended["publish"]["table_rows"] == 14
     table = read_delta(tmp_path / "wh" / "main" / "pixels" / "object_catalog")
-    assert table.num_rows == 13 and sorted(set(table.column("status").to_pylist())) == ["not_dicom", "ok", "ok_with_warnings"]
+    assert table.num_rows == 14 and sorted(set(table.column("status").to_pylist())) == ["not_dicom", "ok", "ok_with_warnings"]
+    table = table.filter(pc.invert(pc.ends_with(table.column("path"), "/CT_small_copy.dcm")))
     statuses = table.column("thumbnail_status").to_pylist()
     assert [t is not None for t in table.column("thumbnail").to_pylist()] == [x == "ok" for x in statuses]
     assert sorted(x for x in statuses if x) == ["no_pixels"] * 2 + ["ok"] * 10 + ["skipped"], statuses
