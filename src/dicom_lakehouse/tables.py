@@ -131,8 +131,8 @@ class TableStore(ABC):
 
     def write_counted(self, df, ref: TableRef, metadata: dict, step: str, column: str,
                       values: tuple[str, ...]) -> tuple[int, dict]:
-        """Overwrite a staged table with `df`; return its rows and its rows per value of `column`
-        (`values`: those expected)."""
+        """Overwrite a staged or published table with `df`; return its rows and its rows per value of
+        `column` (`values`: those expected)."""
         rows = self.write(df, ref, "overwrite", metadata, step)
         return rows, self.value_counts(ref, column, step)
 
@@ -485,12 +485,10 @@ class SparkDeltaStore(TableStore):
             seen = obs.get
         except Exception as e:  # noqa: BLE001 - a session that reports no metrics for this write
             log.info("%s: no observed counts (%s); counting the table", ref.name, type(e).__name__)
-            return rows, self.value_counts(ref, column, step)
-        if "__rows" not in seen:
-            return rows, self.value_counts(ref, column, step)
+            seen = {}
         counts = {v: int(seen[f"v{i}"]) for i, v in enumerate(values) if seen.get(f"v{i}")}
-        if sum(counts.values()) != int(seen["__rows"]) or int(seen["__rows"]) != rows:
-            return rows, self.value_counts(ref, column, step)
+        if "__rows" not in seen or not sum(counts.values()) == int(seen["__rows"]) == rows:
+            counts = self.value_counts(ref, column, step)
         return rows, counts
 
     _commit_lock = threading.Lock()
@@ -542,8 +540,8 @@ class SparkDeltaStore(TableStore):
         df = df.select(*cols)
         self._ensure_schema(ref)
         if step != "publish" and mode == "overwrite" and not self.exists(ref):
-            # A new staged table (its name holds the run id): one writer commit and Delta's
-            # metadata-only count, instead of CREATE, INSERT OVERWRITE and DESCRIBE HISTORY.
+            # A new staged table (its name holds the run id): one writer commit, its rows from the
+            # commit's metrics, instead of CREATE, INSERT OVERWRITE and DESCRIBE HISTORY.
             self._save(df, ref, metadata)
             return self.stage_stats(ref)[0]
         target = self.ident(ref)
