@@ -53,11 +53,11 @@ def main(argv=None):
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
     from dicom_lakehouse.config import load_conf
-    from dicom_lakehouse.listing import _walk_hadoop, list_files
     from dicom_lakehouse.params import validate
-    from dicom_lakehouse.pipeline import run_catalog
-    from dicom_lakehouse.session import get_spark
-    from dicom_lakehouse.tables import DeltaRsStore
+    from dicom_lakehouse.spark.session import get_spark
+    from dicom_lakehouse.steps.listing import _walk_hadoop, list_files
+    from dicom_lakehouse.steps.pipeline import run_catalog
+    from dicom_lakehouse.tables.store import DeltaRsStore
 
     conf = load_conf("local")
     spark = get_spark(conf, app_name="catalog-bench")

@@ -16,9 +16,9 @@ from pyspark.sql import functions as F
 
 from dicom_lakehouse.config import load_conf
 from dicom_lakehouse.params import validate
-from dicom_lakehouse.pipeline import STEP_FUNCS, stage_ref, target_ref
-from dicom_lakehouse.session import get_spark
-from dicom_lakehouse.tables import DeltaRsStore, commit_metadata
+from dicom_lakehouse.spark.session import get_spark
+from dicom_lakehouse.steps.pipeline import STEP_FUNCS, stage_ref, target_ref
+from dicom_lakehouse.tables.store import DeltaRsStore, commit_metadata
 
 
 def peak_mb() -> int:

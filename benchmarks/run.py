@@ -116,7 +116,7 @@ _DEID = {}
 
 
 def _deid_init(key: str, out_root: str, with_row: bool, dicom_conf: dict) -> None:
-    from dicom_lakehouse.deid import DeidOptions, Pseudonyms
+    from dicom_lakehouse.dicom.deid import DeidOptions, Pseudonyms
 
     _DEID.update(pseudo=Pseudonyms(key), options=DeidOptions(), out=out_root, with_row=with_row,
                  threshold=int(dicom_conf["bulk_data_threshold"]), cap=int(dicom_conf["max_deflated_bytes"]))
@@ -126,9 +126,9 @@ def baseline_deid(path: str) -> int:
     """Plain process pool: the deidentify task's library calls, with its settings. Each file is
     de-identified (deid.deidentify_file) and its copy written the same way; with_row, the copy's
     header is then read into its catalog row (dicom_meta.extract_header), as the task does."""
-    from dicom_lakehouse.deid import deidentify_file, output_name
-    from dicom_lakehouse.dicom_meta import extract_header
-    from dicom_lakehouse.sources import write_file
+    from dicom_lakehouse.dicom.deid import deidentify_file, output_name
+    from dicom_lakehouse.dicom.header import extract_header
+    from dicom_lakehouse.files.sources import write_file
 
     with open(path, "rb") as fp:
         r = deidentify_file(fp, _DEID["pseudo"], _DEID["options"])
@@ -187,13 +187,13 @@ class RssSampler:
 
 # ----------------------------------------------------------------- the job
 def spark_steps(corpus: Path, warehouse: Path, deid_path: Path | None = None) -> dict:
-    from dicom_lakehouse import local_pool
     from dicom_lakehouse.config import load_conf
+    from dicom_lakehouse.jobs.taskmain import start_local_pool
     from dicom_lakehouse.params import validate
-    from dicom_lakehouse.pipeline import STEP_FUNCS
-    from dicom_lakehouse.session import get_spark
-    from dicom_lakehouse.tables import open_store
-    from dicom_lakehouse.taskmain import start_local_pool
+    from dicom_lakehouse.spark.session import get_spark
+    from dicom_lakehouse.steps import local_pool
+    from dicom_lakehouse.steps.pipeline import STEP_FUNCS
+    from dicom_lakehouse.tables.store import open_store
 
     conf = load_conf("local")
     # As a task does: its worker processes forked before the session's threads (used by runs of at most
@@ -296,7 +296,7 @@ def measure(files: int, corpus: Path, skip_job: bool = False, source: str = "pyd
     print(f"(c') baseline thumbnail only: {res['baseline_thumb_s']} s", file=sys.stderr)
     if deid:
         from dicom_lakehouse.config import load_conf
-        from dicom_lakehouse.deid import KEY_ENV
+        from dicom_lakehouse.dicom.deid import KEY_ENV
 
         dicom_conf = load_conf("local")["dicom"]  # the task's header settings, read as the task reads them
         os.environ.setdefault(KEY_ENV, "benchmark-key-" + os.urandom(16).hex())

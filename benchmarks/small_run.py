@@ -62,7 +62,7 @@ def main(argv=None) -> None:
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT / "src"))
-    from dicom_lakehouse.sample_data import make_sample
+    from dicom_lakehouse.dicom.sample_data import make_sample
 
     res = {"date": dt.date.today().isoformat(), "cores": os.cpu_count(), "files": 13, "repeat": a.repeat,
            "ways": {}}

@@ -2,7 +2,7 @@
 
 import sys
 
-from dicom_lakehouse.taskmain import run_task
+from dicom_lakehouse.jobs.taskmain import run_task
 
 if __name__ == "__main__":
     sys.exit(run_task("deidentify", sys.argv[1:]))

@@ -62,7 +62,7 @@ def conf():
 @pytest.fixture(scope="session")
 def spark(conf, tmp_path_factory):
     """One JVM for the in-process tests, with Spark's Delta (jars from the cache, fetched by .ci/run)."""
-    from dicom_lakehouse.session import get_spark
+    from dicom_lakehouse.spark.session import get_spark
 
     conf["spark"]["conf"]["spark.sql.warehouse.dir"] = str(tmp_path_factory.mktemp("spark-warehouse"))
     s = get_spark(conf, app_name="dicom-lakehouse-tests")
@@ -73,7 +73,7 @@ def spark(conf, tmp_path_factory):
 
 @pytest.fixture
 def sample_dir(tmp_path) -> Path:
-    from dicom_lakehouse.sample_data import make_sample
+    from dicom_lakehouse.dicom.sample_data import make_sample
 
     make_sample(tmp_path / "sample")
     return tmp_path / "sample"
@@ -83,8 +83,8 @@ def publish_in_process(spark, conf, src: Path, wh: Path, run_id: str) -> Path:
     """main.pixels.object_catalog from `src`, the four steps in this session on delta-rs: a table for
     tests of what reads it (gallery, DICOMweb). Returns the table's folder."""
     from dicom_lakehouse.params import validate
-    from dicom_lakehouse.pipeline import STEP_FUNCS
-    from dicom_lakehouse.tables import DeltaRsStore
+    from dicom_lakehouse.steps.pipeline import STEP_FUNCS
+    from dicom_lakehouse.tables.store import DeltaRsStore
 
     store = DeltaRsStore(spark, wh)
     p = validate({"path": str(src), "catalog": "main", "schema": "pixels", "table": "object_catalog",

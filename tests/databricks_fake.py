@@ -1,5 +1,5 @@
 """Databricks' own fake workspace: the CLI's libs/testserver, served by tests/workspace_fake (a Go
-program built by `python -m dicom_lakehouse.databricks_cli`). Each bearer token gets a workspace of
+program built by `python tests/databricks_cli.py`). Each bearer token gets a workspace of
 its own; tests read back what was deployed through the same REST API."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import subprocess
 import urllib.parse
 import urllib.request
 
-from dicom_lakehouse import databricks_cli
+import databricks_cli
 
 USER = "tester@databricks.com"  # the fake's current user (testserver.TestUser)
 
@@ -17,7 +17,7 @@ USER = "tester@databricks.com"  # the fake's current user (testserver.TestUser)
 class WorkspaceFake:
     def __init__(self):
         binary = databricks_cli.fake_path()
-        assert binary.exists(), "the fake workspace is not built: python -m dicom_lakehouse.databricks_cli"
+        assert binary.exists(), "the fake workspace is not built: python tests/databricks_cli.py"
         self.proc = subprocess.Popen([str(binary)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
         self.host = self.proc.stdout.readline().strip()

@@ -50,9 +50,9 @@ def main(spec_path: str) -> int:
     if spec.get("log_level"):
         spark.sparkContext.setLogLevel(spec["log_level"])
     _install_dbutils(spec.get("secrets") or {})
-    import dicom_lakehouse.taskmain
+    import dicom_lakehouse.jobs.taskmain
 
-    report = {"library": dicom_lakehouse.taskmain.__file__, "sys_path": list(sys.path), "tasks": []}
+    report = {"library": dicom_lakehouse.jobs.taskmain.__file__, "sys_path": list(sys.path), "tasks": []}
     for task in spec["tasks"]:
         script = task["python_file"]
         os.chdir(os.path.dirname(script))

@@ -3,7 +3,7 @@ import copy
 import pytest
 from conftest import ROOT, SCHEMA
 
-from dicom_lakehouse.bundle import (
+from dicom_lakehouse.jobs.bundle import (
     BundleError,
     job_settings_roundtrip,
     merged_document,
@@ -11,7 +11,7 @@ from dicom_lakehouse.bundle import (
     schema_errors,
     task_order,
 )
-from dicom_lakehouse.runner import job_parameters, task_argv
+from dicom_lakehouse.jobs.runner import job_parameters, task_argv
 
 
 def test_bundle_matches_the_databricks_schema():
@@ -102,7 +102,7 @@ def test_serverless_compute_is_selected_by_a_variable():
 
 
 def test_dev_is_the_bundle_default_and_writes_a_per_user_schema():
-    from dicom_lakehouse.bundle import load_bundle, short_user_name
+    from dicom_lakehouse.jobs.bundle import load_bundle, short_user_name
 
     assert load_bundle(ROOT).default_target() == "dev"
     assert short_user_name("ana.maria@example.com") == "ana_maria"

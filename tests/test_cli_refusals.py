@@ -45,7 +45,7 @@ def test_sql_refuses_statements_that_are_not_queries(tmp_path, query, word):
 
 
 def test_query_check_lets_queries_through():
-    from dicom_lakehouse.localsql import check_query
+    from dicom_lakehouse.tables.localsql import check_query
 
     for q in ("SELECT 'drop' AS `insert` FROM main.pixels.object_catalog", "(SELECT 1);", "-- why\nWITH t AS "
               "(SELECT 1) SELECT * FROM t", "VALUES (1)", "TABLE main.pixels.object_catalog", "DESCRIBE a.b.c",

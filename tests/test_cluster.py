@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, local_cluster
 
-from dicom_lakehouse.tables import read_delta
+from dicom_lakehouse.tables.store import read_delta
 
 pytestmark = pytest.mark.e2e
 
@@ -113,7 +113,9 @@ def test_master_on_the_local_target_sends_the_per_file_work_to_both_workers(tmp_
 def test_connect_server_refuses_clients_without_its_token(tmp_path, conf):
     """The local runner's Spark Connect server (the local target's shared session) accepts only
     clients that present the run's token, and the token is on no process's command line."""
-    from dicom_lakehouse.connect_server import TOKEN_ENV, local_connect_server
+    from local_server import local_connect_server
+
+    from dicom_lakehouse.spark.connect_server import TOKEN_ENV
 
     token = secrets.token_urlsafe(24)
     code = ("import sys; from pyspark.sql import SparkSession as S; "
@@ -130,7 +132,7 @@ def test_connect_server_refuses_clients_without_its_token(tmp_path, conf):
         # The same server serves as a serverless-like session: no JVM on the client, so a bucket URI
         # is refused with a message that names the way out, not an AttributeError.
         listing = ("import sys; from pyspark.sql import SparkSession as S; "
-                   "from dicom_lakehouse.listing import iter_entries\n"
+                   "from dicom_lakehouse.steps.listing import iter_entries\n"
                    "try:\n list(iter_entries(S.builder.remote(sys.argv[1]).getOrCreate(), 's3a://b/dicom', {}))\n"
                    "except ValueError as e:\n print('REFUSED', e)")
         r = subprocess.run([sys.executable, "-c", listing, url], capture_output=True, text=True, timeout=180,

@@ -15,9 +15,9 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from dicom_lakehouse.deid import DeidOptions, DeidResult, Pseudonyms, output_name
-from dicom_lakehouse.paths import UnsafePath, contained, is_uid, join
-from dicom_lakehouse.sources import write_file
+from dicom_lakehouse.dicom.deid import DeidOptions, DeidResult, Pseudonyms, output_name
+from dicom_lakehouse.files.paths import UnsafePath, contained, is_uid, join
+from dicom_lakehouse.files.sources import write_file
 
 KEY = "containment-test-key-0123456789"
 
@@ -42,8 +42,8 @@ def _dicom(folder: Path, name: str, study_uid) -> None:
 
 def _deid_rows(src: Path, out: Path) -> list[dict]:
     """The catalog, extract_meta and deidentify steps' functions, as the executors run them."""
-    from dicom_lakehouse.listing import list_files
-    from dicom_lakehouse.pipeline import deid_batches, meta_batches
+    from dicom_lakehouse.steps.listing import list_files
+    from dicom_lakehouse.steps.pipeline import deid_batches, meta_batches
 
     files = list_files(None, str(src), {"listing": {}}, "c")
     meta = list(meta_batches(1024, 64 * 2**20)(files.to_batches()))
@@ -123,7 +123,7 @@ def test_shared_helpers_for_object_stores_and_names(tmp_path):
 def test_sample_refuses_links_out_of_its_folder(tmp_path):
     """An empty-looking destination whose folder or file is a symlink elsewhere: refused, and the
     file the link points to is untouched."""
-    from dicom_lakehouse.sample_data import SampleError, make_sample
+    from dicom_lakehouse.dicom.sample_data import SampleError, make_sample
 
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -156,7 +156,7 @@ def _tgz(path: Path, members: list[tuple[str, bytes | None, str | None]]) -> Pat
 
 
 def test_ohif_archive_members_stay_inside_the_dist_folder(tmp_path):
-    from dicom_lakehouse.ohif import extract_dist
+    from dicom_lakehouse.web.ohif import extract_dist
 
     tgz = _tgz(tmp_path / "app.tgz", [
         ("package/dist/index.html", b"<html>", None), ("package/dist/js/app.js", b"js", None),

@@ -10,13 +10,14 @@ import zipfile
 import pytest
 from conftest import ROOT, dicom_file
 
-from dicom_lakehouse import schema as S
-from dicom_lakehouse.gallery import GalleryError, check_table, check_where, gallery_rows
-from dicom_lakehouse.params import local_path_of, validate
-from dicom_lakehouse.pipeline import STEP_FUNCS, stage_ref
-from dicom_lakehouse.sample_data import MARKER, SampleError, make_sample
-from dicom_lakehouse.sources import open_source, split_member
-from dicom_lakehouse.tables import DeltaRsStore, SparkDeltaStore, TableRef, read_delta
+from dicom_lakehouse.dicom.sample_data import MARKER, SampleError, make_sample
+from dicom_lakehouse.files.paths import local_path_of
+from dicom_lakehouse.files.sources import open_source, split_member
+from dicom_lakehouse.params import validate
+from dicom_lakehouse.steps.pipeline import STEP_FUNCS, stage_ref
+from dicom_lakehouse.tables import schema as S
+from dicom_lakehouse.tables.store import DeltaRsStore, SparkDeltaStore, TableRef, read_delta
+from dicom_lakehouse.web.gallery import GalleryError, check_table, check_where, gallery_rows
 
 
 def test_sample_refuses_a_users_folder_and_changes_nothing(tmp_path):

@@ -1,4 +1,4 @@
-"""The official Databricks CLI, built from its Go module (`python -m dicom_lakehouse.databricks_cli`),
+"""The official Databricks CLI, built from its Go module (`python tests/databricks_cli.py`),
 against this bundle and the workspace stand-in on 127.0.0.1.
 
 `databricks bundle validate` must pass for every target, and `databricks bundle deploy` (the CLI's
@@ -15,20 +15,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import databricks_cli
 import pytest
 from conftest import ROOT
 from databricks_fake import WorkspaceFake
 from databricks_standin import StandIn, _norm
 
-from dicom_lakehouse import databricks_cli
-from dicom_lakehouse.bundle import resolve
-from dicom_lakehouse.deploy import job_acl
+from dicom_lakehouse.jobs.bundle import resolve
+from dicom_lakehouse.jobs.deploy import job_acl
 
 CLI = databricks_cli.find()
 # .ci/run builds the CLI, so CI never skips these.
 pytestmark = pytest.mark.skipif(
     (CLI is None or not databricks_cli.fake_path().exists()) and not os.environ.get("CI"),
-    reason="the Databricks CLI and its fake workspace are not built: python -m dicom_lakehouse.databricks_cli")
+    reason="the Databricks CLI and its fake workspace are not built: python tests/databricks_cli.py")
 TOKEN = "dapi-cli-test-0123456789"
 USER = "ana.maria@example.com"
 ARTIFACTS = ROOT / "build" / "test-artifacts"
@@ -47,7 +47,7 @@ def bundle_copy(tmp_path_factory) -> Path:
 
 def cli(standin, *args: str, cwd: Path, home: Path, token: str = TOKEN) -> subprocess.CompletedProcess:
     """The CLI against a workspace on loopback (the stand-in, or Databricks' own fake)."""
-    assert CLI is not None, "the Databricks CLI is not built: python -m dicom_lakehouse.databricks_cli"
+    assert CLI is not None, "the Databricks CLI is not built: python tests/databricks_cli.py"
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(home),
            "DATABRICKS_HOST": standin.host, "DATABRICKS_TOKEN": token, "DATABRICKS_CLI_DO_NOT_TRACK": "true"}
     return subprocess.run([str(CLI), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
@@ -184,7 +184,7 @@ def test_the_cli_honours_the_lock_runme_takes(bundle_copy, tmp_path):
     same target while RUNME deploys stops and names the holder; after RUNME it goes through."""
     from databricks.sdk import WorkspaceClient
 
-    from dicom_lakehouse.deploy import deploy_lock
+    from dicom_lakehouse.jobs.deploy import deploy_lock
 
     root = f"/Workspace/Users/{USER}/.bundle/dicom-lakehouse/prod"
     with StandIn(token=TOKEN, user=USER) as s:

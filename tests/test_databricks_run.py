@@ -23,12 +23,12 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import ROOT
 
-from dicom_lakehouse.bundle import load_bundle, resolve, task_order
-from dicom_lakehouse.delta_jars import cache_root, coordinate, fetch
+from dicom_lakehouse.jobs.bundle import load_bundle, resolve, task_order
+from dicom_lakehouse.jobs.runner import job_parameters, task_argv
 from dicom_lakehouse.params import validate
-from dicom_lakehouse.pipeline import STEP_FUNCS
-from dicom_lakehouse.runner import job_parameters, task_argv
-from dicom_lakehouse.tables import DeltaRsStore, read_delta
+from dicom_lakehouse.spark.delta_jars import cache_root, coordinate, fetch
+from dicom_lakehouse.steps.pipeline import STEP_FUNCS
+from dicom_lakehouse.tables.store import DeltaRsStore, read_delta
 
 pytestmark = pytest.mark.e2e
 # What a Databricks Runtime already has; the wheel must not bring its own.

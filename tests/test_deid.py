@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from dicom_lakehouse.deid import (
+from dicom_lakehouse.dicom.deid import (
     DeidError,
     DeidOptions,
     Pseudonyms,
@@ -27,8 +27,8 @@ from dicom_lakehouse.deid import (
     output_name,
     parse_safe_private,
 )
-from dicom_lakehouse.deid_key import resolve_key
 from dicom_lakehouse.params import ParameterError, validate
+from dicom_lakehouse.steps.deid_key import resolve_key
 
 KEY = "0123456789abcdef0123456789abcdef"
 # The profile's identifying attributes, listed here independently of deid.py's table.
@@ -301,8 +301,8 @@ def test_hostile_corpus_through_the_step_functions(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent / "hostile"))
     from generate import build
 
-    from dicom_lakehouse.listing import list_files
-    from dicom_lakehouse.pipeline import deid_batches, meta_batches
+    from dicom_lakehouse.steps.listing import list_files
+    from dicom_lakehouse.steps.pipeline import deid_batches, meta_batches
 
     corpus = tmp_path / "hostile"
     build(corpus)

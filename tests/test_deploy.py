@@ -240,7 +240,7 @@ def test_the_wheel_is_built_once_per_state_of_the_sources(tmp_path):
     import shutil
     import zipfile
 
-    from dicom_lakehouse.deploy import build_wheel
+    from dicom_lakehouse.jobs.deploy import build_wheel
 
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, tmp_path / name)

@@ -10,7 +10,7 @@ import pytest
 from conftest import dicom_file
 from pydicom.data import get_charset_files
 
-from dicom_lakehouse.dicom_meta import extract_header
+from dicom_lakehouse.dicom.header import extract_header
 
 
 def header(path: str, threshold: int = 1024):

@@ -20,8 +20,8 @@ from conftest import copy_dicom_files, dicom_file, publish_in_process
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 
-from dicom_lakehouse.dicomweb import make_server
-from dicom_lakehouse.tables import read_delta
+from dicom_lakehouse.tables.store import read_delta
+from dicom_lakehouse.web.dicomweb import make_server
 
 FILES = ["CT_small.dcm", "MR_small.dcm", "MR_small_jp2klossless.dcm", "JPEG2000.dcm", "emri_small.dcm",
          "rtplan.dcm", "rtdose.dcm", "liver.dcm", "waveform_ecg.dcm", "SC_rgb_rle.dcm", "693_J2KR.dcm",
@@ -298,7 +298,7 @@ def test_serve_command_starts_answers_and_stops_cleanly(served):
 def test_ohif_viewer_lists_the_studies_and_shows_an_image(served):
     """OHIF's released viewer (from npm, fetched by .ci/run), served with the service and pointed at
     it: its study list shows every patient, and its viewer draws the CT image."""
-    from dicom_lakehouse.ohif import fetch
+    from dicom_lakehouse.web.ohif import fetch
 
     if shutil.which("npm") is None and not (Path.home() / ".cache" / "dicom-lakehouse" / "ohif").exists():
         pytest.skip("npm is not installed and OHIF's viewer is not cached (.ci/run fetches it)")

@@ -21,8 +21,8 @@ import pytest
 from click.testing import CliRunner
 from conftest import ROOT, copy_dicom_files
 
-from dicom_lakehouse import dicomweb
-from dicom_lakehouse.dicomweb import TOKEN_ENV, make_server
+from dicom_lakehouse.web import dicomweb
+from dicom_lakehouse.web.dicomweb import TOKEN_ENV, make_server
 
 SECRET = b"outside-the-viewer-and-the-table-7f3a"
 INDEX = b"<!doctype html><title>viewer index</title>"
@@ -36,8 +36,8 @@ def site(tmp_path_factory):
     secret beside it, in a sibling folder whose name starts with the viewer's, and linked from inside."""
     from dicom_lakehouse.config import load_conf
     from dicom_lakehouse.params import validate
-    from dicom_lakehouse.pipeline import STEP_FUNCS
-    from dicom_lakehouse.tables import DeltaRsStore
+    from dicom_lakehouse.steps.pipeline import STEP_FUNCS
+    from dicom_lakehouse.tables.store import DeltaRsStore
 
     tmp = tmp_path_factory.mktemp("exposure")
     copy_dicom_files(tmp / "src", ["CT_small.dcm", "MR_small.dcm"])

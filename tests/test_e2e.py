@@ -106,7 +106,7 @@ def test_demo_command_then_overwrite_again(tmp_path):
 
 
 def _result_line(log) -> str:
-    from dicom_lakehouse.taskmain import RESULT_MARK
+    from dicom_lakehouse.jobs.handoff import RESULT_MARK
 
     return next(x for x in log.read_text().splitlines() if x.startswith(RESULT_MARK))[len(RESULT_MARK):]
 
@@ -177,8 +177,8 @@ def test_deid_run_writes_phi_free_copies_and_table(tmp_path, monkeypatch):
     # studies and series keep their grouping
     import pydicom
 
-    from dicom_lakehouse.deid import refusal
-    from dicom_lakehouse.sources import open_source
+    from dicom_lakehouse.dicom.deid import refusal
+    from dicom_lakehouse.files.sources import open_source
 
     def refused(path):
         with open_source(path) as fp:

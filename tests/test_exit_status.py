@@ -20,8 +20,8 @@ import pytest
 from conftest import ROOT
 
 from dicom_lakehouse.params import validate
-from dicom_lakehouse.pipeline import STEP_FUNCS
-from dicom_lakehouse.tables import SparkDeltaStore
+from dicom_lakehouse.steps.pipeline import STEP_FUNCS
+from dicom_lakehouse.tables.store import SparkDeltaStore
 
 pytestmark = pytest.mark.e2e
 RUNS = 30
@@ -32,7 +32,7 @@ COMMAND_RUNS = 12
 
 @pytest.fixture(scope="module")
 def warehouse(tmp_path_factory, spark, conf):
-    from dicom_lakehouse.sample_data import make_sample
+    from dicom_lakehouse.dicom.sample_data import make_sample
 
     base = tmp_path_factory.mktemp("exit")
     make_sample(base / "sample")
@@ -46,8 +46,10 @@ def warehouse(tmp_path_factory, spark, conf):
 
 @pytest.fixture(scope="module")
 def connect_url(conf, tmp_path_factory):
-    from dicom_lakehouse.connect_server import TOKEN_ENV, local_connect_server
-    from dicom_lakehouse.runner import with_delta
+    from local_server import local_connect_server
+
+    from dicom_lakehouse.jobs.runner import with_delta
+    from dicom_lakehouse.spark.connect_server import TOKEN_ENV
 
     log = tmp_path_factory.mktemp("connect") / "server.log"
     token = secrets.token_urlsafe(16)

@@ -8,8 +8,8 @@ import threading
 
 import pyarrow as pa
 
-from dicom_lakehouse import schema as S
-from dicom_lakehouse.tables import DeltaRsStore, SparkDeltaStore, TableRef, commit_metadata, read_delta
+from dicom_lakehouse.tables import schema as S
+from dicom_lakehouse.tables.store import DeltaRsStore, SparkDeltaStore, TableRef, commit_metadata, read_delta
 
 REF = TableRef("main", "pixels", "object_catalog")
 ROUNDS = 4
@@ -52,7 +52,7 @@ def test_two_first_runs_both_land_on_delta_rs(tmp_path):
 
 def test_the_creating_commit_does_not_count_as_the_publish(tmp_path):
     """A publish that died after creating the table and before its MERGE must merge on its retry."""
-    from dicom_lakehouse.pipeline import _published_by
+    from dicom_lakehouse.steps.pipeline import _published_by
 
     store = DeltaRsStore(None, tmp_path)
     meta = commit_metadata("r1", {"path": "a"}, "publish")

@@ -10,7 +10,7 @@ import pytest
 from conftest import ROOT, publish_in_process
 from PIL import Image
 
-from dicom_lakehouse.gallery import card, write_gallery
+from dicom_lakehouse.web.gallery import card, write_gallery
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

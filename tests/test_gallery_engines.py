@@ -15,8 +15,9 @@ import pytest
 from conftest import ROOT
 from PIL import Image
 
-from dicom_lakehouse import schema as S
-from dicom_lakehouse.gallery import (
+from dicom_lakehouse.tables import schema as S
+from dicom_lakehouse.tables.localsql import run_sql
+from dicom_lakehouse.web.gallery import (
     NotOnDataFusion,
     card,
     check_where,
@@ -26,7 +27,6 @@ from dicom_lakehouse.gallery import (
     gallery_rows_delta_rs,
     write_gallery,
 )
-from dicom_lakehouse.localsql import run_sql
 
 TABLE = "main.pixels.object_catalog"
 KINDS = column_kinds(S.spark_schema("publish"))

@@ -11,8 +11,8 @@ from conftest import real_dicom_files
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 
-from dicom_lakehouse.dicom_meta import extract_header
-from dicom_lakehouse.json_model import plain_codec, raw_to_json
+from dicom_lakehouse.dicom.header import extract_header
+from dicom_lakehouse.dicom.json_model import plain_codec, raw_to_json
 
 REAL = real_dicom_files()
 

@@ -18,10 +18,10 @@ import zipfile
 import pytest
 from conftest import ROOT
 
+from dicom_lakehouse.files.sources import open_source
 from dicom_lakehouse.params import validate
-from dicom_lakehouse.pipeline import STEP_FUNCS, stage_ref
-from dicom_lakehouse.sources import open_source
-from dicom_lakehouse.tables import DeltaRsStore
+from dicom_lakehouse.steps.pipeline import STEP_FUNCS, stage_ref
+from dicom_lakehouse.tables.store import DeltaRsStore
 
 _spec = importlib.util.spec_from_file_location("large_zip_memory", ROOT / "benchmarks" / "large_zip_memory.py")
 bench = importlib.util.module_from_spec(_spec)
@@ -35,9 +35,9 @@ PROBE = """
 import json, sys
 def hwm():
     return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')) // 1024
-from dicom_lakehouse.dicom_meta import extract_header
-from dicom_lakehouse.sources import open_source
-from dicom_lakehouse.thumbnails import render
+from dicom_lakehouse.dicom.header import extract_header
+from dicom_lakehouse.files.sources import open_source
+from dicom_lakehouse.dicom.thumbnails import render
 path = sys.argv[1]
 base = hwm()
 with open_source(path) as fp:

@@ -7,7 +7,7 @@ import zipfile
 import pytest
 from conftest import dicom_file
 
-from dicom_lakehouse.listing import ZipLimits, file_key, list_files, path_tags
+from dicom_lakehouse.steps.listing import ZipLimits, file_key, list_files, path_tags
 
 CONF = {"listing": {"follow_symlinks": False}, "zip": {"max_members": 100, "max_total_bytes": 10 * 2**20}}
 
@@ -112,7 +112,7 @@ def test_too_many_members(tmp_path):
     with zipfile.ZipFile(tmp_path / "many.zip", "w") as zf:
         for i in range(5):
             zf.writestr(f"{i}.dcm", b"x")
-    from dicom_lakehouse.listing import Entry, expand_zip
+    from dicom_lakehouse.steps.listing import Entry, expand_zip
 
     e = Entry(f"file:{tmp_path}/many.zip", "many.zip", 1, 0)
     out = list(expand_zip(e, ZipLimits(max_members=4)))
@@ -126,7 +126,7 @@ def test_path_tags_tokens():
 
 def test_hadoop_filesystem_listing_matches_the_local_walk(tmp_path, spark):
     """The path taken for s3://, abfss://, dbfs:/ URIs, exercised on file: URIs."""
-    from dicom_lakehouse.listing import _walk_hadoop, _walk_local
+    from dicom_lakehouse.steps.listing import _walk_hadoop, _walk_local
 
     root = tmp_path / "h"
     (root / "a" / "b").mkdir(parents=True)

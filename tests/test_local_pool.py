@@ -10,8 +10,9 @@ from conftest import real_dicom_files
 SCRIPT = r"""
 import json, os, sys
 import pyarrow as pa
-from dicom_lakehouse import local_pool, schema as S
-from dicom_lakehouse.pipeline import THUMB_COLUMNS, THUMB_READS, meta_batches, thumbnail_batches
+from dicom_lakehouse.steps import local_pool
+from dicom_lakehouse.tables import schema as S
+from dicom_lakehouse.steps.pipeline import THUMB_COLUMNS, THUMB_READS, meta_batches, thumbnail_batches
 
 paths = json.loads(sys.argv[1])
 files = pa.Table.from_pylist([{"path": p, "status": "ok", "length": os.path.getsize(p)} for p in paths],
@@ -58,13 +59,13 @@ def test_worker_processes_give_the_threads_rows_and_a_dead_worker_fails_clearly(
 
 
 def test_slices_even_out_over_the_workers():
-    from dicom_lakehouse.local_pool import slice_rows
+    from dicom_lakehouse.steps.local_pool import slice_rows
 
     assert [slice_rows(n, 2) for n in (1, 13, 1000, 10_000)] == [1, 1, 63, 100]
 
 
 def test_workers_do_not_outlive_a_killed_task():
-    code = ("import os, sys, time; from dicom_lakehouse import local_pool; local_pool.start(2); "
+    code = ("import os, sys, time; from dicom_lakehouse.steps import local_pool; local_pool.start(2); "
             "print(' '.join(str(p.pid) for p in local_pool._pool._processes.values()), flush=True); time.sleep(60)")
     task = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     workers = [int(x) for x in task.stdout.readline().split()]

@@ -11,10 +11,10 @@ from conftest import dicom_file
 from deltalake import DeltaTable
 from pyspark.sql import functions as F
 
-from dicom_lakehouse.localsql import rewrite, run_sql
 from dicom_lakehouse.params import validate
-from dicom_lakehouse.pipeline import STEP_FUNCS, StepError, target_ref
-from dicom_lakehouse.tables import DeltaRsStore, SparkDeltaStore, read_delta
+from dicom_lakehouse.steps.pipeline import STEP_FUNCS, StepError, target_ref
+from dicom_lakehouse.tables.localsql import rewrite, run_sql
+from dicom_lakehouse.tables.store import DeltaRsStore, SparkDeltaStore, read_delta
 
 
 def params(path, mode, run_id, table="object_catalog"):

@@ -19,8 +19,8 @@ from deltalake import write_deltalake
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 
-from dicom_lakehouse.dicom_meta import _short
-from dicom_lakehouse.thumbnails import render
+from dicom_lakehouse.dicom.header import _short
+from dicom_lakehouse.dicom.thumbnails import render
 
 # (pydicom file, written as: implicit VR, little endian, with a 128-byte preamble and DICM but no group)
 FILES = {"ct.dcm": ("CT_small.dcm", True, True, False), "mr.dcm": ("MR_small.dcm", False, True, True),
@@ -47,9 +47,9 @@ def _pre_part10(name: str, implicit: bool, little: bool, preamble: bool) -> byte
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from dicom_lakehouse.dicomweb import make_server
-    from dicom_lakehouse.listing import list_files
-    from dicom_lakehouse.pipeline import meta_batches, thumbnail_batches
+    from dicom_lakehouse.steps.listing import list_files
+    from dicom_lakehouse.steps.pipeline import meta_batches, thumbnail_batches
+    from dicom_lakehouse.web.dicomweb import make_server
 
     tmp = tmp_path_factory.mktemp("prepart10")
     src = tmp / "src"
@@ -150,7 +150,7 @@ def test_error_text_keeps_pydicoms_words_not_values(tmp_path):
 @pytest.mark.parametrize("spec", [*FILES.values(), ZIPPED])
 def test_deidentified_copy_is_a_part10_file(spec):
     """De-identification reads such a file too (it was `not_dicom`), and its copy gets a File Meta group."""
-    from dicom_lakehouse.deid import DeidOptions, Pseudonyms, deidentify_file
+    from dicom_lakehouse.dicom.deid import DeidOptions, Pseudonyms, deidentify_file
 
     r = deidentify_file(io.BytesIO(_pre_part10(*spec)), Pseudonyms("k" * 32), DeidOptions())
     assert (r.status, r.error) == ("ok", None)
@@ -163,7 +163,7 @@ def test_deidentified_copy_is_a_part10_file(spec):
 def test_a_file_meta_group_without_a_preamble_gets_only_the_preamble():
     """A file that has its own File Meta group but no preamble and DICM: only those are added, never
     a second group."""
-    from dicom_lakehouse.dicomweb import part10_prefix
+    from dicom_lakehouse.web.dicomweb import part10_prefix
 
     ds = _original("CT_small.dcm")
     ds.preamble = None
@@ -186,8 +186,8 @@ def test_serve_logs_no_header_value_of_a_pre_part10_instance(tmp_path):
     import sys
     from pathlib import Path
 
-    from dicom_lakehouse.listing import list_files
-    from dicom_lakehouse.pipeline import meta_batches, thumbnail_batches
+    from dicom_lakehouse.steps.listing import list_files
+    from dicom_lakehouse.steps.pipeline import meta_batches, thumbnail_batches
 
     ds = pydicom.dcmread(dicom_file("CT_small.dcm"))
     del ds.file_meta

@@ -11,7 +11,7 @@ import time
 import pytest
 from conftest import ROOT
 
-from dicom_lakehouse.taskmain import wait_for_gate
+from dicom_lakehouse.jobs.handoff import wait_for_gate
 
 STEPS = ["catalog", "extract_meta", "thumbnail", "publish"]
 # deidentify (the job's deid is none here) ends at once, without a Spark session.
@@ -35,7 +35,7 @@ def test_gate_gives_up_when_the_runner_is_gone(tmp_path):
 
 
 def _job(conf):
-    from dicom_lakehouse.bundle import resolve
+    from dicom_lakehouse.jobs.bundle import resolve
 
     settings = resolve("local", root=ROOT).jobs["dicom_lakehouse"]
     c = copy.deepcopy(conf)
@@ -47,7 +47,7 @@ def _job(conf):
 @pytest.mark.e2e
 def test_next_task_starts_its_session_before_the_previous_task_ends(tmp_path, sample_dir, conf, monkeypatch):
     """Runner mechanics, on the faster delta-rs engine (the Spark engine's runs are in test_e2e and test_faults)."""
-    from dicom_lakehouse.runner import run_job
+    from dicom_lakehouse.jobs.runner import run_job
 
     monkeypatch.setenv("DICOM_LAKEHOUSE_TABLE_ENGINE", "delta-rs")
     monkeypatch.setenv("DICOM_LAKEHOUSE_DRIVER_MAX_FILES", "0")  # a session to start: the work on executors
@@ -77,7 +77,7 @@ def test_next_task_starts_its_session_before_the_previous_task_ends(tmp_path, sa
 
 @pytest.mark.e2e
 def test_waiting_task_is_canceled_when_its_upstream_fails(tmp_path, sample_dir, conf, monkeypatch):
-    from dicom_lakehouse.runner import run_job
+    from dicom_lakehouse.jobs.runner import run_job
 
     monkeypatch.setenv("DICOM_LAKEHOUSE_TABLE_ENGINE", "delta-rs")
     settings, c = _job(conf)
@@ -99,10 +99,10 @@ def test_waiting_task_is_canceled_when_its_upstream_fails(tmp_path, sample_dir, 
 
 def test_waiting_task_runs_at_lowest_priority_until_go(tmp_path):
     """A pre-started task only takes idle CPU; when its gate opens it gets the runner's priority back."""
-    from dicom_lakehouse.runner import _Launched
+    from dicom_lakehouse.jobs.runner import _Launched
 
     log = tmp_path / "t.log"
-    code = ("import os; from dicom_lakehouse.taskmain import wait_for_gate; "
+    code = ("import os; from dicom_lakehouse.jobs.handoff import wait_for_gate; "
             "ok = wait_for_gate(os.environ['DICOM_LAKEHOUSE_START_GATE'], None); print(os.nice(0), ok)")
     task = _Launched.start("t", [sys.executable, "-c", code], log, dict(os.environ), ROOT, gate=tmp_path / "t.gate")
     time.sleep(0.5)
@@ -118,8 +118,7 @@ def test_waiting_task_runs_at_lowest_priority_until_go(tmp_path):
 def test_a_task_asking_for_the_server_gets_the_runners_answer(tmp_path):
     """connect_server's handshake: `up` lets the task connect; a failure or a vanished runner is a
     clear error, not a wait without end."""
-    from dicom_lakehouse.connect_server import READY, WANT, ask_for_server
-    from dicom_lakehouse.taskmain import write_word
+    from dicom_lakehouse.jobs.handoff import READY, WANT, ask_for_server, write_word
 
     threading.Timer(0.3, lambda: write_word(tmp_path / READY, "up")).start()
     ask_for_server(str(tmp_path), os.getpid())

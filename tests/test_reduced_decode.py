@@ -15,8 +15,8 @@ from PIL import Image
 from pydicom.encaps import get_frame
 from pydicom.pixels import pixel_array
 
-from dicom_lakehouse import thumbnails
-from dicom_lakehouse.reduced_decode import (
+from dicom_lakehouse.dicom import thumbnails
+from dicom_lakehouse.dicom.reduced_decode import (
     J2K,
     JPEG_BASELINE,
     decode_reduced,
@@ -164,9 +164,9 @@ def test_the_thumbnail_step_decodes_in_full_when_conf_turns_reduced_decoding_off
     the full decode's, byte for byte; on, the reduced one's (which differs)."""
     import pyarrow as pa
 
-    from dicom_lakehouse import pipeline
-    from dicom_lakehouse import schema as S
     from dicom_lakehouse.config import load_conf
+    from dicom_lakehouse.steps import pipeline
+    from dicom_lakehouse.tables import schema as S
 
     conf = load_conf("local")
     assert conf["thumbnail"]["reduced_decode"] is True

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from dicom_lakehouse.connect_server import TOKEN_ENV
+from dicom_lakehouse.spark.connect_server import TOKEN_ENV
 
 pytestmark = pytest.mark.e2e
 RUNS = ROOT / "build" / "local" / "runs"
@@ -78,7 +78,7 @@ def _holding(files: list[Path], secret: str) -> list[str]:
 def killed_run(tmp_path_factory):
     """A shared-session run on Spark's Delta, its per-file work on the server's Python workers, killed
     (the runner's whole process group, SIGKILL) as soon as the server's Python workers run."""
-    from dicom_lakehouse.sample_data import make_sample
+    from dicom_lakehouse.dicom.sample_data import make_sample
 
     base = tmp_path_factory.mktemp("crash")
     make_sample(base / "sample")

@@ -6,8 +6,8 @@ import os
 import pyarrow as pa
 
 from dicom_lakehouse.params import validate
-from dicom_lakehouse.pipeline import STEP_FUNCS, target_ref
-from dicom_lakehouse.tables import DeltaRsStore, SparkDeltaStore, read_delta
+from dicom_lakehouse.steps.pipeline import STEP_FUNCS, target_ref
+from dicom_lakehouse.tables.store import DeltaRsStore, SparkDeltaStore, read_delta
 
 STEPS = ("catalog", "extract_meta", "thumbnail", "deidentify", "publish")
 RUN_SPECIFIC = ("ingested_at", "run_id")
@@ -67,8 +67,8 @@ def test_a_small_run_in_the_task_process_gives_the_executors_rows(spark, conf, s
 def test_the_derived_rows_computed_in_process_equal_spark_sqls(spark):
     """Edge cases the sample does not have: nulls in every grouped column, several instances per series
     in any order, a missing instance number, a null thumbnail on the first instance."""
-    from dicom_lakehouse.derived import DERIVED, INPUT
-    from dicom_lakehouse.schema import arrow_schema
+    from dicom_lakehouse.tables.derived import DERIVED, INPUT
+    from dicom_lakehouse.tables.schema import arrow_schema
 
     fields = {f.name: f for f in arrow_schema("publish")}
     data = [
@@ -130,7 +130,7 @@ def test_the_demo_summary_without_a_jvm_equals_spark_sqls(spark, conf, sample_di
     from conftest import publish_in_process
 
     from dicom_lakehouse.cli import SUMMARY_SQL
-    from dicom_lakehouse.localsql import run_sql, run_sql_delta_rs, show_text
+    from dicom_lakehouse.tables.localsql import run_sql, run_sql_delta_rs, show_text
 
     publish_in_process(spark, conf, sample_dir, tmp_path / "wh", "summary")
     query = SUMMARY_SQL.format(table="main.pixels.object_catalog")

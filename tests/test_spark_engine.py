@@ -11,11 +11,11 @@ import pyarrow.compute as pc
 import pytest
 from deltalake import DeltaTable
 
-from dicom_lakehouse import schema as S
 from dicom_lakehouse.config import find_conf_dir
 from dicom_lakehouse.params import validate
-from dicom_lakehouse.pipeline import STEP_FUNCS, _file_per_partition
-from dicom_lakehouse.tables import DeltaRsStore, SparkDeltaStore, TableRef, read_delta
+from dicom_lakehouse.steps.pipeline import STEP_FUNCS, _file_per_partition
+from dicom_lakehouse.tables import schema as S
+from dicom_lakehouse.tables.store import DeltaRsStore, SparkDeltaStore, TableRef, read_delta
 
 IGNORE = ("run_id", "ingested_at")
 
@@ -134,7 +134,7 @@ def test_both_engines_write_the_same_table(spark, conf, sample_dir, tmp_path):
 def test_unresolvable_jars_fall_back_to_delta_rs_or_stop(tmp_path, monkeypatch, caplog):
     """Offline (or a coordinate Maven Central does not serve): `auto` says so and uses delta-rs;
     `table_engine: spark` stops with the reason."""
-    from dicom_lakehouse import delta_jars
+    from dicom_lakehouse.spark import delta_jars
 
     monkeypatch.setenv(delta_jars.ENV_CACHE, str(tmp_path / "cache"))
     missing = {"delta": {"package": "io.delta:delta-spark_0.0_2.13:0.0.0"}}

@@ -14,8 +14,8 @@ import pyspark
 import pytest
 from conftest import ROOT, local_cluster
 
-from dicom_lakehouse.delta_jars import CATALOG, EXTENSION, cached_jars, coordinate
-from dicom_lakehouse.taskmain import RESULT_MARK
+from dicom_lakehouse.jobs.handoff import RESULT_MARK
+from dicom_lakehouse.spark.delta_jars import CATALOG, EXTENSION, cached_jars, coordinate
 
 SPARK_HOME = Path(pyspark.__file__).parent
 SUBMIT = str(SPARK_HOME / "bin" / "spark-submit")
@@ -53,7 +53,7 @@ def result(out: str) -> dict:
 
 def test_spark_submitted_tasks_use_sparks_delta_and_the_executors(tmp_path, sample_dir):
     jars = cached_jars(coordinate())
-    assert jars, "Delta's jars are not cached: run python -m dicom_lakehouse.delta_jars"
+    assert jars, "Delta's jars are not cached: run python -m dicom_lakehouse.spark.delta_jars"
     flags = ["--master", "local[2]", "--jars", ",".join(jars), "--conf", f"spark.sql.extensions={EXTENSION}",
              "--conf", f"spark.sql.catalog.spark_catalog={CATALOG}"]
     wh = tmp_path / "wh"

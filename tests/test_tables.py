@@ -2,8 +2,8 @@
 
 import pytest
 
-from dicom_lakehouse import schema as S
-from dicom_lakehouse.tables import (
+from dicom_lakehouse.tables import schema as S
+from dicom_lakehouse.tables.store import (
     DeltaRsStore,
     SparkDeltaStore,
     TableRef,
@@ -71,7 +71,7 @@ def test_read_delta_gives_the_current_version_of_every_kind_of_table(tmp_path):
     import pyarrow as pa
     from deltalake import DeltaTable, write_deltalake
 
-    from dicom_lakehouse.delta_reader import read_delta
+    from dicom_lakehouse.tables.delta_folder import read_delta
 
     def rows(t):
         return sorted(t.to_pylist(), key=lambda r: r["k"])

@@ -10,7 +10,7 @@ from conftest import dicom_file, real_dicom_files
 from PIL import Image
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
-from dicom_lakehouse.thumbnails import _percentiles, decode_frame, grey_to_uint8, render, render_grey
+from dicom_lakehouse.dicom.thumbnails import _percentiles, decode_frame, grey_to_uint8, render, render_grey
 
 
 def thumb(path_or_bytes, size=256, **kw):

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import click
 
-from .bundle import BundleError, resolve
-from .config import (
+from dicom_lakehouse.config import (
     ENV_DRIVER_MAX_FILES,
     ENV_DRIVER_PROCESSES,
     ENV_TABLE_ENGINE,
@@ -19,7 +18,8 @@ from .config import (
     repo_root,
     warehouse_dir,
 )
-from .params import ParameterError
+from dicom_lakehouse.jobs.bundle import BundleError, resolve
+from dicom_lakehouse.params import ParameterError
 
 DEFAULT_SAMPLE = "sample_data"
 SUMMARY_SQL = ("SELECT modality, status, thumbnail_status, count(*) AS files "
@@ -82,7 +82,7 @@ def main(ctx, target, do_run, params, variables, warehouse, master, remote, sess
             code = _local(resolved, do_run, _pairs(params, "--param"), warehouse, master, remote,
                           "shared" if connect_server else session)
         else:
-            from .deploy import deploy_and_run
+            from dicom_lakehouse.jobs.deploy import deploy_and_run
 
             code = deploy_and_run(resolved.target, var_values, do_run, _pairs(params, "--param"), profile,
                                   echo=click.echo, poll_seconds=float(os.environ.get("DICOM_LAKEHOUSE_POLL_SECONDS", 10)))
@@ -94,7 +94,7 @@ def main(ctx, target, do_run, params, variables, warehouse, master, remote, sess
 
 def _local(resolved, do_run: bool, params: dict, warehouse: str | None, master: str | None,
            remote: str | None = None, session: str | None = None) -> int:
-    from .runner import run_job
+    from dicom_lakehouse.jobs.runner import run_job
 
     conf = load_conf(resolved.variables.get("target_conf", resolved.target))
     build = repo_root() / conf.get("build_dir", "build") / resolved.target
@@ -107,7 +107,7 @@ def _local(resolved, do_run: bool, params: dict, warehouse: str | None, master: 
         if do_run:
             py_files = None
             if (master or conf["spark"].get("master", "")).startswith("spark://"):
-                from .shipping import build_py_files
+                from dicom_lakehouse.spark.shipping import build_py_files
 
                 py_files = str(build_py_files(build))
             rec = run_job(settings, conf, target=resolved.target, job_key=key, root=resolved.bundle.root,
@@ -126,7 +126,7 @@ def _local(resolved, do_run: bool, params: dict, warehouse: str | None, master: 
 @click.option("--dest", default=DEFAULT_SAMPLE, show_default=True, help="Folder to copy the sample files into.")
 def sample(dest):
     """Copy real sample DICOM files that pydicom ships (no network) into DEST (new, empty, or made by sample)."""
-    from .sample_data import SampleError, make_sample
+    from dicom_lakehouse.dicom.sample_data import SampleError, make_sample
 
     dest_path = Path(dest) if Path(dest).is_absolute() else repo_root() / dest
     try:
@@ -138,7 +138,7 @@ def sample(dest):
 
 
 def _query_session(conf: dict, remote: str | None, name: str):
-    from .session import get_spark, is_connect
+    from dicom_lakehouse.spark.session import get_spark, is_connect
 
     spark = get_spark(conf, remote, app_name=f"dicom-lakehouse:{name}")
     if not is_connect(spark):
@@ -153,7 +153,7 @@ def _query_session(conf: dict, remote: str | None, name: str):
 @click.pass_context
 def sql(ctx, query, limit, as_json):
     """Run QUERY (Spark SQL with three-part names) on the local warehouse."""
-    from .localsql import QueryRefused, check_query, run_sql
+    from dicom_lakehouse.tables.localsql import QueryRefused, check_query, run_sql
 
     try:  # refuse a statement that is not a query before a session starts
         check_query(query)
@@ -176,7 +176,7 @@ def sql(ctx, query, limit, as_json):
 @click.pass_context
 def demo(ctx, params):
     """Copy the sample data, run the job on it (overwrite), and print a summary query."""
-    from .sample_data import SampleError, make_sample
+    from dicom_lakehouse.dicom.sample_data import SampleError, make_sample
 
     overrides = {"mode": "overwrite", **_pairs(params, "--param")}
     try:
@@ -194,7 +194,7 @@ def demo(ctx, params):
     click.echo(f"\n{SUMMARY_SQL.format(table=table)}")
     conf = load_conf("local")
     if conf.get("table_engine") == "delta-rs":  # the local default: the summary without a JVM either
-        from .localsql import run_sql_delta_rs, show_text
+        from dicom_lakehouse.tables.localsql import run_sql_delta_rs, show_text
 
         click.echo(show_text(run_sql_delta_rs(warehouse_dir(conf, ctx.obj.get("warehouse")),
                                               SUMMARY_SQL.format(table=table))))
@@ -205,9 +205,9 @@ def demo(ctx, params):
 @main.command()
 def validate():
     """Check bundle.yml and its includes against the Databricks bundle schema."""
-    from .bundle import merged_document, schema_errors
+    from dicom_lakehouse.jobs.bundle import merged_document, schema_errors
 
-    # `databricks bundle schema` of the CLI version the tests pin (dicom_lakehouse.databricks_cli).
+    # `databricks bundle schema` of the CLI version the tests pin (tests/databricks_cli.py).
     schema = repo_root() / "schemas" / "databricks-bundle.schema.json"
     if not schema.exists():
         click.echo(f"schema not found at {schema}", err=True)
@@ -228,8 +228,8 @@ def schedule(ctx, params, cron, max_runs):
     """Run the job locally at the times of its Quartz schedule (one run at a time) until Ctrl-C."""
     import threading
 
-    from .runner import guarded_echo, run_job
-    from .scheduler import ScheduleError, run_schedule
+    from dicom_lakehouse.jobs.runner import guarded_echo, run_job
+    from dicom_lakehouse.jobs.scheduler import ScheduleError, run_schedule
 
     try:
         resolved = resolve(ctx.obj.get("target") or "local")
@@ -269,10 +269,16 @@ def schedule(ctx, params, cron, max_runs):
 @click.pass_context
 def gallery(ctx, table_name, where, limit, out):
     """Write a self-contained HTML thumbnail gallery of the published table."""
-    from . import schema as S
-    from .gallery import GalleryError, check_table, check_where, gallery_rows, write_gallery
-    from .localsql import run_sql, warehouse_tables
-    from .tables import configured_engine
+    from dicom_lakehouse.tables import schema as S
+    from dicom_lakehouse.tables.localsql import run_sql, warehouse_tables
+    from dicom_lakehouse.tables.store import configured_engine
+    from dicom_lakehouse.web.gallery import (
+        GalleryError,
+        check_table,
+        check_where,
+        gallery_rows,
+        write_gallery,
+    )
 
     conf = load_conf(ctx.obj.get("target") or "local")
     try:  # refuse bad input before a session starts
@@ -287,7 +293,12 @@ def gallery(ctx, table_name, where, limit, out):
         sys.exit(2)
     rows = None
     if engine == "delta-rs" and not ctx.obj.get("remote"):  # no JVM to filter rows
-        from .gallery import NotOnDataFusion, column_kinds, datafusion_condition, gallery_rows_delta_rs
+        from dicom_lakehouse.web.gallery import (
+            NotOnDataFusion,
+            column_kinds,
+            datafusion_condition,
+            gallery_rows_delta_rs,
+        )
 
         try:
             df_condition = datafusion_condition(condition, column_kinds(S.spark_schema("publish"))) if where else None
@@ -329,7 +340,7 @@ def serve(ctx, table_name, warehouse, host, port, viewer, cors_origins, allowed_
     import logging
     import warnings
 
-    from .dicomweb import TOKEN_ENV, check_exposure, make_server, token_from_env
+    from dicom_lakehouse.web.dicomweb import TOKEN_ENV, check_exposure, make_server, token_from_env
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # pydicom's warnings quote header values (a bad UID may hold a name): none reach the service's log.
@@ -343,7 +354,7 @@ def serve(ctx, table_name, warehouse, host, port, viewer, cors_origins, allowed_
         check_exposure(host, token)
         ohif = None
         if viewer:
-            from .ohif import fetch
+            from dicom_lakehouse.web.ohif import fetch
 
             ohif = fetch()
         where = warehouse_dir(conf, warehouse or ctx.obj.get("warehouse"))

@@ -12,6 +12,8 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 
+from dicom_lakehouse.files.paths import is_remote_path, local_path_of
+
 MODES = ("overwrite", "append")
 DEID_PROFILES = ("none", "basic")
 DEID_OPTIONS = ("deid_retain_dates", "deid_retain_patient", "deid_retain_device")
@@ -20,7 +22,6 @@ IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 RUN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 # Globs are matched by fnmatch against relative paths; keep them to printable path characters.
 GLOB = re.compile(r"^[^\x00-\x1f;'\"`]{1,512}$")
-REMOTE_SCHEMES = ("s3://", "s3a://", "s3n://", "abfss://", "abfs://", "gs://", "dbfs:/", "wasbs://", "hdfs://")
 
 
 class ParameterError(ValueError):
@@ -67,21 +68,6 @@ def check_identifier(name: str, value: str | None) -> str:
             "starting with a letter or '_', at most 128 characters (no dots, spaces or quotes)."
         )
     return value
-
-
-def is_remote_path(path: str) -> bool:
-    return path.startswith(REMOTE_SCHEMES)
-
-
-def local_path_of(path: str) -> str:
-    """The OS path of a `file:` URI or plain path (and of Databricks FUSE paths)."""
-    if path.startswith("file://"):
-        return path[len("file://") :] or "/"
-    if path.startswith("file:"):
-        return path[len("file:") :]
-    if path.startswith("dbfs:/"):
-        return "/dbfs/" + path[len("dbfs:/") :]
-    return path
 
 
 def has_glob(path: str) -> bool:

@@ -14,8 +14,8 @@ import warnings
 import atheris
 
 with atheris.instrument_imports(include=["dicom_lakehouse", "pydicom"]):
-    from dicom_lakehouse.dicom_meta import extract_header
-    from dicom_lakehouse.thumbnails import render
+    from dicom_lakehouse.dicom.header import extract_header
+    from dicom_lakehouse.dicom.thumbnails import render
 
 
 def one_input(data: bytes) -> None:

@@ -19,8 +19,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 from conftest import dicom_file  # noqa: E402
 
 from dicom_lakehouse.params import validate  # noqa: E402
-from dicom_lakehouse.pipeline import STEP_FUNCS, target_ref  # noqa: E402
-from dicom_lakehouse.tables import DeltaRsStore, read_delta  # noqa: E402
+from dicom_lakehouse.steps.pipeline import STEP_FUNCS, target_ref  # noqa: E402
+from dicom_lakehouse.tables.store import DeltaRsStore, read_delta  # noqa: E402
 
 STEPS = ("catalog", "extract_meta", "thumbnail", "publish")
 COMPARE = ("path", "status", "error", "modality", "rows", "columns", "meta", "thumbnail_status", "thumbnail")
@@ -41,7 +41,7 @@ def content(wh: Path, table="object_catalog") -> dict:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, spark, conf):
     """The table of a clean run over the sample files (in-process)."""
-    from dicom_lakehouse.sample_data import make_sample
+    from dicom_lakehouse.dicom.sample_data import make_sample
 
     base = tmp_path_factory.mktemp("ref")
     make_sample(base / "sample")
@@ -66,8 +66,8 @@ def _pids(*needles: str) -> list[int]:
 
 @pytest.mark.e2e
 def test_sigkill_in_each_task_then_retry_equals_a_clean_run(tmp_path, reference, conf):
-    from dicom_lakehouse.bundle import resolve
-    from dicom_lakehouse.runner import run_job
+    from dicom_lakehouse.jobs.bundle import resolve
+    from dicom_lakehouse.jobs.runner import run_job
 
     sample, expected = reference
     wh = tmp_path / "wh"
@@ -221,8 +221,8 @@ def test_unreadable_file_is_an_error_row(tmp_path):
     tmp_path.chmod(0o755)
     code = (
         "import pyarrow as pa, datetime as dt\n"
-        "from dicom_lakehouse import schema as S\n"
-        "from dicom_lakehouse.pipeline import meta_batches\n"
+        "from dicom_lakehouse.tables import schema as S\n"
+        "from dicom_lakehouse.steps.pipeline import meta_batches\n"
         f"row = dict(path='file:{f}', relative_path='secret.dcm', archive_path=None, extension='dcm', length=1,"
         " modification_time=None, path_tags=[], file_key='k', status='ok', error=None, run_id='r')\n"
         "b = pa.RecordBatch.from_pylist([row], schema=S.arrow_schema_of(S.column_names('files')))\n"

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from dicom_lakehouse.dicom_meta import extract_header
-from dicom_lakehouse.thumbnails import render
+from dicom_lakehouse.dicom.header import extract_header
+from dicom_lakehouse.dicom.thumbnails import render
 
 CRASHES = sorted((Path(__file__).parent / "crashes").glob("*"))
 # name -> (header status, thumbnail status, words of the thumbnail error): each crash input's own

@@ -20,9 +20,9 @@ MB_PER_FILE = 600  # peak RSS of a process that imports numpy, pydicom and pyarr
 CHILD = r"""
 import json, sys, time
 import pyarrow as pa
-from dicom_lakehouse import schema as S
-from dicom_lakehouse.listing import list_files
-from dicom_lakehouse.pipeline import meta_batches, thumbnail_batches
+from dicom_lakehouse.tables import schema as S
+from dicom_lakehouse.steps.listing import list_files
+from dicom_lakehouse.steps.pipeline import meta_batches, thumbnail_batches
 root, rel = sys.argv[1], sys.argv[2]
 conf = {"zip": {"max_members": 100, "max_total_bytes": 32 * 2**20, "max_ratio": 1000}, "listing": {}}
 table = list_files(None, root, conf, "h", include=rel)
@@ -88,8 +88,8 @@ def test_hostile_corpus_through_the_pipeline(corpus, spark, conf, tmp_path):
     """Through real Spark: one row per input, the task never fails."""
 
     from dicom_lakehouse.params import validate
-    from dicom_lakehouse.pipeline import STEP_FUNCS, target_ref
-    from dicom_lakehouse.tables import DeltaRsStore, read_delta
+    from dicom_lakehouse.steps.pipeline import STEP_FUNCS, target_ref
+    from dicom_lakehouse.tables.store import DeltaRsStore, read_delta
 
     root, cases = corpus
     store = DeltaRsStore(spark, tmp_path / "wh")

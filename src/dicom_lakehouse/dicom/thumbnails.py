@@ -17,7 +17,7 @@ from pydicom import Dataset, dcmread
 from pydicom.pixels import pixel_array
 from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
 
-from .dicom_meta import (
+from dicom_lakehouse.dicom.header import (
     MAX_INFLATED,
     TooLarge,
     _short,
@@ -26,7 +26,7 @@ from .dicom_meta import (
     is_decoder_panic,
     open_dataset,
 )
-from .reduced_decode import decode_reduced
+from dicom_lakehouse.dicom.reduced_decode import decode_reduced
 
 
 @dataclass
@@ -233,7 +233,7 @@ def render(
                 return Thumbnail("skipped_too_large", error=f"frame declares {need} bytes, budget is {max_frame_bytes}")
             frames = int(declared.get("number_of_frames") or 1)
         else:
-            from .dicom_meta import read_header
+            from dicom_lakehouse.dicom.header import read_header
 
             pos = fp.tell()
             hdr, has_pixels = read_header(fp, max_inflated)

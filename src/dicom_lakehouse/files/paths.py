@@ -1,5 +1,6 @@
-"""Output paths that stay inside their root, for every writer (de-identified copies, sample data,
-OHIF's archive, a receiver's landing folder).
+"""What kind of path a string is (local, `file:`, an object store: answered here only), and output
+paths that stay inside their root, for every writer (de-identified copies, sample data, OHIF's
+archive, a receiver's landing folder).
 
 Values from DICOM headers (UIDs, names) end up in file names, and a header can hold anything: a
 "UID" such as `1.2.840.10008.1/../../tmp/x` would climb out of the output folder. So each value is
@@ -13,7 +14,40 @@ import os
 import posixpath
 import re
 
-from .params import is_remote_path, local_path_of
+REMOTE_SCHEMES = ("s3://", "s3a://", "s3n://", "abfss://", "abfs://", "gs://", "dbfs:/", "wasbs://", "hdfs://")
+
+
+def is_remote_path(path: str) -> bool:
+    """An object-store or Hadoop URI: read through fsspec or Spark, never with `open`."""
+    return path.startswith(REMOTE_SCHEMES)
+
+
+def local_path_of(path: str) -> str:
+    """The OS path of a `file:` URI or plain path (and of Databricks FUSE paths)."""
+    if path.startswith("file://"):
+        return path[len("file://") :] or "/"
+    if path.startswith("file:"):
+        return path[len("file:") :]
+    if path.startswith("dbfs:/"):
+        return "/dbfs/" + path[len("dbfs:/") :]
+    return path
+
+
+def is_object_store(path: str) -> bool:
+    """A remote path with no local mount: bytes come through fsspec, and there are no symlinks.
+    `dbfs:/` is remote to Spark but mounted at /dbfs on Databricks, so it is not one."""
+    return is_remote_path(path) and not path.startswith("dbfs:/")
+
+
+def is_local_file(path: str) -> bool:
+    """A plain path or a `file:` URI: one `os.stat` away."""
+    return "://" not in path and path.startswith(("file:", "/"))
+
+
+def as_uri(path: str) -> str:
+    """A URI for `path`: plain local paths become `file:` URIs, as the catalog names its files."""
+    return path if "://" in path or path.startswith(("file:", "dbfs:")) else f"file:{path}"
+
 
 # PS3.5 9.1: components of digits, no leading zero unless the component is 0; at most 64 characters.
 _UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
@@ -55,7 +89,7 @@ def contained(root: str, target: str) -> str:
     Local paths (file:, dbfs:/, /Volumes) are compared after resolving symlinks, so a link inside the
     root that points elsewhere is refused too. Object stores have no symlinks: their keys are
     compared as written, and any `.` or `..` part is refused (some clients normalise it away)."""
-    if is_remote_path(target) and not target.startswith("dbfs:/"):
+    if is_object_store(target):
         rest = target[len(root):] if target.startswith(root) else None
         if rest is None or not rest.startswith("/") and not root.endswith("/") \
                 or any(p in (".", "..") for p in rest.split("/")):
@@ -63,7 +97,7 @@ def contained(root: str, target: str) -> str:
         return target
     r = os.path.realpath(local_path_of(root))
     t = os.path.realpath(local_path_of(target))
-    if not _inside(r, t) or (is_remote_path(root) and not root.startswith("dbfs:/")):
+    if not _inside(r, t) or is_object_store(root):
         raise UnsafePath("the target is not inside the output folder")
     return target
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from .deid import KEY_ENV, DeidError, Pseudonyms
+from dicom_lakehouse.dicom.deid import KEY_ENV, DeidError, Pseudonyms
 
 
 def _databricks_secret(spark, scope: str, key: str) -> str | None:

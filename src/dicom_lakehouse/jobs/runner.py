@@ -27,11 +27,20 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .bundle import task_order
-from .config import ENV_DRIVER_MAX_FILES
-from .connect_server import ON_DEMAND_ENV, TOKEN_ENV, ConnectServer, die_with_parent, on_demand
-from .params import ParameterError, validate
-from .taskmain import GATE_ENV, RESULT_MARK, RUNNER_ENV, RUNNER_PID_ENV, SERVER_HAS_LIBRARY_ENV, write_word
+from dicom_lakehouse.config import ENV_DRIVER_MAX_FILES
+from dicom_lakehouse.jobs.bundle import task_order
+from dicom_lakehouse.jobs.handoff import (
+    GATE_ENV,
+    ON_DEMAND_ENV,
+    RESULT_MARK,
+    RUNNER_ENV,
+    RUNNER_PID_ENV,
+    SERVER_HAS_LIBRARY_ENV,
+    on_demand,
+    write_word,
+)
+from dicom_lakehouse.params import ParameterError, validate
+from dicom_lakehouse.spark.connect_server import TOKEN_ENV, ConnectServer, die_with_parent
 
 log = logging.getLogger(__name__)
 PARAM_REF = re.compile(r"\{\{\s*job\.parameters\.([A-Za-z0-9_]+)\s*\}\}")
@@ -149,7 +158,7 @@ def _shared_server(stack: contextlib.ExitStack, conf: dict, master: str, folder:
         env[SERVER_HAS_LIBRARY_ENV] = "1"  # else the tasks ship the library to the cluster's executors
     # One Connect session for the whole run: Spark keeps Python workers per session, so each task
     # would otherwise start its own (a second or two of CPU per worker, every step, on every executor).
-    from .session import run_session_url
+    from dicom_lakehouse.spark.session import run_session_url
 
     return run_session_url(url)
 
@@ -157,7 +166,7 @@ def _shared_server(stack: contextlib.ExitStack, conf: dict, master: str, folder:
 def with_delta(conf: dict) -> dict:
     """conf with the Delta jars and settings added to the task JVMs' Spark settings (when wanted and
     available; else unchanged, and the tasks fall back to delta-rs)."""
-    from .delta_jars import delta_settings
+    from dicom_lakehouse.spark.delta_jars import delta_settings
 
     delta = delta_settings(conf)
     if not delta:
@@ -325,9 +334,9 @@ def drop_run_stages(conf: dict, params, run_id: str, warehouse: str | None) -> l
     them): no later run could use them. Path-named tables only (local and cluster targets)."""
     import dataclasses
 
-    from .config import warehouse_dir
-    from .pipeline import STAGES, stage_ref
-    from .tables import remove_delta_folder
+    from dicom_lakehouse.config import warehouse_dir
+    from dicom_lakehouse.steps.pipeline import STAGES, stage_ref
+    from dicom_lakehouse.tables.store import remove_delta_folder
 
     if (conf.get("stage_retention") or "drop") != "drop" or (conf.get("table_names") or "warehouse") != "warehouse":
         return []
@@ -409,8 +418,8 @@ def run_job(
     # Validate before any task starts: a bad parameter must not leave staged output behind.
     checked = validate({**values, "target": conf.get("target", target)}, (conf.get("listing") or {}).get("allowed_roots"))
     if checked.deid != "none":
-        from .deid import DeidError
-        from .deid_key import resolve_key
+        from dicom_lakehouse.dicom.deid import DeidError
+        from dicom_lakehouse.steps.deid_key import resolve_key
 
         try:
             resolve_key(conf)
@@ -422,7 +431,7 @@ def run_job(
     # executors, unless --driver-max-files was given.
     on_cluster = bool(remote) or not master.startswith("local")
     if not remote:
-        from .session import check_master
+        from dicom_lakehouse.spark.session import check_master
 
         check_master(master)
         conf = with_delta(conf)

@@ -1,11 +1,5 @@
 """The local runner's Spark Connect server: one JVM per run on loopback, token-protected, whose clients
-are the run's task processes.
-
-It starts when the first task asks for a Spark session, not when the run starts: a run whose tasks all
-stay in their own processes (delta-rs and at most `driver_max_files` files) starts no JVM at all, and
-one that needs it still starts the catalog's listing without waiting for the JVM. A task asks by
-creating `connect-server.want` in the run's folder ($DICOM_LAKEHOUSE_CONNECT_ON_DEMAND); the runner
-answers in `connect-server.ready`: `up`, or `failed: <why>`.
+are the run's task processes. When it starts is the runner's business (jobs.handoff.on_demand).
 """
 
 from __future__ import annotations
@@ -20,15 +14,10 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
-from .taskmain import process_alive, wait_for_word, write_word
-
 TOKEN_ENV = "SPARK_CONNECT_AUTHENTICATE_TOKEN"
-ON_DEMAND_ENV = "DICOM_LAKEHOUSE_CONNECT_ON_DEMAND"
-WANT, READY = "connect-server.want", "connect-server.ready"
 
 
 class ConnectServer:
@@ -54,7 +43,7 @@ class ConnectServer:
     def start(self) -> None:
         import pyspark
 
-        from .session import LOG4J2_PROPERTIES
+        from dicom_lakehouse.spark.session import LOG4J2_PROPERTIES
 
         with self._lock:
             if self.proc is not None:
@@ -150,64 +139,3 @@ def _launch_bound_to_this_process(cmd: list[str], log_path: Path, env: dict) -> 
     if isinstance(out[0], BaseException):
         raise out[0]
     return out[0]
-
-
-@contextmanager
-def local_connect_server(conf: dict, master: str, log_path: Path, token: str, timeout: float = 180,
-                         class_archive: Path | None = None):
-    """A server started now, up when this yields its URL, stopped at exit."""
-    server = ConnectServer(conf, master, log_path, token, class_archive)
-    try:
-        server.start()
-        server.wait_ready(timeout)
-        yield server.url
-    finally:
-        server.stop()
-
-
-@contextmanager
-def on_demand(server: ConnectServer, folder: Path, echo=print, poll: float = 0.05, now: bool = False):
-    """Start `server` when a task first asks (see the module's docstring), or at once with `now` (every
-    task will ask); stop it, if it started, at exit."""
-    stop = threading.Event()
-    (folder / READY).unlink(missing_ok=True)
-    why = "every task of this run uses Spark" if now else "a task asked for a Spark session"
-
-    def watch():
-        while not stop.is_set():
-            if now or (folder / WANT).exists():
-                t0 = time.time()
-                try:
-                    server.start()
-                    server.wait_ready()
-                    answer = "up"
-                    echo(f"  Spark Connect server for this run at {server.url}, up in {time.time() - t0:.1f} s ({why})")
-                except Exception as e:  # noqa: BLE001 - the asking task reports it
-                    answer = f"failed: {e}"
-                write_word(folder / READY, answer)
-                return
-            stop.wait(poll)
-
-    thread = threading.Thread(target=watch, name="connect-server-on-demand", daemon=True)
-    thread.start()
-    try:
-        yield server.url
-    finally:
-        stop.set()
-        thread.join()
-        server.stop()
-
-
-def ask_for_server(folder: str, runner_pid: int | None, timeout: float = 300) -> None:
-    """In a task: ask the runner for its Connect server and wait until it is up; a clear error if it
-    failed to start or the runner is gone."""
-    root = Path(folder)
-    (root / WANT).touch()
-    answer = wait_for_word(str(root / READY), runner_pid, timeout=timeout)
-    if answer == "up":
-        return
-    if answer:
-        raise RuntimeError(f"this run's Spark Connect server: {answer}")
-    if runner_pid and not process_alive(runner_pid):
-        raise RuntimeError("the runner that starts this run's Spark Connect server is gone")
-    raise RuntimeError(f"this run's Spark Connect server was not up after {timeout:.0f} s")

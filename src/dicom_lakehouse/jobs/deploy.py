@@ -22,8 +22,8 @@ import time
 import uuid
 from pathlib import Path
 
-from .bundle import job_settings_roundtrip, resolve
-from .redact import Redactor, from_environment, sdk_secrets
+from dicom_lakehouse.jobs.bundle import job_settings_roundtrip, resolve
+from dicom_lakehouse.jobs.redact import Redactor, from_environment, sdk_secrets
 
 TERMINAL = {"TERMINATED", "SKIPPED", "INTERNAL_ERROR"}
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import gc
+import importlib
 import io
 import json
 import logging
@@ -26,13 +27,14 @@ from contextlib import contextmanager
 import pyarrow as pa
 from pyspark.sql import functions as F
 
-from . import local_pool
-from . import schema as S
-from .derived import DERIVED
-from .derived import INPUT as DERIVED_INPUT
-from .params import JobParams
-from .session import default_parallelism, is_run_session, try_set_conf
-from .tables import TableRef, TableStore, commit_metadata
+from dicom_lakehouse.files.paths import as_uri
+from dicom_lakehouse.params import JobParams
+from dicom_lakehouse.spark.session import default_parallelism, is_run_session, try_set_conf
+from dicom_lakehouse.steps import local_pool
+from dicom_lakehouse.tables import schema as S
+from dicom_lakehouse.tables.derived import DERIVED
+from dicom_lakehouse.tables.derived import INPUT as DERIVED_INPUT
+from dicom_lakehouse.tables.store import TableRef, TableStore, commit_metadata
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +64,21 @@ def _quiet_worker() -> None:
     gc.freeze()
 
 
+# What the per-file code of the steps imports (pydicom, the codecs, numpy, Pillow): the one list.
+PER_FILE_MODULES = ("dicom_lakehouse.dicom.deid", "dicom_lakehouse.dicom.header", "dicom_lakehouse.files.sources",
+                    "dicom_lakehouse.dicom.thumbnails")
+
+
+def import_per_file_code() -> None:
+    """Import the per-file code once, ahead of the first file: in a new Python worker, in a task
+    waiting at its gate, and before the local pool forks (its workers inherit the modules)."""
+    for name in PER_FILE_MODULES:
+        importlib.import_module(name)
+
+
 def _import_step_modules(batches):
     """mapInArrow warm-up: a new Python worker imports pydicom, the codecs, numpy and Pillow once."""
-    from . import deid, dicom_meta, sources, thumbnails  # noqa: F401
-
+    import_per_file_code()
     _quiet_worker()
     yield from batches
 
@@ -94,7 +107,7 @@ def warm_ups(spark, store: TableStore, p: JobParams, conf: dict, step: str, gate
 
     def import_here():
         if step in MAP_STEPS:
-            from . import deid, dicom_meta, sources, thumbnails  # noqa: F401
+            import_per_file_code()
 
     # On the run's one session, the first step with per-file work starts the Python workers every later
     # step reuses; starting more while that step runs would only take its cores.
@@ -160,7 +173,7 @@ def _stage_rows(store: TableStore, p: JobParams, step: str) -> tuple[TableRef, i
 
 # ------------------------------------------------------------------ catalog
 def run_catalog(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
-    from .listing import list_files
+    from dicom_lakehouse.steps.listing import list_files
 
     t0 = time.time()
     table = list_files(spark, p.path, conf, p.run_id, p.include, p.exclude)
@@ -202,11 +215,11 @@ def _catalog_done(stats: dict, table, listed: int, rows: int, p: JobParams) -> d
 # ------------------------------------------------------------------ extract-meta
 def changed_since_listing(path: str, length: int, mtime) -> str | None:
     """A local file whose size or mtime differs from the catalog row was changed mid-run."""
-    from .params import local_path_of
-    from .sources import split_member
+    from dicom_lakehouse.files.paths import is_local_file, local_path_of
+    from dicom_lakehouse.files.sources import split_member
 
     archive, _ = split_member(path)
-    if "://" in archive or not archive.startswith(("file:", "/")):
+    if not is_local_file(archive):
         return None
     try:
         st = os.stat(local_path_of(archive))
@@ -223,8 +236,8 @@ def meta_batches(threshold: int, max_inflated: int):
     """mapInArrow function: file rows -> file rows plus header columns."""
 
     def fn(batches):
-        from .dicom_meta import PROMOTED_COLUMNS, HeaderResult, extract_header
-        from .sources import open_source
+        from dicom_lakehouse.dicom.header import PROMOTED_COLUMNS, HeaderResult, extract_header
+        from dicom_lakehouse.files.sources import open_source
 
         _quiet_worker()
         names = S.column_names("meta")
@@ -319,8 +332,8 @@ def thumbnail_batches(size: int, max_frame_bytes: int, compress_level: int, max_
     """mapInArrow function: header rows -> header rows plus thumbnail columns."""
 
     def fn(batches):
-        from .sources import open_source
-        from .thumbnails import Thumbnail, render
+        from dicom_lakehouse.dicom.thumbnails import Thumbnail, render
+        from dicom_lakehouse.files.sources import open_source
 
         _quiet_worker()
         names = S.column_names("thumbnail")
@@ -365,7 +378,7 @@ def run_thumbnail(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
 
 # ------------------------------------------------------------------ deidentify
 def deid_options(p: JobParams, conf: dict):
-    from .deid import DeidOptions, parse_safe_private
+    from dicom_lakehouse.dicom.deid import DeidOptions, parse_safe_private
 
     return DeidOptions(p.deid_retain_dates, p.deid_retain_patient, p.deid_retain_device,
                        parse_safe_private((conf.get("deid") or {}).get("safe_private")))
@@ -381,10 +394,10 @@ def deid_batches(pseudo, options, out_root: str, threshold: int, max_inflated: i
     copied keeps a row (status refused, not_dicom or error) with a made-up path and no header."""
 
     def fn(batches):
-        from .deid import DeidResult, deidentify_file, output_name
-        from .dicom_meta import PROMOTED_COLUMNS, extract_header
-        from .paths import UnsafePath
-        from .sources import open_source, write_file
+        from dicom_lakehouse.dicom.deid import DeidResult, deidentify_file, output_name
+        from dicom_lakehouse.dicom.header import PROMOTED_COLUMNS, extract_header
+        from dicom_lakehouse.files.paths import UnsafePath
+        from dicom_lakehouse.files.sources import open_source, write_file
 
         _quiet_worker()
         names = S.column_names(S.DEID_STAGE)
@@ -438,12 +451,12 @@ def run_deidentify(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
     """deid=none: nothing to do, and no Spark work. deid=basic: every file of the meta stage gets a row."""
     if p.deid == "none":
         return {"files_in": 0, "rows_out": 0, "errors": 0, "deid": "none"}
-    from .deid_key import resolve_key
+    from dicom_lakehouse.steps.deid_key import resolve_key
 
     pseudo = resolve_key(conf, spark)
     dconf = conf.get("dicom") or {}
     # Local copies are named by file: URI, as the catalog names its files.
-    root = p.deid_path if "://" in p.deid_path or p.deid_path.startswith(("file:", "dbfs:")) else f"file:{p.deid_path}"
+    root = as_uri(p.deid_path)
     fn = deid_batches(pseudo, deid_options(p, conf), root, int(dconf.get("bulk_data_threshold", 1024)),
                       int(dconf.get("max_deflated_bytes", 256 * 2**20)))
     stats = _map_step(spark, store, p, "extract_meta", "deidentify", fn, "status", DEID_INPUT,

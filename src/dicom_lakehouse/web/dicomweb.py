@@ -24,10 +24,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from .delta_reader import read_delta
-from .dicomweb_page import PAGE
-from .dicomweb_query import Index, QueryError, parse_query, search
-from .params import local_path_of
+from dicom_lakehouse.files.paths import local_path_of
+from dicom_lakehouse.tables.delta_folder import read_delta
+from dicom_lakehouse.web.page import PAGE
+from dicom_lakehouse.web.qido import Index, QueryError, parse_query, search
 
 log = logging.getLogger(__name__)
 TOKEN_ENV = "DICOM_LAKEHOUSE_DICOMWEB_TOKEN"
@@ -127,8 +127,8 @@ def read_frames(fp, total: int, numbers: list[int]) -> list[tuple[str, bytes]]:
     encodings (big endian, deflated) read the whole pixel data."""
     from pydicom.encaps import get_frame
 
-    from .dicom_meta import read_any
-    from .reduced_decode import PIXEL_DATA
+    from dicom_lakehouse.dicom.header import read_any
+    from dicom_lakehouse.dicom.reduced_decode import PIXEL_DATA
 
     start = fp.tell()
     ds = read_any(fp, stop_before_pixels=True)  # a file without a File Meta group too
@@ -197,12 +197,12 @@ def _corked(sock):
 
 def _local_sizes(instances) -> list[int] | None:
     """Sizes of the instances' files when all are plain local files (not zip members), else None."""
-    from .params import is_remote_path
-    from .sources import split_member
+    from dicom_lakehouse.files.paths import is_object_store
+    from dicom_lakehouse.files.sources import split_member
 
     sizes = []
     for i in instances:
-        if (is_remote_path(i.path) and not i.path.startswith("dbfs:/")) or split_member(i.path)[1] is not None:
+        if is_object_store(i.path) or split_member(i.path)[1] is not None:
             return None
         try:
             sizes.append(os.stat(local_path_of(i.path)).st_size)
@@ -218,7 +218,7 @@ def part10_prefix(fp) -> tuple[bytes, int, str | None]:
     from pydicom.dataset import FileMetaDataset
     from pydicom.filewriter import write_file_meta_info
 
-    from .dicom_meta import has_file_meta, read_any
+    from dicom_lakehouse.dicom.header import has_file_meta, read_any
 
     if has_file_meta(fp):
         return b"", 0, None
@@ -327,7 +327,7 @@ def make_handler(catalog: Catalog, token: str | None, viewer: Path | None = None
                  cors_origins: frozenset[str] = frozenset(), hosts: frozenset[str] | None = None):
     """`cors_origins`: origins allowed to read answers from a web page of another origin (none by
     default: no page but this service's own can). `hosts`: the Host names answered (None: any)."""
-    from .sources import open_source
+    from dicom_lakehouse.files.sources import open_source
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -419,7 +419,7 @@ def make_handler(catalog: Catalog, token: str | None, viewer: Path | None = None
 
         def _static(self, path: str):
             """OHIF's files; its app-config.js made here; index.html for the viewer's own routes."""
-            from .ohif import app_config
+            from dicom_lakehouse.web.ohif import app_config
 
             if path == "/app-config.js":
                 return self._send(200, app_config(self._base()).encode(), "text/javascript")
@@ -581,7 +581,7 @@ def make_handler(catalog: Catalog, token: str | None, viewer: Path | None = None
             self._multipart(iter([(ctype, iter([data])) for ctype, data in out]))
 
         def rendered(self, index, params, study, kind, series=None, sop=None):
-            from .thumbnails import render
+            from dicom_lakehouse.dicom.thumbnails import render
 
             inst = _instances(index, study, series, sop)
             inst = next((i for i in inst if i.has_pixels), None)

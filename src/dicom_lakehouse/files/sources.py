@@ -14,8 +14,7 @@ import zlib
 from contextlib import contextmanager
 from functools import lru_cache
 
-from .params import is_remote_path, local_path_of
-from .paths import contained
+from dicom_lakehouse.files.paths import contained, is_object_store, local_path_of
 
 ARCHIVE_SEP = "!/"
 
@@ -36,7 +35,7 @@ def split_member(path: str) -> tuple[str, str | None]:
 @lru_cache(maxsize=4096)
 def _is_zip_archive(path: str) -> bool:
     try:
-        if not is_remote_path(path) or path.startswith("dbfs:/"):
+        if not is_object_store(path):
             local = local_path_of(path)
             return os.path.isfile(local) and zipfile.is_zipfile(local)
         with _open_fs(path) as f:
@@ -46,7 +45,7 @@ def _is_zip_archive(path: str) -> bool:
 
 
 def _open_fs(path: str):
-    if is_remote_path(path) and not path.startswith("dbfs:/"):
+    if is_object_store(path):
         try:
             import fsspec  # optional: s3fs/adlfs/gcsfs give executors object-store access
         except ImportError as e:
@@ -148,7 +147,7 @@ def write_file(path: str, data: bytes, root: str) -> None:
     paths.UnsafePath and nothing is written: the names come from file headers, and the check here
     holds even where a caller's own check of them was missed."""
     contained(root, path)
-    if is_remote_path(path) and not path.startswith("dbfs:/"):
+    if is_object_store(path):
         try:
             import fsspec
         except ImportError as e:

@@ -6,8 +6,8 @@ reach; the Go module proxy serves the source, so `.ci/run` builds it once into
 ~/.cache/dicom-lakehouse/bin and Go's own caches (~/go/pkg/mod, ~/.cache/go-build) make a rebuild
 quick. The flags are those of the CLI's release build (.goreleaser.yaml), so `--version` is honest.
 
-    python -m dicom_lakehouse.databricks_cli            # build if missing, print the path
-    python -m dicom_lakehouse.databricks_cli --schema F # also write `databricks bundle schema` to F
+    python tests/databricks_cli.py            # build if missing, print the path
+    python tests/databricks_cli.py --schema F # also write `databricks bundle schema` to F
 
 It also builds tests/workspace_fake: a small program that serves the CLI's own fake workspace
 (libs/testserver, from the same module version) on loopback, for the deploy tests.
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         cli = build(echo=lambda m: print(m, file=sys.stderr))
-        fake_src = Path(__file__).resolve().parents[2] / "tests" / "workspace_fake"
+        fake_src = Path(__file__).resolve().parent / "workspace_fake"
         if fake_src.is_dir():  # a checkout, not an installed wheel
             print(build_fake(fake_src, echo=lambda m: print(m, file=sys.stderr)))
         if args.schema:

@@ -7,13 +7,12 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 from pyspark.sql import SparkSession
 
-from .config import ConfigError
-from .connect_server import ON_DEMAND_ENV, ask_for_server
-from .delta_jars import delta_settings
-from .taskmain import RUNNER_PID_ENV, SERVER_HAS_LIBRARY_ENV
+from dicom_lakehouse.config import ConfigError
+from dicom_lakehouse.spark.delta_jars import delta_settings
 
 
 def _under_launcher() -> bool:
@@ -73,17 +72,21 @@ def cluster_master(spark) -> str:
     return master if master.startswith("spark://") else ""
 
 
-def get_spark(conf: dict, remote: str | None = None, app_name: str | None = None) -> SparkSession:
+def get_spark(conf: dict, remote: str | None = None, app_name: str | None = None, *,
+              before_connect: Callable[[], None] | None = None, ship_library: bool = True) -> SparkSession:
+    """The session for `conf`. With `remote`, a Spark Connect session: `before_connect` runs first (a
+    runner's task asks for the run's server there), and `ship_library` sends this package to a server
+    that lacks it. Otherwise a classic session, or the one spark-submit or Databricks made."""
     spark_conf = conf.get("spark", {})
     remote = remote or spark_conf.get("remote")
     builder = SparkSession.builder.appName(app_name or spark_conf.get("app_name", "dicom-lakehouse"))
     if remote:
-        if os.environ.get(ON_DEMAND_ENV):
-            ask_for_server(os.environ[ON_DEMAND_ENV], int(os.environ.get(RUNNER_PID_ENV) or 0) or None)
+        if before_connect is not None:
+            before_connect()
         spark = builder.remote(remote).getOrCreate()
         if is_run_session(remote):
             spark.release_session_on_close = False  # the run's, not this task's: the runner's server ends it
-        if not os.environ.get(SERVER_HAS_LIBRARY_ENV):
+        if ship_library:
             _ship_library(spark)
         return spark
     settings = dict(spark_conf.get("conf") or {})
@@ -249,7 +252,7 @@ def _ship_library(spark) -> None:
     """A Spark Connect server's Python workers get this package as an artifact (it may be remote)."""
     import tempfile
 
-    from .shipping import build_py_files
+    from dicom_lakehouse.spark.shipping import build_py_files
 
     with tempfile.TemporaryDirectory() as tmp:
         try:

@@ -28,7 +28,7 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian
 
-from .json_model import plain_codec, raw_to_json
+from dicom_lakehouse.dicom.json_model import plain_codec, raw_to_json
 
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})

@@ -7,7 +7,7 @@ so the first resolution is recorded in a manifest beside the Ivy cache, and late
 the cached jars on `spark.jars` (0.7 s, and no network). Databricks provides Delta itself:
 nothing here runs there.
 
-    python -m dicom_lakehouse.delta_jars        # fetch (once per machine) and print the jars
+    python -m dicom_lakehouse.spark.delta_jars        # fetch (once per machine) and print the jars
 """
 
 from __future__ import annotations

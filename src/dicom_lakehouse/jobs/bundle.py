@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import deep_merge, repo_root
+from dicom_lakehouse.config import deep_merge, repo_root
 
 REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_.\-\[\]]*)\}")
 INT_KEYS = {"num_workers", "max_retries", "timeout_seconds", "min_retry_interval_millis", "max_concurrent_runs",

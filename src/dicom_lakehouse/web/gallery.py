@@ -7,7 +7,7 @@ import html
 import re
 from pathlib import Path
 
-from .params import IDENTIFIER
+from dicom_lakehouse.params import IDENTIFIER
 
 COLUMNS = ("path", "relative_path", "patient_id", "study_instance_uid", "study_date", "study_description",
            "series_instance_uid", "series_description", "modality", "status", "thumbnail_status", "thumbnail",

@@ -1,7 +1,7 @@
 """OHIF's prebuilt viewer (`@ohif/app` on npm ships it under dist/), fetched once into the cache and
 served by `serve --viewer` at `/`, configured to read this service's DICOMweb root.
 
-    python -m dicom_lakehouse.ohif          # prints the dist folder, fetching it when missing
+    python -m dicom_lakehouse.web.ohif          # prints the dist folder, fetching it when missing
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from .paths import UnsafePath, contained
+from dicom_lakehouse.files.paths import UnsafePath, contained
 
 VERSION = "3.13.2"
 PACKAGE = f"@ohif/app@{VERSION}"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .params import IDENTIFIER
+from dicom_lakehouse.params import IDENTIFIER
 
 
 def warehouse_tables(warehouse: str | Path) -> dict[str, Path]:
@@ -33,7 +33,7 @@ def view_name(full: str) -> str:
 
 def register(spark, warehouse: str | Path) -> dict[str, str]:
     """`c.s.t` -> how this session names that table."""
-    from .session import has_spark_delta
+    from dicom_lakehouse.spark.session import has_spark_delta
 
     tables = warehouse_tables(warehouse)
     if has_spark_delta(spark):
@@ -46,7 +46,7 @@ def register(spark, warehouse: str | Path) -> dict[str, str]:
         if files:
             df = spark.read.parquet(*files)
         else:
-            from . import schema as S
+            from dicom_lakehouse.tables import schema as S
 
             df = spark.createDataFrame([], S.spark_schema("publish"))
         df.createOrReplaceTempView(view_name(full))

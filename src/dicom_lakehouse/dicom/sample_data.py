@@ -6,8 +6,8 @@ from pathlib import Path
 
 from pydicom.data import get_testdata_file
 
-from .paths import UnsafePath, contained
-from .sources import write_file
+from dicom_lakehouse.files.paths import UnsafePath, contained
+from dicom_lakehouse.files.sources import write_file
 
 # (pydicom file name, where it goes in the sample tree) - patient/study-like folders.
 SAMPLES = [

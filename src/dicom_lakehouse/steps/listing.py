@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from . import schema as S
-from .params import has_glob, is_remote_path, local_path_of
-from .sources import ARCHIVE_SEP
+from dicom_lakehouse.files.paths import is_remote_path, local_path_of
+from dicom_lakehouse.files.sources import ARCHIVE_SEP
+from dicom_lakehouse.params import has_glob
+from dicom_lakehouse.tables import schema as S
 
 log = logging.getLogger(__name__)
 FILES_COLUMNS = S.column_names("files")
@@ -189,7 +190,7 @@ def _hadoop_statuses(jvm, statuses) -> list[tuple[str, bool, int, int]]:
 
 def _walk_hadoop(spark, path: str) -> Iterator[Entry]:
     """List through the session's Hadoop FileSystem (s3a://, abfss://, dbfs:/, hdfs://, file:)."""
-    from .session import is_connect
+    from dicom_lakehouse.spark.session import is_connect
 
     if is_connect(spark):
         # Serverless compute and Spark Connect clients have no JVM to list a bucket through.
@@ -221,7 +222,7 @@ def _walk_hadoop(spark, path: str) -> Iterator[Entry]:
 # ---------------------------------------------------------------- zip archives
 def expand_zip(entry: Entry, limits: ZipLimits) -> Iterator[Entry]:
     """Member rows of a zip, or one error row for the archive. Reads the central directory only."""
-    from .sources import _open_fs
+    from dicom_lakehouse.files.sources import _open_fs
 
     def fail(msg):
         return Entry(entry.path, entry.relative_path, entry.length, entry.mtime_us, status="error", error=msg)

@@ -27,8 +27,8 @@ from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
-from .dicom_meta import read_any
-from .paths import check_uid, is_uid
+from dicom_lakehouse.dicom.header import read_any
+from dicom_lakehouse.files.paths import check_uid, is_uid
 
 KEY_ENV = "DICOM_LAKEHOUSE_DEID_KEY"
 MIN_KEY_CHARS = 16

@@ -24,10 +24,10 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from . import schema as S
-from .delta_reader import read_delta  # noqa: F401 - the readers' entry point, re-exported
-from .params import IDENTIFIER
-from .session import has_spark_delta, try_set_conf
+from dicom_lakehouse.params import IDENTIFIER
+from dicom_lakehouse.spark.session import has_spark_delta, try_set_conf
+from dicom_lakehouse.tables import schema as S
+from dicom_lakehouse.tables.delta_folder import read_delta  # noqa: F401 - the readers' entry point, re-exported
 
 log = logging.getLogger(__name__)
 
@@ -704,8 +704,8 @@ def configured_engine(conf: dict) -> str:
 
 def open_store(spark, conf: dict, warehouse: str | None = None) -> TableStore:
     """Choose the engine from conf `table_engine`: auto | spark | delta-rs."""
-    from .config import warehouse_dir
-    from .delta_jars import CATALOG, EXTENSION, coordinate
+    from dicom_lakehouse.config import warehouse_dir
+    from dicom_lakehouse.spark.delta_jars import CATALOG, EXTENSION, coordinate
 
     engine = configured_engine(conf)
     if engine == "auto":

@@ -7,69 +7,22 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 
-from . import local_pool
-from .config import ConfigError, load_conf
-from .params import ParameterError, parse_args, validate
+from dicom_lakehouse.config import ConfigError, load_conf
+from dicom_lakehouse.jobs.handoff import (
+    CANCELED_BEFORE_START,
+    GATE_ENV,
+    RESULT_MARK,
+    RUNNER_ENV,
+    RUNNER_PID_ENV,
+    gate_word,
+    session_hooks,
+    wait_for_gate,
+)
+from dicom_lakehouse.params import ParameterError, parse_args, validate
+from dicom_lakehouse.steps import local_pool
 
 log = logging.getLogger("dicom_lakehouse")
-RESULT_MARK = "DICOM_LAKEHOUSE_RESULT "
-# Set by the local runner when it starts a task ahead of time (see runner.run_job).
-GATE_ENV = "DICOM_LAKEHOUSE_START_GATE"
-RUNNER_PID_ENV = "DICOM_LAKEHOUSE_RUNNER_PID"
-CANCELED_BEFORE_START = 3
-# Set by the local runner for the clients of its own Connect server, whose Python workers run an
-# interpreter that has this library installed: nothing to ship, one pool of workers for all tasks.
-SERVER_HAS_LIBRARY_ENV = "DICOM_LAKEHOUSE_SERVER_HAS_LIBRARY"
-# Set by the local runner for every task it starts: a task without it was started by hand.
-RUNNER_ENV = "DICOM_LAKEHOUSE_RUNNER"
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def gate_word(path: str) -> str:
-    """What the runner wrote in one of its files for the tasks (a gate: `go` or `cancel`; the Connect
-    server's answer: `up` or `failed: ...`), or nothing yet."""
-    try:
-        return Path(path).read_text().strip()
-    except FileNotFoundError:
-        return ""
-
-
-def write_word(path: Path, word: str) -> None:
-    """The runner's side: the word appears whole, never half-written."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(word)
-    os.replace(tmp, path)
-
-
-def wait_for_word(path: str, runner_pid: int | None, poll: float = 0.05, timeout: float | None = None) -> str:
-    """The word the runner writes at `path`; "" if the runner vanished or `timeout` passed first."""
-    deadline = None if timeout is None else time.time() + timeout
-    while True:
-        word = gate_word(path)
-        if word:
-            return word
-        if (runner_pid and not process_alive(runner_pid)) or (deadline is not None and time.time() > deadline):
-            return ""
-        time.sleep(poll)
-
-
-def wait_for_gate(path: str, runner_pid: int | None, poll: float = 0.05) -> bool:
-    """A task started ahead of time waits here, its Spark session up, until the runner writes
-    `go` (its upstream task succeeded) or `cancel`; a vanished runner counts as cancel."""
-    return wait_for_word(path, runner_pid, poll) == "go"
-
-
 WARM_UP_TAG = "dicom-lakehouse-warm-up"
 
 
@@ -81,7 +34,7 @@ def start_warm_up(spark, store, params, conf: dict, step: str, gate: str):
     is still running when the step is done, and waits for the thread."""
     import threading
 
-    from .pipeline import warm_ups
+    from dicom_lakehouse.steps.pipeline import warm_ups
 
     done, finished = threading.Event(), []
 
@@ -167,7 +120,7 @@ def run_task(step: str, argv: list[str] | None = None) -> int:
 
 def started_by_spark_submit() -> bool:
     """A task run by plain spark-submit, outside the local runner and Databricks."""
-    from .session import _under_launcher
+    from dicom_lakehouse.spark.session import _under_launcher
 
     return _under_launcher() and not os.environ.get(RUNNER_ENV) and not os.environ.get("DATABRICKS_RUNTIME_VERSION")
 
@@ -176,7 +129,7 @@ def launch_choices(conf: dict, engine: str | None) -> dict:
     """What a task does when someone spark-submits it by hand: it asked for Spark, so Spark's own Delta
     (an error naming the flags if the session lacks it) and the executors for the per-file work.
     `--engine` and $DICOM_LAKEHOUSE_DRIVER_MAX_FILES, given explicitly, win."""
-    from .config import ENV_DRIVER_MAX_FILES, ENV_TABLE_ENGINE
+    from dicom_lakehouse.config import ENV_DRIVER_MAX_FILES, ENV_TABLE_ENGINE
 
     if engine:
         return {**conf, "table_engine": engine}
@@ -193,30 +146,29 @@ def launch_choices(conf: dict, engine: str | None) -> dict:
 def start_local_pool(step: str, conf: dict) -> None:
     """A run small enough for the task process (conf driver_max_files) may use its worker processes:
     forked here, before the Spark session's threads, with the per-file code already imported."""
-    from .pipeline import MAP_STEPS, driver_max_files
+    from dicom_lakehouse.steps.pipeline import MAP_STEPS, driver_max_files, import_per_file_code
 
     if step in MAP_STEPS and driver_max_files(conf) > 0 and local_pool.processes(conf) > 1:
-        from . import deid, dicom_meta, sources, thumbnails  # noqa: F401 - the workers inherit them
-
+        import_per_file_code()  # the workers inherit the modules
         local_pool.start(local_pool.processes(conf))
 
 
 def _run_step(step: str, params, conf: dict) -> int:
-    from .pipeline import STEP_FUNCS, StepError
-    from .session import ClusterUnavailable, LazySession, get_spark
-    from .tables import NoSparkDelta, open_store
+    from dicom_lakehouse.spark.session import ClusterUnavailable, LazySession, get_spark
+    from dicom_lakehouse.steps.pipeline import STEP_FUNCS, StepError
+    from dicom_lakehouse.tables.store import NoSparkDelta, open_store
 
     # On delta-rs the session is made when first used: a small run needs none (nor its runner a JVM).
     # Every other engine uses it at once, and gets the session itself (Databricks: the one it made).
-    lazy = LazySession(lambda: get_spark(conf, params.remote, app_name=f"dicom-lakehouse:{step}"))
+    lazy = LazySession(lambda: get_spark(conf, params.remote, app_name=f"dicom-lakehouse:{step}", **session_hooks()))
     try:
         spark = lazy if conf.get("table_engine") == "delta-rs" else lazy.get()
     except ClusterUnavailable as e:  # exit 2: a retry cannot help
         log.error("%s: nothing was done: %s", step, e)
         return 2
     if params.deid != "none":
-        from .deid import KEY_ENV, DeidError
-        from .deid_key import resolve_key
+        from dicom_lakehouse.dicom.deid import KEY_ENV, DeidError
+        from dicom_lakehouse.steps.deid_key import resolve_key
 
         try:  # every task checks, so that a missing key stops the job before the catalog task's work
             resolve_key(conf, None if os.environ.get(KEY_ENV) else lazy.get())

@@ -1,0 +1,1 @@
+"""Spark: the one place that makes a session, the Connect server, Delta's jars, shipping the library."""
