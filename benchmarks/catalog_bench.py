@@ -57,7 +57,7 @@ def main(argv=None):
     from dicom_lakehouse.spark.session import get_spark
     from dicom_lakehouse.steps.listing import _walk_hadoop, list_files
     from dicom_lakehouse.steps.pipeline import run_catalog
-    from dicom_lakehouse.tables.store import DeltaRsStore
+    from dicom_lakehouse.tables.delta_rs import DeltaRsStore
 
     conf = load_conf("local")
     spark = get_spark(conf, app_name="catalog-bench")

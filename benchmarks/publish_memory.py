@@ -18,7 +18,8 @@ from dicom_lakehouse.config import load_conf
 from dicom_lakehouse.params import validate
 from dicom_lakehouse.spark.session import get_spark
 from dicom_lakehouse.steps.pipeline import STEP_FUNCS, stage_ref, target_ref
-from dicom_lakehouse.tables.store import DeltaRsStore, commit_metadata
+from dicom_lakehouse.tables.delta_rs import DeltaRsStore
+from dicom_lakehouse.tables.store import commit_metadata
 
 
 def peak_mb() -> int:

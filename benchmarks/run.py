@@ -193,7 +193,7 @@ def spark_steps(corpus: Path, warehouse: Path, deid_path: Path | None = None) ->
     from dicom_lakehouse.spark.session import get_spark
     from dicom_lakehouse.steps import local_pool
     from dicom_lakehouse.steps.pipeline import STEP_FUNCS
-    from dicom_lakehouse.tables.store import open_store
+    from dicom_lakehouse.tables.engine import open_store
 
     conf = load_conf("local")
     # As a task does: its worker processes forked before the session's threads (used by runs of at most

@@ -84,7 +84,7 @@ def publish_in_process(spark, conf, src: Path, wh: Path, run_id: str) -> Path:
     tests of what reads it (gallery, DICOMweb). Returns the table's folder."""
     from dicom_lakehouse.params import validate
     from dicom_lakehouse.steps.pipeline import STEP_FUNCS
-    from dicom_lakehouse.tables.store import DeltaRsStore
+    from dicom_lakehouse.tables.delta_rs import DeltaRsStore
 
     store = DeltaRsStore(spark, wh)
     p = validate({"path": str(src), "catalog": "main", "schema": "pixels", "table": "object_catalog",

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, local_cluster
 
-from dicom_lakehouse.tables.store import read_delta
+from dicom_lakehouse.tables.delta_folder import read_delta
 
 pytestmark = pytest.mark.e2e
 

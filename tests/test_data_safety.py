@@ -16,7 +16,10 @@ from dicom_lakehouse.files.sources import open_source, split_member
 from dicom_lakehouse.params import validate
 from dicom_lakehouse.steps.pipeline import STEP_FUNCS, stage_ref
 from dicom_lakehouse.tables import schema as S
-from dicom_lakehouse.tables.store import DeltaRsStore, SparkDeltaStore, TableRef, read_delta
+from dicom_lakehouse.tables.delta_folder import read_delta
+from dicom_lakehouse.tables.delta_rs import DeltaRsStore
+from dicom_lakehouse.tables.ref import TableRef
+from dicom_lakehouse.tables.spark_delta import SparkDeltaStore
 from dicom_lakehouse.web.gallery import GalleryError, check_table, check_where, gallery_rows
 
 

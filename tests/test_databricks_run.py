@@ -28,7 +28,8 @@ from dicom_lakehouse.jobs.runner import job_parameters, task_argv
 from dicom_lakehouse.params import validate
 from dicom_lakehouse.spark.delta_jars import cache_root, coordinate, fetch
 from dicom_lakehouse.steps.pipeline import STEP_FUNCS
-from dicom_lakehouse.tables.store import DeltaRsStore, read_delta
+from dicom_lakehouse.tables.delta_folder import read_delta
+from dicom_lakehouse.tables.delta_rs import DeltaRsStore
 
 pytestmark = pytest.mark.e2e
 # What a Databricks Runtime already has; the wheel must not bring its own.

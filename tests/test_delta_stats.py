@@ -11,8 +11,11 @@ import pyarrow as pa
 from deltalake import DeltaTable, write_deltalake
 
 from dicom_lakehouse.tables import schema as S
+from dicom_lakehouse.tables.delta_rs import DeltaRsStore
 from dicom_lakehouse.tables.derived import studies_arrow
-from dicom_lakehouse.tables.store import DeltaRsStore, SparkDeltaStore, TableRef, commit_metadata
+from dicom_lakehouse.tables.ref import TableRef
+from dicom_lakehouse.tables.spark_delta import SparkDeltaStore
+from dicom_lakehouse.tables.store import commit_metadata
 
 REF = TableRef("main", "pixels", "object_catalog")
 PATIENT = ("PAT-0042-XYZ", "Doe^Jane^Q")  # an ID, and a name as folders are often named

@@ -188,3 +188,21 @@ def test_file_ending_inside_an_undefined_length_element_is_marked():
     r = extract_header(io.BytesIO(bytes(raw)), "file:/x")
     assert r.status == "ok_with_warnings"
     assert r.error == "the file ends inside an element of undefined length: the elements from there on are missing"
+
+
+def test_pydicoms_private_file_meta_reader_still_reads_only_the_meta_from_a_stream():
+    """header.py reads a deflated file's meta group with pydicom's private `_read_file_meta_info`,
+    pinned here on purpose: the public `read_file_meta_info` takes only a path (the job reads zip
+    members and object-store streams), and `dcmread`/`read_partial` inflate the whole deflated dataset
+    in memory, without a bound, before the job could cap it. If pydicom renames or changes it, this
+    test says so, rather than every deflated file turning into an error status."""
+    from pydicom.data import get_testdata_file
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    data = open(get_testdata_file("image_dfl.dcm"), "rb").read()
+    fp = io.BytesIO(data)
+    read_preamble(fp, False)
+    meta = _read_file_meta_info(fp)
+    assert str(meta.TransferSyntaxUID) == "1.2.840.10008.1.2.1.99"
+    assert 132 < fp.tell() < 1024 < len(data)  # stopped at the end of the meta group
+    assert extract_header(io.BytesIO(data), "file:/x/image_dfl.dcm").status == "ok"

@@ -20,7 +20,7 @@ from conftest import copy_dicom_files, dicom_file, publish_in_process
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 
-from dicom_lakehouse.tables.store import read_delta
+from dicom_lakehouse.tables.delta_folder import read_delta
 from dicom_lakehouse.web.dicomweb import make_server
 
 FILES = ["CT_small.dcm", "MR_small.dcm", "MR_small_jp2klossless.dcm", "JPEG2000.dcm", "emri_small.dcm",

@@ -37,7 +37,7 @@ def site(tmp_path_factory):
     from dicom_lakehouse.config import load_conf
     from dicom_lakehouse.params import validate
     from dicom_lakehouse.steps.pipeline import STEP_FUNCS
-    from dicom_lakehouse.tables.store import DeltaRsStore
+    from dicom_lakehouse.tables.delta_rs import DeltaRsStore
 
     tmp = tmp_path_factory.mktemp("exposure")
     copy_dicom_files(tmp / "src", ["CT_small.dcm", "MR_small.dcm"])

@@ -6,7 +6,9 @@ from __future__ import annotations
 import pyarrow as pa
 
 from dicom_lakehouse.tables import schema as S
-from dicom_lakehouse.tables.store import SparkDeltaStore, TableRef, commit_metadata
+from dicom_lakehouse.tables.ref import TableRef
+from dicom_lakehouse.tables.spark_delta import SparkDeltaStore
+from dicom_lakehouse.tables.store import commit_metadata
 
 STAGE = TableRef("main", "pixels", "t").staged("meta__R1")
 TARGET = TableRef("main", "pixels", "t")

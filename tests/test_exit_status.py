@@ -21,7 +21,7 @@ from conftest import ROOT
 
 from dicom_lakehouse.params import validate
 from dicom_lakehouse.steps.pipeline import STEP_FUNCS
-from dicom_lakehouse.tables.store import SparkDeltaStore
+from dicom_lakehouse.tables.spark_delta import SparkDeltaStore
 
 pytestmark = pytest.mark.e2e
 RUNS = 30

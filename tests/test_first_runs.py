@@ -9,7 +9,11 @@ import threading
 import pyarrow as pa
 
 from dicom_lakehouse.tables import schema as S
-from dicom_lakehouse.tables.store import DeltaRsStore, SparkDeltaStore, TableRef, commit_metadata, read_delta
+from dicom_lakehouse.tables.delta_folder import read_delta
+from dicom_lakehouse.tables.delta_rs import DeltaRsStore
+from dicom_lakehouse.tables.ref import TableRef
+from dicom_lakehouse.tables.spark_delta import SparkDeltaStore
+from dicom_lakehouse.tables.store import commit_metadata
 
 REF = TableRef("main", "pixels", "object_catalog")
 ROUNDS = 4

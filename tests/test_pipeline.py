@@ -13,8 +13,10 @@ from pyspark.sql import functions as F
 
 from dicom_lakehouse.params import validate
 from dicom_lakehouse.steps.pipeline import STEP_FUNCS, StepError, target_ref
+from dicom_lakehouse.tables.delta_folder import read_delta
+from dicom_lakehouse.tables.delta_rs import DeltaRsStore
 from dicom_lakehouse.tables.localsql import rewrite, run_sql
-from dicom_lakehouse.tables.store import DeltaRsStore, SparkDeltaStore, read_delta
+from dicom_lakehouse.tables.spark_delta import SparkDeltaStore
 
 
 def params(path, mode, run_id, table="object_catalog"):

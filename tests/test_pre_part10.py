@@ -19,7 +19,7 @@ from deltalake import write_deltalake
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 
-from dicom_lakehouse.dicom.header import _short
+from dicom_lakehouse.dicom.header import scrub_message
 from dicom_lakehouse.dicom.thumbnails import render
 
 # (pydicom file, written as: implicit VR, little endian, with a 128-byte preamble and DICM but no group)
@@ -142,8 +142,8 @@ def test_error_text_keeps_pydicoms_words_not_values(tmp_path):
         t = render(f, SIZE)
     assert (t.status, t.error) == ("error", "AttributeError: Missing required element: (0028,0100) 'Bits Allocated'")
     e = AttributeError("'transfer_syntax_uid' is required if the dataset in 'src' is not in the DICOM File Format")
-    assert _short(e) == str(e)
-    assert _short(ValueError("Invalid value for VR PN: 'Doe^Jane', \"Smith\" in 'FileMetaDataset.PatientName'")) \
+    assert scrub_message(e) == str(e)
+    assert scrub_message(ValueError("Invalid value for VR PN: 'Doe^Jane', \"Smith\" in 'FileMetaDataset.PatientName'")) \
         == "Invalid value for VR PN: '<value>', '<value>' in 'FileMetaDataset.PatientName'"
 
 

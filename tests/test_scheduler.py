@@ -87,6 +87,6 @@ def test_schedule_command_runs_the_job_and_stops_on_ctrl_c(tmp_path, sample_dir)
     assert "run 1 ended: SUCCESS" in out and "scheduler stopped after 1 run(s)" in out
     fired = [line for line in lines if line.startswith("run 1 fired at")][0]
     assert int(fired.split("T")[1][6:8]) % 5 == 0  # fired on a 5-second boundary
-    from dicom_lakehouse.tables.store import read_delta
+    from dicom_lakehouse.tables.delta_folder import read_delta
 
     assert read_delta(str(wh / "main" / "pixels" / "object_catalog")).num_rows == 13

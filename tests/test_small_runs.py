@@ -7,7 +7,9 @@ import pyarrow as pa
 
 from dicom_lakehouse.params import validate
 from dicom_lakehouse.steps.pipeline import STEP_FUNCS, target_ref
-from dicom_lakehouse.tables.store import DeltaRsStore, SparkDeltaStore, read_delta
+from dicom_lakehouse.tables.delta_folder import read_delta
+from dicom_lakehouse.tables.delta_rs import DeltaRsStore
+from dicom_lakehouse.tables.spark_delta import SparkDeltaStore
 
 STEPS = ("catalog", "extract_meta", "thumbnail", "deidentify", "publish")
 RUN_SPECIFIC = ("ingested_at", "run_id")

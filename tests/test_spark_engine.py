@@ -15,7 +15,10 @@ from dicom_lakehouse.config import find_conf_dir
 from dicom_lakehouse.params import validate
 from dicom_lakehouse.steps.pipeline import STEP_FUNCS, _file_per_partition
 from dicom_lakehouse.tables import schema as S
-from dicom_lakehouse.tables.store import DeltaRsStore, SparkDeltaStore, TableRef, read_delta
+from dicom_lakehouse.tables.delta_folder import read_delta
+from dicom_lakehouse.tables.delta_rs import DeltaRsStore
+from dicom_lakehouse.tables.ref import TableRef
+from dicom_lakehouse.tables.spark_delta import SparkDeltaStore
 
 IGNORE = ("run_id", "ingested_at")
 

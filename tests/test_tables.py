@@ -2,15 +2,16 @@
 
 import pytest
 
+from dicom_lakehouse.config import ConfigError
 from dicom_lakehouse.tables import schema as S
-from dicom_lakehouse.tables.store import (
-    DeltaRsStore,
+from dicom_lakehouse.tables.delta_rs import DeltaRsStore
+from dicom_lakehouse.tables.engine import open_store
+from dicom_lakehouse.tables.ref import TableRef
+from dicom_lakehouse.tables.spark_delta import (
     SparkDeltaStore,
-    TableRef,
     create_table_sql,
     insert_overwrite_sql,
     merge_sql,
-    open_store,
 )
 
 REF = TableRef("main", "pixels", "object_catalog")
@@ -63,7 +64,7 @@ def test_engine_choice(spark, tmp_path):
     by_name = open_store(spark, {"table_engine": "spark", "table_names": "catalog"})
     assert by_name.warehouse is None and by_name.ident(REF) == REF.quoted
     assert isinstance(open_store(spark, {"table_engine": "delta-rs", "warehouse": str(tmp_path)}), DeltaRsStore)
-    with pytest.raises(ValueError, match="table_engine 'hive'"):
+    with pytest.raises(ConfigError, match="table_engine 'hive'"):
         open_store(spark, {"table_engine": "hive"})
 
 

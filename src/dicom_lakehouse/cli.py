@@ -16,6 +16,7 @@ from dicom_lakehouse.config import (
     ConfigError,
     load_conf,
     repo_root,
+    table_engine,
     warehouse_dir,
 )
 from dicom_lakehouse.jobs.bundle import BundleError, resolve
@@ -193,7 +194,7 @@ def demo(ctx, params):
     table = f"{overrides.get('catalog', v['catalog'])}.{overrides.get('schema', v['schema'])}.{overrides.get('table', v['table'])}"
     click.echo(f"\n{SUMMARY_SQL.format(table=table)}")
     conf = load_conf("local")
-    if conf.get("table_engine") == "delta-rs":  # the local default: the summary without a JVM either
+    if table_engine(conf) == "delta-rs":  # the local default: the summary without a JVM either
         from dicom_lakehouse.tables.localsql import run_sql_delta_rs, show_text
 
         click.echo(show_text(run_sql_delta_rs(warehouse_dir(conf, ctx.obj.get("warehouse")),
@@ -271,7 +272,6 @@ def gallery(ctx, table_name, where, limit, out):
     """Write a self-contained HTML thumbnail gallery of the published table."""
     from dicom_lakehouse.tables import schema as S
     from dicom_lakehouse.tables.localsql import run_sql, warehouse_tables
-    from dicom_lakehouse.tables.store import configured_engine
     from dicom_lakehouse.web.gallery import (
         GalleryError,
         check_table,
@@ -284,11 +284,11 @@ def gallery(ctx, table_name, where, limit, out):
     try:  # refuse bad input before a session starts
         check_table(table_name)
         condition = check_where(where, S.column_names("publish")) if where else None
-        engine = configured_engine(conf)
+        engine = table_engine(conf)
         tables = warehouse_tables(warehouse_dir(conf, ctx.obj.get("warehouse")))
         if table_name not in tables:
             raise GalleryError(f"no Delta table {table_name} in the warehouse: publish it first (python RUNME.py --run)")
-    except (GalleryError, ValueError) as e:
+    except (GalleryError, ConfigError, ValueError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     rows = None

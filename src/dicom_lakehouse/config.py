@@ -18,6 +18,18 @@ class ConfigError(RuntimeError):
     """conf/ is missing or malformed."""
 
 
+TABLE_ENGINES = ("auto", "spark", "delta-rs")
+
+
+def table_engine(conf: dict) -> str:
+    """The table engine asked for: conf `table_engine`, after $DICOM_LAKEHOUSE_TABLE_ENGINE and a
+    task's --engine. The one place that reads it; `auto` is settled by the session (open_store)."""
+    engine = conf.get("table_engine", "auto")
+    if engine not in TABLE_ENGINES:
+        raise ConfigError(f"table_engine {engine!r} in conf/ is not one of {', '.join(TABLE_ENGINES)}")
+    return engine
+
+
 def repo_root() -> Path:
     """The checkout this package lives in (src layout), or the working directory when installed."""
     here = Path(__file__).resolve().parent
@@ -74,6 +86,7 @@ def load_conf(target: str = "local", conf_dir: str | os.PathLike | None = None) 
             conf = deep_merge(conf, yaml.safe_load(f) or {})
     if os.environ.get(ENV_TABLE_ENGINE):
         conf["table_engine"] = os.environ[ENV_TABLE_ENGINE]
+    table_engine(conf)  # a wrong name stops here, before any work
     _whole_number(conf, "driver_max_files", ENV_DRIVER_MAX_FILES, 0, "")
     _whole_number(conf, "driver_processes", ENV_DRIVER_PROCESSES, 1, " (0: one per core)")
     conf["target"] = target

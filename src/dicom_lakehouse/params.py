@@ -50,6 +50,11 @@ class JobParams:
     extra: dict = field(default_factory=dict)
 
     @property
+    def deidentifies(self) -> bool:
+        """Whether this run writes de-identified copies (deid is not `none`)."""
+        return self.deid != "none"
+
+    @property
     def full_name(self) -> str:
         return f"{self.catalog}.{self.schema}.{self.table}"
 

@@ -20,7 +20,8 @@ from conftest import dicom_file  # noqa: E402
 
 from dicom_lakehouse.params import validate  # noqa: E402
 from dicom_lakehouse.steps.pipeline import STEP_FUNCS, target_ref  # noqa: E402
-from dicom_lakehouse.tables.store import DeltaRsStore, read_delta  # noqa: E402
+from dicom_lakehouse.tables.delta_folder import read_delta  # noqa: E402
+from dicom_lakehouse.tables.delta_rs import DeltaRsStore  # noqa: E402
 
 STEPS = ("catalog", "extract_meta", "thumbnail", "publish")
 COMPARE = ("path", "status", "error", "modality", "rows", "columns", "meta", "thumbnail_status", "thumbnail")

@@ -89,7 +89,8 @@ def test_hostile_corpus_through_the_pipeline(corpus, spark, conf, tmp_path):
 
     from dicom_lakehouse.params import validate
     from dicom_lakehouse.steps.pipeline import STEP_FUNCS, target_ref
-    from dicom_lakehouse.tables.store import DeltaRsStore, read_delta
+    from dicom_lakehouse.tables.delta_folder import read_delta
+    from dicom_lakehouse.tables.delta_rs import DeltaRsStore
 
     root, cases = corpus
     store = DeltaRsStore(spark, tmp_path / "wh")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicom_lakehouse.tables.store import read_delta
+from dicom_lakehouse.tables.delta_folder import read_delta
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))

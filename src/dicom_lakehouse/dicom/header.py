@@ -23,7 +23,7 @@ from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import _read_file_meta_info, read_partial, read_preamble
+from pydicom.filereader import _read_file_meta_info, read_partial, read_preamble  # private: see test_dicom_meta
 from pydicom.filewriter import write_file_meta_info
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian
@@ -32,7 +32,6 @@ from dicom_lakehouse.dicom.json_model import plain_codec, raw_to_json
 
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
-BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW", "US or OW"})
 # Promoted columns: (column, tag as 8 hex digits, kind)
 PROMOTED = [
     ("sop_instance_uid", "00080018", "str"),
@@ -111,7 +110,7 @@ class _Converter:
             try:
                 elem = ds[tag]
             except Exception as e:  # noqa: BLE001
-                self.warnings.append(f"{prefix}{key} unreadable: {type(e).__name__}: {_short(e)}")
+                self.warnings.append(f"{prefix}{key} unreadable: {type(e).__name__}: {scrub_message(e)}")
                 continue
             try:
                 if elem.VR == "SQ":
@@ -126,7 +125,7 @@ class _Converter:
             except RecursionError:
                 raise
             except Exception as e:  # noqa: BLE001 - any bad value drops only this element
-                self.warnings.append(f"{prefix}{key} dropped: {type(e).__name__}: {_short(e)}")
+                self.warnings.append(f"{prefix}{key} dropped: {type(e).__name__}: {scrub_message(e)}")
         return out
 
 
@@ -155,7 +154,7 @@ def _names_only(m: re.Match) -> str:
     return m.group(0) if word and all(p in known for p in word.split(".")) else "'<value>'"
 
 
-def _short(e: Exception, n: int = 160) -> str:
+def scrub_message(e: Exception, n: int = 160) -> str:
     """Message without quoted values, so that no patient data reaches `error` or logs; a quoted
     attribute, keyword or parameter name stays (it says what is missing, and holds no value)."""
     s = _QUOTED.sub(_names_only, str(e).replace("\n", " ")).split(" Please see <")[0]
@@ -429,7 +428,7 @@ def extract_header(fp, uri: str, bulk_data_threshold: int = 1024, max_inflated: 
         status = "ok_with_warnings" if warns else "ok"
         return HeaderResult(status, "; ".join(dict.fromkeys(warns))[:4000] or None, meta, cols)
     except InvalidDicomError as e:
-        return HeaderResult("not_dicom", _short(e, 300))
+        return HeaderResult("not_dicom", scrub_message(e, 300))
     except TooLarge as e:
         return HeaderResult("error", str(e))
     except RecursionError:
@@ -437,11 +436,11 @@ def extract_header(fp, uri: str, bulk_data_threshold: int = 1024, max_inflated: 
     except MemoryError:
         return HeaderResult("error", "header does not fit in memory")
     except Exception as e:  # noqa: BLE001 - a corrupt file is a status, never a failed task
-        return HeaderResult("error", f"{type(e).__name__}: {_short(e, 300)}")
+        return HeaderResult("error", f"{type(e).__name__}: {scrub_message(e, 300)}")
     except BaseException as e:
         if not is_decoder_panic(e):
             raise
-        return HeaderResult("error", f"parser crashed: {_short(e, 300)}")
+        return HeaderResult("error", f"parser crashed: {scrub_message(e, 300)}")
 
 
 def is_decoder_panic(e: BaseException) -> bool:
@@ -452,7 +451,7 @@ def is_decoder_panic(e: BaseException) -> bool:
 def _warning_text(w) -> str:
     if "before delimiter" in str(w.message):  # pydicom's text names the file: say it without the path
         return "the file ends inside an element of undefined length: the elements from there on are missing"
-    return f"pydicom: {_short(w.message)}"
+    return f"pydicom: {scrub_message(w.message)}"
 
 
 def _relevant(w) -> bool:

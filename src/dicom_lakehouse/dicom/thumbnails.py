@@ -20,11 +20,11 @@ from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply
 from dicom_lakehouse.dicom.header import (
     MAX_INFLATED,
     TooLarge,
-    _short,
     has_file_meta,
     implied_transfer_syntax,
     is_decoder_panic,
     open_dataset,
+    scrub_message,
 )
 from dicom_lakehouse.dicom.reduced_decode import decode_reduced
 
@@ -259,8 +259,8 @@ def render(
     except TooLarge as e:
         return Thumbnail("skipped_too_large", error=str(e))
     except Exception as e:  # noqa: BLE001 - malformed pixel data is a status, never a failed task
-        return Thumbnail("error", error=f"{type(e).__name__}: {_short(e, 300)}")
+        return Thumbnail("error", error=f"{type(e).__name__}: {scrub_message(e, 300)}")
     except BaseException as e:
         if not is_decoder_panic(e):
             raise
-        return Thumbnail("error", error=f"decoder crashed: {_short(e, 300)}")
+        return Thumbnail("error", error=f"decoder crashed: {scrub_message(e, 300)}")

@@ -38,13 +38,13 @@ def _is_zip_archive(path: str) -> bool:
         if not is_object_store(path):
             local = local_path_of(path)
             return os.path.isfile(local) and zipfile.is_zipfile(local)
-        with _open_fs(path) as f:
+        with open_fs(path) as f:
             return zipfile.is_zipfile(f)
     except (OSError, ValueError):
         return False
 
 
-def _open_fs(path: str):
+def open_fs(path: str):
     if is_object_store(path):
         try:
             import fsspec  # optional: s3fs/adlfs/gcsfs give executors object-store access
@@ -62,13 +62,13 @@ def open_source(path: str):
     """Yield a seekable binary stream for a file URI or a zip member."""
     archive, member = split_member(path)
     if member is None:
-        f = _open_fs(path)
+        f = open_fs(path)
         try:
             yield f
         finally:
             f.close()
         return
-    outer = _open_fs(archive)
+    outer = open_fs(archive)
     try:
         with zipfile.ZipFile(outer) as zf:
             info = zf.getinfo(member)

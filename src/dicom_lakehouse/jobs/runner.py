@@ -27,7 +27,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dicom_lakehouse.config import ENV_DRIVER_MAX_FILES
+from dicom_lakehouse.config import ENV_DRIVER_MAX_FILES, table_engine
 from dicom_lakehouse.jobs.bundle import task_order
 from dicom_lakehouse.jobs.handoff import (
     GATE_ENV,
@@ -41,6 +41,7 @@ from dicom_lakehouse.jobs.handoff import (
 )
 from dicom_lakehouse.params import ParameterError, validate
 from dicom_lakehouse.spark.connect_server import TOKEN_ENV, ConnectServer, die_with_parent
+from dicom_lakehouse.spark.submit import class_data_archive, submit_cmd
 
 log = logging.getLogger(__name__)
 PARAM_REF = re.compile(r"\{\{\s*job\.parameters\.([A-Za-z0-9_]+)\s*\}\}")
@@ -105,45 +106,6 @@ def task_argv(task: dict, values: dict, run_id: str) -> list[str]:
     return [sub(str(a)) for a in task["spark_python_task"].get("parameters") or []]
 
 
-def class_data_archive(conf: dict, kind: str = "task") -> Path | None:
-    """Where the task JVMs' class-data-sharing archive lives (None when disabled in conf/).
-
-    Loading Spark's classes from a CDS archive cuts about 4 s off each task's JVM start; the first
-    task that runs without one writes it at exit (once, about 150 MB, 20 s)."""
-    import platform
-
-    import pyspark
-
-    if not (conf.get("runner") or {}).get("class_data_sharing", False):
-        return None
-    spark_conf_dir = os.environ.get("SPARK_CONF_DIR")
-    if spark_conf_dir and Path(spark_conf_dir).is_dir() and any(Path(spark_conf_dir).iterdir()):
-        # spark-submit puts SPARK_CONF_DIR on the class path, and the JVM refuses to write (and then
-        # fails at exit) or to use an archive when a class-path folder is not empty.
-        return None
-    build = Path(conf.get("conf_dir", ".")).parent / conf.get("build_dir", "build")
-    return build / f"spark-cds-{kind}-{pyspark.__version__}-{platform.machine()}.jsa"
-
-
-def spark_submit_cmd(conf: dict, master: str, python_file: str, argv: list[str], name: str,
-                     py_files: str | None = None, java_options: str = "") -> list[str]:
-    import pyspark
-
-    spark_conf = conf.get("spark") or {}
-    cmd = [str(Path(pyspark.__file__).parent / "bin" / "spark-submit"), "--master", master,
-           "--name", f"dicom-lakehouse:{name}", "--driver-memory", str(spark_conf.get("driver_memory", "2g"))]
-    settings = dict(spark_conf.get("conf") or {})
-    if java_options:
-        key = "spark.driver.extraJavaOptions"
-        settings[key] = f"{settings.get(key, '')} {java_options}".strip()
-    for k, v in settings.items():
-        cmd += ["--conf", f"{k}={v}"]
-    if py_files:
-        cmd += ["--py-files", py_files]
-    cmd += list((conf.get("runner") or {}).get("spark_submit_extra") or [])
-    return [*cmd, python_file, *argv]
-
-
 def _shared_server(stack: contextlib.ExitStack, conf: dict, master: str, folder: Path, env: dict, echo) -> str:
     """This run's Connect server, started when a task first asks for it; the token goes to the task
     processes' environment only."""
@@ -152,7 +114,7 @@ def _shared_server(stack: contextlib.ExitStack, conf: dict, master: str, folder:
                            class_archive=class_data_archive(conf, "connect-server"))
     # Every task but those of a delta-rs run opens its session as it starts (taskmain): then the
     # server starts with the run, while the first task's process is still importing.
-    url = stack.enter_context(on_demand(server, folder, echo, now=conf.get("table_engine") != "delta-rs"))
+    url = stack.enter_context(on_demand(server, folder, echo, now=table_engine(conf) != "delta-rs"))
     env.update({TOKEN_ENV: token, ON_DEMAND_ENV: str(folder), RUNNER_PID_ENV: str(os.getpid())})
     if master.startswith("local"):
         env[SERVER_HAS_LIBRARY_ENV] = "1"  # else the tasks ship the library to the cluster's executors
@@ -344,7 +306,7 @@ def drop_run_stages(conf: dict, params, run_id: str, warehouse: str | None) -> l
     wh, dropped = warehouse_dir(conf, warehouse), []
     for step in STAGES:
         ref = stage_ref(p, step)
-        folder = wh / ref.catalog / ref.schema / ref.table
+        folder = ref.folder(wh)
         if not folder.is_dir():
             continue
         remove_delta_folder(folder)
@@ -417,7 +379,7 @@ def run_job(
     values = job_parameters(settings, overrides or {}, root)
     # Validate before any task starts: a bad parameter must not leave staged output behind.
     checked = validate({**values, "target": conf.get("target", target)}, (conf.get("listing") or {}).get("allowed_roots"))
-    if checked.deid != "none":
+    if checked.deidentifies:
         from dicom_lakehouse.dicom.deid import DeidError
         from dicom_lakehouse.steps.deid_key import resolve_key
 
@@ -464,7 +426,7 @@ def run_job(
         where = remote or master
         if session == "shared" and not remote:
             remote = _shared_server(stack, conf, master, folder, env, echo)
-            eager = conf.get("table_engine") != "delta-rs"
+            eager = table_engine(conf) != "delta-rs"
             where = f"{master} (through a Spark Connect server on loopback, " + \
                 ("started with the run)" if eager else "started only if a task needs Spark)")
         cds = class_data_archive(conf)
@@ -485,7 +447,7 @@ def run_job(
             elif cds is not None:
                 dump = cds.with_name(f"{cds.stem}.{run_id}.tmp")
                 java = f"-XX:ArchiveClassesAtExit={dump}"
-            commands[key] = spark_submit_cmd(conf, master, python_file, argv, key, py_files, java)
+            commands[key] = submit_cmd(conf, master, key, [python_file, *argv], java_options=java, py_files=py_files)
 
         # Start each task's process while its upstream task runs; it waits at a gate, with its per-file
         # code imported (and its Spark session up, when the run uses one). Local masters only (on a

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from dicom_lakehouse.config import ConfigError, load_conf
+from dicom_lakehouse.config import ConfigError, load_conf, table_engine
 from dicom_lakehouse.jobs.handoff import (
     CANCELED_BEFORE_START,
     GATE_ENV,
@@ -104,7 +104,7 @@ def run_task(step: str, argv: list[str] | None = None) -> int:
     except (ParameterError, ConfigError) as e:
         log.error("%s: invalid parameters, nothing was done: %s", step, e)
         return 2
-    if step == "deidentify" and params.deid == "none":
+    if step == "deidentify" and not params.deidentifies:
         # Passed through at no cost: no Spark session, nothing read or written.
         log.info("deidentify: deid is none, nothing to do")
         print(RESULT_MARK + json.dumps({"step": step, "run_id": params.run_id, "deid": "none", "files_in": 0,
@@ -120,9 +120,9 @@ def run_task(step: str, argv: list[str] | None = None) -> int:
 
 def started_by_spark_submit() -> bool:
     """A task run by plain spark-submit, outside the local runner and Databricks."""
-    from dicom_lakehouse.spark.session import _under_launcher
+    from dicom_lakehouse.spark.session import under_launcher
 
-    return _under_launcher() and not os.environ.get(RUNNER_ENV) and not os.environ.get("DATABRICKS_RUNTIME_VERSION")
+    return under_launcher() and not os.environ.get(RUNNER_ENV) and not os.environ.get("DATABRICKS_RUNTIME_VERSION")
 
 
 def launch_choices(conf: dict, engine: str | None) -> dict:
@@ -156,17 +156,17 @@ def start_local_pool(step: str, conf: dict) -> None:
 def _run_step(step: str, params, conf: dict) -> int:
     from dicom_lakehouse.spark.session import ClusterUnavailable, LazySession, get_spark
     from dicom_lakehouse.steps.pipeline import STEP_FUNCS, StepError
-    from dicom_lakehouse.tables.store import NoSparkDelta, open_store
+    from dicom_lakehouse.tables.engine import NoSparkDelta, open_store
 
     # On delta-rs the session is made when first used: a small run needs none (nor its runner a JVM).
     # Every other engine uses it at once, and gets the session itself (Databricks: the one it made).
     lazy = LazySession(lambda: get_spark(conf, params.remote, app_name=f"dicom-lakehouse:{step}", **session_hooks()))
     try:
-        spark = lazy if conf.get("table_engine") == "delta-rs" else lazy.get()
+        spark = lazy if table_engine(conf) == "delta-rs" else lazy.get()
     except ClusterUnavailable as e:  # exit 2: a retry cannot help
         log.error("%s: nothing was done: %s", step, e)
         return 2
-    if params.deid != "none":
+    if params.deidentifies:
         from dicom_lakehouse.dicom.deid import KEY_ENV, DeidError
         from dicom_lakehouse.steps.deid_key import resolve_key
 

@@ -17,6 +17,8 @@ import time
 from functools import partial
 from pathlib import Path
 
+from dicom_lakehouse.spark.submit import submit_cmd
+
 TOKEN_ENV = "SPARK_CONNECT_AUTHENTICATE_TOKEN"
 
 
@@ -41,8 +43,6 @@ class ConnectServer:
         self._lock = threading.Lock()
 
     def start(self) -> None:
-        import pyspark
-
         from dicom_lakehouse.spark.session import LOG4J2_PROPERTIES
 
         with self._lock:
@@ -55,23 +55,16 @@ class ConnectServer:
                 archive.parent.mkdir(parents=True, exist_ok=True)
                 self.dump = archive.with_name(f"{archive.stem}.{secrets.token_hex(4)}.tmp")
                 java_options = f"-XX:ArchiveClassesAtExit={self.dump}"
-            spark_conf = self.conf.get("spark") or {}
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             log4j = self.log_path.with_name("connect-server-log4j2.properties")
             log4j.write_text(LOG4J2_PROPERTIES)
-            cmd = [str(Path(pyspark.__file__).parent / "bin" / "spark-submit"), "--class",
-                   "org.apache.spark.sql.connect.service.SparkConnectServer", "--master", self.master,
-                   "--name", "dicom-lakehouse:connect-server",
-                   "--driver-memory", str(spark_conf.get("driver_memory", "2g")),
-                   "--conf", f"spark.connect.grpc.binding.port={self.port}",
-                   "--conf", "spark.connect.grpc.binding.address=127.0.0.1"]
-            settings = dict(spark_conf.get("conf") or {})
-            java = "spark.driver.extraJavaOptions"
-            settings[java] = f"{settings.get(java, '')} -Dlog4j2.configurationFile={log4j} {java_options}".strip()
-            for k, v in settings.items():
-                cmd += ["--conf", f"{k}={v}"]
+            cmd = submit_cmd(self.conf, self.master, "connect-server", ["spark-internal"],
+                             java_options=f"-Dlog4j2.configurationFile={log4j} {java_options}".strip(),
+                             settings={"spark.connect.grpc.binding.port": self.port,
+                                       "spark.connect.grpc.binding.address": "127.0.0.1"},
+                             main_class="org.apache.spark.sql.connect.service.SparkConnectServer", extra=False)
             env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1", TOKEN_ENV: self.token}
-            self.proc = _launch_bound_to_this_process([*cmd, "spark-internal"], self.log_path, env)
+            self.proc = _launch_bound_to_this_process(cmd, self.log_path, env)
 
     def wait_ready(self, timeout: float = 180) -> None:
         deadline = time.time() + timeout

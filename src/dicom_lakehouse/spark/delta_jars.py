@@ -19,6 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from dicom_lakehouse.config import table_engine
+
 log = logging.getLogger(__name__)
 
 ENV_CACHE = "DICOM_LAKEHOUSE_CACHE"
@@ -73,18 +75,17 @@ def fetch(coord: str, timeout: float = 900) -> list[str]:
     jars = cached_jars(coord)
     if jars:
         return jars
-    import pyspark
+    from dicom_lakehouse.spark.submit import spark_submit
 
     folder = ivy_dir(coord)
     folder.mkdir(parents=True, exist_ok=True)
-    submit = Path(pyspark.__file__).parent / "bin" / "spark-submit"
     with tempfile.TemporaryDirectory() as tmp:
         noop = Path(tmp) / "noop.py"
         noop.write_text("")  # spark-submit resolves --packages before it starts the (empty) application
         env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
         log.info("fetching %s from Maven Central into %s", coord, folder)
         try:
-            r = subprocess.run([str(submit), "--master", "local[1]", "--packages", coord,
+            r = subprocess.run([spark_submit(), "--master", "local[1]", "--packages", coord,
                                 "--conf", f"spark.jars.ivy={folder}", str(noop)],
                                capture_output=True, text=True, timeout=timeout, env=env)
         except subprocess.TimeoutExpired as e:
@@ -112,7 +113,7 @@ def spark_settings(jars: list[str]) -> dict[str, str]:
 
 
 def wants_spark_delta(conf: dict) -> bool:
-    return conf.get("table_engine", "auto") in ("auto", "spark")
+    return table_engine(conf) in ("auto", "spark")
 
 
 def delta_settings(conf: dict) -> dict[str, str]:
@@ -124,7 +125,7 @@ def delta_settings(conf: dict) -> dict[str, str]:
     try:
         return spark_settings(fetch(coordinate(conf)))
     except DeltaJarsUnavailable as e:
-        if conf.get("table_engine", "auto") == "spark":
+        if table_engine(conf) == "spark":
             raise
         log.warning("Spark's Delta engine is unavailable (%s); tables are written with delta-rs instead", e)
         return {}

@@ -15,7 +15,7 @@ from dicom_lakehouse.config import ConfigError
 from dicom_lakehouse.spark.delta_jars import delta_settings
 
 
-def _under_launcher() -> bool:
+def under_launcher() -> bool:
     """True when spark-submit or Databricks already chose the master; we must not override it."""
     return bool(os.environ.get("PYSPARK_GATEWAY_PORT") or os.environ.get("DATABRICKS_RUNTIME_VERSION"))
 
@@ -90,7 +90,7 @@ def get_spark(conf: dict, remote: str | None = None, app_name: str | None = None
             _ship_library(spark)
         return spark
     settings = dict(spark_conf.get("conf") or {})
-    if not _under_launcher():
+    if not under_launcher():
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         os.environ.setdefault("SPARK_LOCAL_IP", spark_conf.get("local_ip", "127.0.0.1"))
         builder = builder.master(spark_conf.get("master", "local[*]"))
@@ -101,7 +101,7 @@ def get_spark(conf: dict, remote: str | None = None, app_name: str | None = None
         return builder.getOrCreate()
     for key, value in settings.items():
         builder = builder.config(key, str(value))
-    check_master(_launch_master() if _under_launcher() else spark_conf.get("master", "local[*]"))
+    check_master(_launch_master() if under_launcher() else spark_conf.get("master", "local[*]"))
     spark = builder.getOrCreate()
     quiet_delta_logs(spark)
     master = cluster_master(spark)

@@ -24,14 +24,22 @@ def _databricks_secret(spark, scope: str, key: str) -> str | None:
                         "or set " + KEY_ENV) from None
 
 
+_FROM_SCOPE: dict[tuple[str, str], str] = {}
+
+
 def resolve_key(conf: dict, spark=None, environ=os.environ) -> Pseudonyms:
     """The key from `DICOM_LAKEHOUSE_DEID_KEY`, else (on Databricks) from conf deid.secret_scope and
-    deid.secret_key; else a DeidError that says how to provide one."""
+    deid.secret_key; else a DeidError that says how to provide one. A task checks the key before any
+    work and uses it later: a secret scope is read once per process."""
     value = environ.get(KEY_ENV)
     dconf = conf.get("deid") or {}
     scope, name = dconf.get("secret_scope"), dconf.get("secret_key")
     if not value and spark is not None and scope and name:
-        value = _databricks_secret(spark, scope, name)
+        if (scope, name) not in _FROM_SCOPE:
+            secret = _databricks_secret(spark, scope, name)
+            if secret:
+                _FROM_SCOPE[(scope, name)] = secret
+        value = _FROM_SCOPE.get((scope, name))
     if not value:
         where = f" or secret scope {scope!r} key {name!r}" if scope and name else ""
         raise DeidError(f"deid=basic needs a key and none was found: set {KEY_ENV}{where}. Make one with "

@@ -222,13 +222,13 @@ def _walk_hadoop(spark, path: str) -> Iterator[Entry]:
 # ---------------------------------------------------------------- zip archives
 def expand_zip(entry: Entry, limits: ZipLimits) -> Iterator[Entry]:
     """Member rows of a zip, or one error row for the archive. Reads the central directory only."""
-    from dicom_lakehouse.files.sources import _open_fs
+    from dicom_lakehouse.files.sources import open_fs
 
     def fail(msg):
         return Entry(entry.path, entry.relative_path, entry.length, entry.mtime_us, status="error", error=msg)
 
     try:
-        with _open_fs(entry.path) as f, zipfile.ZipFile(f) as zf:
+        with open_fs(entry.path) as f, zipfile.ZipFile(f) as zf:
             infos = [i for i in zf.infolist() if not i.is_dir()]
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as e:
         yield fail(f"corrupt or unreadable zip archive: {type(e).__name__}: {e}")

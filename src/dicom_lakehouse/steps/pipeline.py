@@ -34,7 +34,8 @@ from dicom_lakehouse.steps import local_pool
 from dicom_lakehouse.tables import schema as S
 from dicom_lakehouse.tables.derived import DERIVED
 from dicom_lakehouse.tables.derived import INPUT as DERIVED_INPUT
-from dicom_lakehouse.tables.store import TableRef, TableStore, commit_metadata
+from dicom_lakehouse.tables.ref import TableRef
+from dicom_lakehouse.tables.store import TableStore, commit_metadata
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def uses_spark(store: TableStore, p: JobParams, conf: dict, step: str, gate_open
     has more files than `driver_max_files` (known once the catalog task staged its listing), or to
     publish de-identified rows. False too if the gate opened before the listing was staged."""
     limit = driver_max_files(conf)
-    if store.engine != "delta-rs" or limit == 0 or (step == "publish" and p.deid != "none"):
+    if store.engine != "delta-rs" or limit == 0 or (step == "publish" and p.deidentifies):
         return True
     ref = stage_ref(p, "catalog")
     while not store.exists(ref):
@@ -449,7 +450,7 @@ def deid_batches(pseudo, options, out_root: str, threshold: int, max_inflated: i
 
 def run_deidentify(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
     """deid=none: nothing to do, and no Spark work. deid=basic: every file of the meta stage gets a row."""
-    if p.deid == "none":
+    if not p.deidentifies:
         return {"files_in": 0, "rows_out": 0, "errors": 0, "deid": "none"}
     from dicom_lakehouse.steps.deid_key import resolve_key
 
@@ -552,7 +553,7 @@ def run_publish(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
         derived = {name: job.result() for name, job in jobs.items()}
     log.info("publish: %d rows into %s (%s, %d rows now); studies and series refreshed in %.1f s", rows,
              target.name, mode, total, time.time() - t0)
-    deid = _publish_deid(store, p, store.read(thumbs, "thumbnail"), mode, meta) if p.deid != "none" else None
+    deid = _publish_deid(store, p, store.read(thumbs, "thumbnail"), mode, meta) if p.deidentifies else None
     if (conf.get("stage_retention") or "drop") == "drop":
         for step in STAGES:
             if store.exists(stage_ref(p, step)):

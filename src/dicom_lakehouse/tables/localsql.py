@@ -10,10 +10,11 @@ and on Databricks.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
-from dicom_lakehouse.params import IDENTIFIER
+from dicom_lakehouse.tables.ref import TableRef
 
 
 def warehouse_tables(warehouse: str | Path) -> dict[str, Path]:
@@ -21,9 +22,9 @@ def warehouse_tables(warehouse: str | Path) -> dict[str, Path]:
     found = {}
     root = Path(warehouse)
     for log in sorted(root.glob("*/*/*/_delta_log")):
-        c, s, t = log.parent.relative_to(root).parts
-        if all(IDENTIFIER.match(x) for x in (c, s, t)):
-            found[f"{c}.{s}.{t}"] = log.parent
+        name = ".".join(log.parent.relative_to(root).parts)
+        with contextlib.suppress(ValueError):  # a folder that is no table name
+            found[name] = TableRef.parse(name).folder(root)
     return found
 
 

@@ -613,10 +613,9 @@ def make_handler(catalog: Catalog, token: str | None, viewer: Path | None = None
 
 
 def table_location(table: str, warehouse: str) -> str:
-    parts = table.split(".")
-    if len(parts) != 3 or not all(re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", p) for p in parts):
-        raise ValueError(f"--table {table!r}: give catalog.schema.table, each a SQL identifier")
-    loc = Path(warehouse).joinpath(*parts)
+    from dicom_lakehouse.tables.ref import TableRef
+
+    loc = TableRef.parse(table).folder(warehouse)
     if not (loc / "_delta_log").is_dir():
         raise ValueError(f"no Delta table at {loc}: publish {table} first (python RUNME.py --run)")
     return str(loc)

@@ -49,7 +49,6 @@ LEVEL_ATTRS = {"study": STUDY_ATTRS, "series": STUDY_ATTRS + SERIES_ATTRS,
 KEYWORDS = {kw: (tag, vr) for tag, kw, vr in STUDY_ATTRS + SERIES_ATTRS + INSTANCE_ATTRS}
 TAGS = {tag: (tag, vr) for tag, _, vr in STUDY_ATTRS + SERIES_ATTRS + INSTANCE_ATTRS}
 KEYWORDS["ModalitiesInStudy"] = TAGS[MODALITIES_IN_STUDY] = (MODALITIES_IN_STUDY, "CS")
-CONTROL = {"limit", "offset", "includefield", "fuzzymatching"}
 MAX_LIMIT = 10_000
 
 

@@ -1,0 +1,251 @@
+"""delta-rs, the embedded engine and the local default: Spark (or the task's own process) writes
+Parquet files into the table folder, and delta-rs commits them once (overwrite) or merges them
+(append = upsert). Rows never pass through the driver for an overwrite."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from dicom_lakehouse.tables import schema as S
+from dicom_lakehouse.tables.delta_folder import read_delta
+from dicom_lakehouse.tables.ref import TableRef
+from dicom_lakehouse.tables.store import KEY, TableStore, _retry, remove_delta_folder, user_metadata
+
+log = logging.getLogger(__name__)
+
+
+
+def _delta_rs_commit(metadata: dict):
+    """delta-rs commit properties: the metadata as top-level keys, and as the shared `userMetadata`."""
+    from deltalake import CommitProperties
+
+    return CommitProperties(custom_metadata={**metadata, "userMetadata": user_metadata(metadata)})
+
+
+def _setup_commit(metadata: dict, what: str):
+    """A commit that only prepares the table: its own step name, so that it never counts as the
+    step's data commit (a retried publish looks for that)."""
+    return _delta_rs_commit({**metadata, "dicom_lakehouse.step": what})
+
+
+class DeltaRsStore(TableStore):
+    engine = "delta-rs"
+
+    def __init__(self, spark, warehouse: str | os.PathLike):
+        super().__init__(spark)
+        self.warehouse = Path(warehouse)
+
+    def location(self, ref: TableRef) -> Path:
+        return ref.folder(self.warehouse)
+
+    def exists(self, ref: TableRef) -> bool:
+        from deltalake import DeltaTable
+
+        return DeltaTable.is_deltatable(str(self.location(ref)))
+
+    def _table(self, ref: TableRef):
+        from deltalake import DeltaTable
+
+        return DeltaTable(str(self.location(ref)))
+
+    def read(self, ref: TableRef, step: str = "publish"):
+        files = self._table(ref).file_uris()
+        sch = S.spark_schema(step)
+        if not files:
+            return self.spark.createDataFrame([], sch)
+        return self.spark.read.schema(sch).parquet(*files)
+
+    def count(self, ref: TableRef) -> int:
+        return int(self._table(ref).count())
+
+    def file_count(self, ref: TableRef) -> int:
+        return len(self._table(ref).file_uris())
+
+    def _spark_write(self, df, folder: Path) -> list[Path]:
+        df.write.mode("overwrite").parquet(folder.as_uri())
+        return sorted(folder.glob("*.parquet"))
+
+    @staticmethod
+    def _add_actions(root: Path, files: list[Path]):
+        from deltalake.transaction import AddAction
+
+        adds, rows = [], 0
+        for f in files:
+            n = pq.read_metadata(f).num_rows
+            rows += n
+            st = f.stat()
+            adds.append(
+                AddAction(
+                    path=f.relative_to(root).as_posix(),
+                    size=st.st_size,
+                    partition_values={},
+                    modification_time=int(st.st_mtime * 1000),
+                    data_change=True,
+                    stats=json.dumps({"numRecords": n}),
+                )
+            )
+        return adds, rows
+
+    def write(self, df, ref: TableRef, mode: str, metadata: dict, step: str = "publish") -> int:
+        from deltalake import DeltaTable, Schema
+        from deltalake.transaction import create_table_with_add_actions
+
+        root = self.location(ref)
+        root.mkdir(parents=True, exist_ok=True)
+        cols = S.column_names(step)
+        df = df.select(*cols)
+        arrow_schema = S.arrow_schema(step)
+        delta_schema = Schema.from_arrow(arrow_schema)
+        props = _delta_rs_commit(metadata)
+        if mode == "upsert":
+            self._prepare(ref, step, metadata)
+            incoming = root / "_incoming" / uuid.uuid4().hex
+            try:
+                files = self._spark_write(df, incoming)
+                if not files:
+                    return 0
+                rows = sum(pq.read_metadata(f).num_rows for f in files)
+                self._merge(ref, lambda: pads.dataset([str(f) for f in files], schema=arrow_schema)
+                            .to_batches(use_threads=False), arrow_schema, props)
+                return rows
+            finally:
+                shutil.rmtree(incoming, ignore_errors=True)
+        data_dir = root / "data" / f"{metadata.get('dicom_lakehouse.run_id', 'run')}-{uuid.uuid4().hex[:12]}"
+        files = self._spark_write(df, data_dir)
+        adds, rows = self._add_actions(root, files)
+
+        def commit():
+            if self.exists(ref):
+                self._set_stats_columns(ref, cols, metadata)
+                DeltaTable(str(root)).create_write_transaction(
+                    adds, mode="overwrite", schema=delta_schema, commit_properties=props
+                )
+            else:
+                create_table_with_add_actions(
+                    str(root), delta_schema, adds, mode="overwrite", name=ref.table,
+                    description=S.TABLE_COMMENT, configuration=S.table_properties(step), commit_properties=props,
+                )
+
+        _retry(f"overwrite {ref.name}", commit)
+        return rows
+
+    def _prepare(self, ref: TableRef, step: str, metadata: dict) -> None:
+        """Before an upsert: create the table if absent, in a commit of its own, so that two first runs
+        both merge into it instead of both creating it (the second creation would replace the first's
+        rows). Version 0 is written only if absent: the run that loses that race finds the table there.
+        A table from before the statistics setting gets it first."""
+        from deltalake import DeltaTable
+
+        root = self.location(ref)
+        props = _setup_commit(metadata, "create")
+
+        def create():
+            if not self.exists(ref):
+                root.mkdir(parents=True, exist_ok=True)
+                DeltaTable.create(str(root), S.arrow_schema(step), mode="ignore", name=ref.table,
+                                  description=S.TABLE_COMMENT, configuration=S.table_properties(step),
+                                  commit_properties=props)
+
+        _retry(f"create {ref.name}", create)
+        self._set_stats_columns(ref, S.column_names(step), metadata)
+
+    def _set_stats_columns(self, ref: TableRef, names, metadata: dict) -> None:
+        """Give a table written before the statistics setting that setting (its older log files keep
+        their statistics until the table is rewritten)."""
+        from deltalake import DeltaTable
+
+        want = S.stats_property(names)
+        dt = DeltaTable(str(self.location(ref)))
+        if all(dt.metadata().configuration.get(k) == v for k, v in want.items()):
+            return
+        props = _setup_commit(metadata, "set_properties")
+        _retry(f"set properties of {ref.name}",
+               lambda: DeltaTable(str(self.location(ref))).alter.set_table_properties(want, commit_properties=props))
+
+    def _merge(self, ref: TableRef, batches, arrow_schema, props) -> None:
+        """Upsert on `path` in one delta-rs MERGE; `batches` makes the source afresh for each attempt."""
+        import pyarrow as pa
+        from deltalake import DeltaTable
+
+        def merge():
+            reader = pa.RecordBatchReader.from_batches(arrow_schema, batches())
+            return (
+                DeltaTable(str(self.location(ref)))
+                .merge(reader, predicate=f"t.{KEY} = s.{KEY}", source_alias="s", target_alias="t",
+                       commit_properties=props)
+                .when_matched_update_all()
+                .when_not_matched_insert_all()
+                .execute()
+            )
+
+        stats = _retry(f"merge into {ref.name}", merge)
+        log.info("merge into %s: %s", ref.name, {k: stats.get(k) for k in
+                 ("num_target_rows_inserted", "num_target_rows_updated", "num_source_rows")})
+
+    def read_arrow(self, ref: TableRef, step: str = "publish", columns: tuple[str, ...] | None = None):
+        return read_delta(self.location(ref), list(columns) if columns else None)
+
+    def write_arrow(self, table, ref: TableRef, mode: str, metadata: dict, step: str = "publish") -> int:
+        """Rows in this process go to delta-rs directly: no Spark job, no Parquet files handed over."""
+        from deltalake import write_deltalake
+
+        arrow_schema = S.arrow_schema(step)
+        table = table.select(S.column_names(step)).cast(arrow_schema)
+        props = _delta_rs_commit(metadata)
+        if mode == "upsert":
+            self._prepare(ref, step, metadata)
+            if table.num_rows:
+                self._merge(ref, lambda: table.to_batches(), arrow_schema, props)
+            return table.num_rows
+        root = self.location(ref)
+        root.mkdir(parents=True, exist_ok=True)
+        if self.exists(ref):
+            self._set_stats_columns(ref, arrow_schema.names, metadata)
+        new = {} if self.exists(ref) else {"name": ref.table, "description": S.TABLE_COMMENT,
+                                           "configuration": S.table_properties(step)}
+        _retry(f"overwrite {ref.name}", lambda: write_deltalake(
+            str(root), table, mode="overwrite", schema_mode="overwrite", commit_properties=props, **new))
+        return table.num_rows
+
+    def value_counts(self, ref: TableRef, column: str, step: str = "publish") -> dict:
+        counts = self.read_arrow(ref, step, (column,)).column(column).value_counts()
+        return {v["values"]: v["counts"] for v in counts.to_pylist()}
+
+    def drop(self, ref: TableRef) -> None:
+        remove_delta_folder(self.location(ref))
+
+    def history(self, ref: TableRef, limit: int | None = None) -> list[dict]:
+        return self._table(ref).history(limit)
+
+    def write_derived(self, ref: TableRef, source: TableRef, select, metadata: dict, rows=None) -> str:
+        """delta-rs has no views: a small table, refreshed by each publish."""
+        from deltalake import write_deltalake
+
+        if rows is not None:
+            arrow = rows()
+        else:
+            view = f"dl_src_{uuid.uuid4().hex[:12]}"
+            self.read(source).createOrReplaceTempView(view)
+            try:
+                arrow = self.spark.sql(select(view)).toArrow()
+            finally:
+                self.spark.catalog.dropTempView(view)
+        props = _delta_rs_commit(metadata)
+        new = {"configuration": S.stats_property(arrow.schema.names)}
+        if self.exists(ref):
+            self._set_stats_columns(ref, arrow.schema.names, metadata)
+            new = {}
+        _retry(
+            f"refresh {ref.name}",
+            lambda: write_deltalake(str(self.location(ref)), arrow, mode="overwrite", schema_mode="overwrite",
+                                    commit_properties=props, **new),
+        )
+        return "table"
