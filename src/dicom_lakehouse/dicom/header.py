@@ -23,7 +23,11 @@ from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import _read_file_meta_info, read_partial, read_preamble  # private: see test_dicom_meta
+from pydicom.filereader import (  # private: see test_dicom_meta
+    _read_file_meta_info,
+    read_partial,
+    read_preamble,
+)
 from pydicom.filewriter import write_file_meta_info
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian
