@@ -205,3 +205,40 @@ def test_weighted_percentiles_match_numpy():
     x = rng.integers(-1000, 3000, size=50_000)
     values, counts = np.unique(x, return_counts=True)
     assert np.allclose(_percentiles(values.astype(float), counts), np.percentile(x, [0.5, 99.5]))
+
+
+def _window_as_written(x, center, width, function):
+    """PS3.3 C.11.2.1.2's three VOI LUT functions, written out from the standard into [0, 1]: the
+    formulas the job used before it took the curve from pydicom."""
+    x = x.astype(np.float64)
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
+    if function == "LINEAR_EXACT":
+        return np.clip((x - center) / width + 0.5, 0.0, 1.0)
+    return np.clip((x - (center - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID"])
+def test_windowing_through_pydicom_keeps_every_thumbnail_within_one_grey_level(function, monkeypatch):
+    """thumbnails.window takes the curve from pydicom's apply_windowing: on every real monochrome
+    frame, under each VOI LUT function (with the file's window, or one from its value range), the
+    8-bit image differs from the standard's formulas by at most 1 grey level."""
+    from dicom_lakehouse.dicom import thumbnails
+
+    frames, compared = _grey_frames(), 0
+    for name, ds, arr in frames:
+        ds = ds.copy()
+        if "WindowCenter" not in ds or "VOILUTSequence" in ds:
+            lo, hi = float(arr.min()), float(arr.max())
+            if hi - lo < 2 or "VOILUTSequence" in ds:
+                continue
+            ds.WindowCenter, ds.WindowWidth = (lo + hi) / 2, hi - lo
+        ds.VOILUTFunction = function
+        ours = grey_to_uint8(arr, ds)
+        monkeypatch.setattr(thumbnails, "window", _window_as_written)
+        written = grey_to_uint8(arr, ds)
+        monkeypatch.undo()
+        diff = np.abs(ours.astype(int) - written.astype(int))
+        assert diff.max() <= 1, (name, int(diff.max()))
+        compared += 1
+    assert compared >= 15

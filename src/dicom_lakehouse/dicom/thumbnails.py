@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 from pydicom import Dataset, dcmread
 from pydicom.pixels import pixel_array
-from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
+from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut, apply_windowing
 
 from dicom_lakehouse.dicom.header import (
     MAX_INFLATED,
@@ -51,14 +52,20 @@ def _first(value):
         return None
 
 
+VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
+
+
 def window(arr: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
-    """Window to [0, 1] per PS3.3 C.11.2.1.2."""
-    x = arr.astype(np.float64, copy=False)
-    if function == "SIGMOID":
-        return 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
-    if function == "LINEAR_EXACT":
-        return np.clip((x - center) / width + 0.5, 0.0, 1.0)
-    return np.clip((x - (center - 0.5)) / (width - 1.0) + 0.5, 0.0, 1.0)
+    """Window to [0, 1] per PS3.3 C.11.2.1.2, with pydicom's curve (apply_windowing): a one-bit
+    unsigned output makes its [y_min, y_max] exactly [0, 1]. An unknown VOI LUT Function is LINEAR,
+    its default. `arr` may be the distinct stored values only (render_grey)."""
+    ds = Dataset()
+    ds.PhotometricInterpretation, ds.PixelRepresentation, ds.BitsStored = "MONOCHROME2", 0, 1
+    with warnings.catch_warnings():  # a centre with more digits than a DS holds: still the right number
+        warnings.simplefilter("ignore")
+        ds.WindowCenter, ds.WindowWidth = float(center), float(width)
+    ds.VOILUTFunction = function if function in VOI_FUNCTIONS else "LINEAR"
+    return apply_windowing(np.asarray(arr, dtype=np.float64), ds)
 
 
 def _percentiles(x: np.ndarray, weights: np.ndarray | None) -> tuple[float, float]:
