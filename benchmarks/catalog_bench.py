@@ -55,8 +55,8 @@ def main(argv=None):
     from dicom_lakehouse.config import load_conf
     from dicom_lakehouse.params import validate
     from dicom_lakehouse.spark.session import get_spark
+    from dicom_lakehouse.steps.catalog import run_catalog
     from dicom_lakehouse.steps.listing import _walk_hadoop, list_files
-    from dicom_lakehouse.steps.pipeline import run_catalog
     from dicom_lakehouse.tables.delta_rs import DeltaRsStore
 
     conf = load_conf("local")

@@ -36,8 +36,8 @@ def build_table(corpus: Path, warehouse: Path) -> int:
     import pyarrow as pa
     from deltalake import write_deltalake
 
+    from dicom_lakehouse.steps.extract_meta import meta_batches
     from dicom_lakehouse.steps.listing import list_files
-    from dicom_lakehouse.steps.pipeline import meta_batches
 
     conf = {"zip": {"max_members": 100000, "max_total_bytes": 2**36, "max_ratio": 1000}, "listing": {}}
     files = list_files(None, str(corpus), conf, "bench")

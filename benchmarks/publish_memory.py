@@ -17,7 +17,8 @@ from pyspark.sql import functions as F
 from dicom_lakehouse.config import load_conf
 from dicom_lakehouse.params import validate
 from dicom_lakehouse.spark.session import get_spark
-from dicom_lakehouse.steps.pipeline import STEP_FUNCS, stage_ref, target_ref
+from dicom_lakehouse.steps.pipeline import STEP_FUNCS
+from dicom_lakehouse.steps.stage import stage_ref, target_ref
 from dicom_lakehouse.tables.delta_rs import DeltaRsStore
 from dicom_lakehouse.tables.store import commit_metadata
 

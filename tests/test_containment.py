@@ -42,8 +42,9 @@ def _dicom(folder: Path, name: str, study_uid) -> None:
 
 def _deid_rows(src: Path, out: Path) -> list[dict]:
     """The catalog, extract_meta and deidentify steps' functions, as the executors run them."""
+    from dicom_lakehouse.steps.deidentify import deid_batches
+    from dicom_lakehouse.steps.extract_meta import meta_batches
     from dicom_lakehouse.steps.listing import list_files
-    from dicom_lakehouse.steps.pipeline import deid_batches, meta_batches
 
     files = list_files(None, str(src), {"listing": {}}, "c")
     meta = list(meta_batches(1024, 64 * 2**20)(files.to_batches()))

@@ -14,7 +14,8 @@ from dicom_lakehouse.dicom.sample_data import MARKER, SampleError, make_sample
 from dicom_lakehouse.files.paths import local_path_of
 from dicom_lakehouse.files.sources import open_source, split_member
 from dicom_lakehouse.params import validate
-from dicom_lakehouse.steps.pipeline import STEP_FUNCS, stage_ref
+from dicom_lakehouse.steps.pipeline import STEP_FUNCS
+from dicom_lakehouse.steps.stage import stage_ref
 from dicom_lakehouse.tables import schema as S
 from dicom_lakehouse.tables.delta_folder import read_delta
 from dicom_lakehouse.tables.delta_rs import DeltaRsStore

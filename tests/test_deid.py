@@ -301,8 +301,9 @@ def test_hostile_corpus_through_the_step_functions(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent / "hostile"))
     from generate import build
 
+    from dicom_lakehouse.steps.deidentify import deid_batches
+    from dicom_lakehouse.steps.extract_meta import meta_batches
     from dicom_lakehouse.steps.listing import list_files
-    from dicom_lakehouse.steps.pipeline import deid_batches, meta_batches
 
     corpus = tmp_path / "hostile"
     build(corpus)

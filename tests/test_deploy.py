@@ -251,7 +251,7 @@ def test_the_wheel_is_built_once_per_state_of_the_sources(tmp_path):
     ghost.write_text("x = 1\n")
     first = build_wheel(tmp_path)
     names = zipfile.ZipFile(first).namelist()
-    assert "dicom_lakehouse/deploy.py" in names and "dicom_lakehouse/ghost.py" not in names
+    assert "dicom_lakehouse/jobs/deploy.py" in names and "dicom_lakehouse/ghost.py" not in names
     built_at = first.stat().st_mtime_ns
     assert build_wheel(tmp_path) == first and first.stat().st_mtime_ns == built_at
     (tmp_path / "src" / "dicom_lakehouse" / "params.py").write_text(

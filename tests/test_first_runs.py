@@ -56,14 +56,14 @@ def test_two_first_runs_both_land_on_delta_rs(tmp_path):
 
 def test_the_creating_commit_does_not_count_as_the_publish(tmp_path):
     """A publish that died after creating the table and before its MERGE must merge on its retry."""
-    from dicom_lakehouse.steps.pipeline import _published_by
+    from dicom_lakehouse.steps.publish import published_by
 
     store = DeltaRsStore(None, tmp_path)
     meta = commit_metadata("r1", {"path": "a"}, "publish")
     store._prepare(REF, "publish", meta)
-    assert store.exists(REF) and not _published_by(store, REF, "r1")
+    assert store.exists(REF) and not published_by(store, REF, "r1")
     store.write_arrow(rows_of("a"), REF, "upsert", meta)
-    assert _published_by(store, REF, "r1") and store.count(REF) == 3
+    assert published_by(store, REF, "r1") and store.count(REF) == 3
 
 
 def test_two_first_runs_both_land_on_spark_delta(spark, tmp_path):

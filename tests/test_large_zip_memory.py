@@ -20,7 +20,8 @@ from conftest import ROOT
 
 from dicom_lakehouse.files.sources import open_source
 from dicom_lakehouse.params import validate
-from dicom_lakehouse.steps.pipeline import STEP_FUNCS, stage_ref
+from dicom_lakehouse.steps.pipeline import STEP_FUNCS
+from dicom_lakehouse.steps.stage import stage_ref
 from dicom_lakehouse.tables.delta_rs import DeltaRsStore
 
 _spec = importlib.util.spec_from_file_location("large_zip_memory", ROOT / "benchmarks" / "large_zip_memory.py")

@@ -12,7 +12,9 @@ import json, os, sys
 import pyarrow as pa
 from dicom_lakehouse.steps import local_pool
 from dicom_lakehouse.tables import schema as S
-from dicom_lakehouse.steps.pipeline import THUMB_COLUMNS, THUMB_READS, meta_batches, thumbnail_batches
+from dicom_lakehouse.steps.extract_meta import meta_batches
+from dicom_lakehouse.steps.stage import THUMB_COLUMNS
+from dicom_lakehouse.steps.thumbnail import THUMB_READS, thumbnail_batches
 
 paths = json.loads(sys.argv[1])
 files = pa.Table.from_pylist([{"path": p, "status": "ok", "length": os.path.getsize(p)} for p in paths],

@@ -12,7 +12,8 @@ from deltalake import DeltaTable
 from pyspark.sql import functions as F
 
 from dicom_lakehouse.params import validate
-from dicom_lakehouse.steps.pipeline import STEP_FUNCS, StepError, target_ref
+from dicom_lakehouse.steps.pipeline import STEP_FUNCS
+from dicom_lakehouse.steps.stage import StepError, target_ref
 from dicom_lakehouse.tables.delta_folder import read_delta
 from dicom_lakehouse.tables.delta_rs import DeltaRsStore
 from dicom_lakehouse.tables.localsql import rewrite, run_sql

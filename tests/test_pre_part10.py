@@ -47,8 +47,9 @@ def _pre_part10(name: str, implicit: bool, little: bool, preamble: bool) -> byte
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
+    from dicom_lakehouse.steps.extract_meta import meta_batches
     from dicom_lakehouse.steps.listing import list_files
-    from dicom_lakehouse.steps.pipeline import meta_batches, thumbnail_batches
+    from dicom_lakehouse.steps.thumbnail import thumbnail_batches
     from dicom_lakehouse.web.dicomweb import make_server
 
     tmp = tmp_path_factory.mktemp("prepart10")
@@ -186,8 +187,9 @@ def test_serve_logs_no_header_value_of_a_pre_part10_instance(tmp_path):
     import sys
     from pathlib import Path
 
+    from dicom_lakehouse.steps.extract_meta import meta_batches
     from dicom_lakehouse.steps.listing import list_files
-    from dicom_lakehouse.steps.pipeline import meta_batches, thumbnail_batches
+    from dicom_lakehouse.steps.thumbnail import thumbnail_batches
 
     ds = pydicom.dcmread(dicom_file("CT_small.dcm"))
     del ds.file_meta

@@ -165,7 +165,7 @@ def test_the_thumbnail_step_decodes_in_full_when_conf_turns_reduced_decoding_off
     import pyarrow as pa
 
     from dicom_lakehouse.config import load_conf
-    from dicom_lakehouse.steps import pipeline
+    from dicom_lakehouse.steps.thumbnail import thumbnail_batches
     from dicom_lakehouse.tables import schema as S
 
     conf = load_conf("local")
@@ -181,7 +181,7 @@ def test_the_thumbnail_step_decodes_in_full_when_conf_turns_reduced_decoding_off
     batch = pa.RecordBatch.from_arrays([pa.array([values.get(f.name)], f.type) for f in schema], schema=schema)
 
     def png(reduced: bool) -> bytes:
-        fn = pipeline.thumbnail_batches(size, 2**30, 1, 2**28, reduced)
+        fn = thumbnail_batches(size, 2**30, 1, 2**28, reduced)
         out = next(fn(iter([batch])))
         assert out.column("thumbnail_status").to_pylist() == ["ok"]
         return out.column("thumbnail").to_pylist()[0]

@@ -6,7 +6,8 @@ import os
 import pyarrow as pa
 
 from dicom_lakehouse.params import validate
-from dicom_lakehouse.steps.pipeline import STEP_FUNCS, target_ref
+from dicom_lakehouse.steps.pipeline import STEP_FUNCS
+from dicom_lakehouse.steps.stage import target_ref
 from dicom_lakehouse.tables.delta_folder import read_delta
 from dicom_lakehouse.tables.delta_rs import DeltaRsStore
 from dicom_lakehouse.tables.spark_delta import SparkDeltaStore

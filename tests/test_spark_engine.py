@@ -13,7 +13,8 @@ from deltalake import DeltaTable
 
 from dicom_lakehouse.config import find_conf_dir
 from dicom_lakehouse.params import validate
-from dicom_lakehouse.steps.pipeline import STEP_FUNCS, _file_per_partition
+from dicom_lakehouse.steps.pipeline import STEP_FUNCS
+from dicom_lakehouse.steps.stage import file_per_partition
 from dicom_lakehouse.tables import schema as S
 from dicom_lakehouse.tables.delta_folder import read_delta
 from dicom_lakehouse.tables.delta_rs import DeltaRsStore
@@ -177,7 +178,7 @@ def test_the_steps_run_where_only_serverless_settings_may_be_set(spark, conf, sa
     store = SparkDeltaStore(spark, tmp_path / "wh")
     p = params(sample_dir, "sl1")
     stats = {s: STEP_FUNCS[s](spark, store, p, conf) for s in STEP_FUNCS}
-    with _file_per_partition(spark):  # what a large folder asks for (the sample is too small to)
+    with file_per_partition(spark):  # what a large folder asks for (the sample is too small to)
         pass
     # An append of one new file: its MERGE commits by SQL, whose metadata setting is refused too.
     shutil.copy(sample_dir / "ct" / "CT_small.dcm", sample_dir / "ct" / "CT_small_copy.dcm")

@@ -19,7 +19,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 from conftest import dicom_file  # noqa: E402
 
 from dicom_lakehouse.params import validate  # noqa: E402
-from dicom_lakehouse.steps.pipeline import STEP_FUNCS, target_ref  # noqa: E402
+from dicom_lakehouse.steps.pipeline import STEP_FUNCS  # noqa: E402
+from dicom_lakehouse.steps.stage import target_ref  # noqa: E402
 from dicom_lakehouse.tables.delta_folder import read_delta  # noqa: E402
 from dicom_lakehouse.tables.delta_rs import DeltaRsStore  # noqa: E402
 
@@ -223,7 +224,7 @@ def test_unreadable_file_is_an_error_row(tmp_path):
     code = (
         "import pyarrow as pa, datetime as dt\n"
         "from dicom_lakehouse.tables import schema as S\n"
-        "from dicom_lakehouse.steps.pipeline import meta_batches\n"
+        "from dicom_lakehouse.steps.extract_meta import meta_batches\n"
         f"row = dict(path='file:{f}', relative_path='secret.dcm', archive_path=None, extension='dcm', length=1,"
         " modification_time=None, path_tags=[], file_key='k', status='ok', error=None, run_id='r')\n"
         "b = pa.RecordBatch.from_pylist([row], schema=S.arrow_schema_of(S.column_names('files')))\n"

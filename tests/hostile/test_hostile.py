@@ -22,7 +22,8 @@ import json, sys, time
 import pyarrow as pa
 from dicom_lakehouse.tables import schema as S
 from dicom_lakehouse.steps.listing import list_files
-from dicom_lakehouse.steps.pipeline import meta_batches, thumbnail_batches
+from dicom_lakehouse.steps.extract_meta import meta_batches
+from dicom_lakehouse.steps.thumbnail import thumbnail_batches
 root, rel = sys.argv[1], sys.argv[2]
 conf = {"zip": {"max_members": 100, "max_total_bytes": 32 * 2**20, "max_ratio": 1000}, "listing": {}}
 table = list_files(None, root, conf, "h", include=rel)
@@ -88,7 +89,8 @@ def test_hostile_corpus_through_the_pipeline(corpus, spark, conf, tmp_path):
     """Through real Spark: one row per input, the task never fails."""
 
     from dicom_lakehouse.params import validate
-    from dicom_lakehouse.steps.pipeline import STEP_FUNCS, target_ref
+    from dicom_lakehouse.steps.pipeline import STEP_FUNCS
+    from dicom_lakehouse.steps.stage import target_ref
     from dicom_lakehouse.tables.delta_folder import read_delta
     from dicom_lakehouse.tables.delta_rs import DeltaRsStore
 

@@ -297,7 +297,7 @@ def drop_run_stages(conf: dict, params, run_id: str, warehouse: str | None) -> l
     import dataclasses
 
     from dicom_lakehouse.config import warehouse_dir
-    from dicom_lakehouse.steps.pipeline import STAGES, stage_ref
+    from dicom_lakehouse.steps.stage import STAGES, stage_ref
     from dicom_lakehouse.tables.store import remove_delta_folder
 
     if (conf.get("stage_retention") or "drop") != "drop" or (conf.get("table_names") or "warehouse") != "warehouse":

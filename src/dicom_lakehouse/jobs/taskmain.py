@@ -146,7 +146,7 @@ def launch_choices(conf: dict, engine: str | None) -> dict:
 def start_local_pool(step: str, conf: dict) -> None:
     """A run small enough for the task process (conf driver_max_files) may use its worker processes:
     forked here, before the Spark session's threads, with the per-file code already imported."""
-    from dicom_lakehouse.steps.pipeline import MAP_STEPS, driver_max_files, import_per_file_code
+    from dicom_lakehouse.steps.stage import MAP_STEPS, driver_max_files, import_per_file_code
 
     if step in MAP_STEPS and driver_max_files(conf) > 0 and local_pool.processes(conf) > 1:
         import_per_file_code()  # the workers inherit the modules
@@ -155,7 +155,8 @@ def start_local_pool(step: str, conf: dict) -> None:
 
 def _run_step(step: str, params, conf: dict) -> int:
     from dicom_lakehouse.spark.session import ClusterUnavailable, LazySession, get_spark
-    from dicom_lakehouse.steps.pipeline import STEP_FUNCS, StepError
+    from dicom_lakehouse.steps.pipeline import STEP_FUNCS
+    from dicom_lakehouse.steps.stage import StepError
     from dicom_lakehouse.tables.engine import NoSparkDelta, open_store
 
     # On delta-rs the session is made when first used: a small run needs none (nor its runner a JVM).

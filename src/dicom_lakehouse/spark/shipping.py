@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 def build_py_files(out_dir: Path) -> Path:
-    pkg = Path(__file__).resolve().parent
+    pkg = Path(__file__).resolve().parents[1]  # the dicom_lakehouse package folder
     out = Path(out_dir) / "dicom_lakehouse.zip"
     out.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:

@@ -1,0 +1,105 @@
+"""The publish step: the stages joined into the published table, its derived tables, and the
+de-identified table, in as few commits as the engine allows."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pyarrow as pa
+from pyspark.sql import functions as F
+
+from dicom_lakehouse.params import JobParams
+from dicom_lakehouse.steps.deidentify import publish_deid
+from dicom_lakehouse.steps.stage import (
+    STAGES,
+    StepError,
+    driver_max_files,
+    stage_ref,
+    stage_rows,
+    target_ref,
+)
+from dicom_lakehouse.tables import schema as S
+from dicom_lakehouse.tables.derived import DERIVED
+from dicom_lakehouse.tables.derived import INPUT as DERIVED_INPUT
+from dicom_lakehouse.tables.ref import TableRef
+from dicom_lakehouse.tables.store import TableStore, commit_metadata
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------ publish
+def published_by(store: TableStore, target: TableRef, run_id: str) -> bool:
+    """Whether this run's publish already committed to the target: a retry after an attempt that died
+    between its commit and its exit must not commit the same rows again."""
+    if not store.exists(target):
+        return False
+    for commit in store.history(target, 20):
+        try:
+            meta = json.loads(commit.get("userMetadata") or "{}")
+        except ValueError:
+            continue  # another writer's free-text metadata
+        if isinstance(meta, dict) and meta.get("dicom_lakehouse.run_id") == run_id and \
+                meta.get("dicom_lakehouse.step") == "publish":
+            return True
+    return False
+
+
+def run_publish(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
+    thumbs, rows_in, _ = stage_rows(store, p, "thumbnail")
+    target = target_ref(p)
+    mode = "overwrite" if p.mode == "overwrite" else "upsert"
+    meta = commit_metadata(p.run_id, p.as_dict(), "publish")
+    counts = None  # the table's rows per status, when the write counted them
+    if published_by(store, target, p.run_id):
+        log.info("publish: an earlier attempt of run %s committed to %s and ended before it finished: the "
+                 "rows are in; refreshing the rest", p.run_id, target.name)
+        rows = rows_in
+    elif rows_in <= driver_max_files(conf):
+        table = store.read_arrow(thumbs, "thumbnail")
+        now = dt.datetime.now(dt.timezone.utc)
+        table = table.append_column("ingested_at", pa.array([now] * table.num_rows, pa.timestamp("us", tz="UTC")))
+        rows = store.write_arrow(table, target, mode, meta, step="publish")
+    else:
+        df = store.read(thumbs, "thumbnail").withColumn("ingested_at", F.current_timestamp())
+        if mode == "overwrite":  # the table is this run's rows: count them as they are written
+            rows, counts = store.write_counted(df, target, meta, "publish", "status", S.STATUSES)
+        else:
+            rows = store.write(df, target, mode, meta, step="publish")
+    if rows != rows_in:
+        raise StepError(f"publish read {rows_in} rows but wrote {rows}")
+    if counts is None:
+        counts = store.value_counts(target, "status")  # one pass: the table's rows are their sum
+    total = sum(counts.values())
+    t0 = time.time()
+    # A small table's derived rows may be computed here (read once, and only by a store that uses them);
+    # a large one's by Spark SQL.
+    lock, source = threading.Lock(), []
+
+    def source_rows():
+        with lock:
+            if not source:
+                source.append(store.read_arrow(target, columns=DERIVED_INPUT))
+            return source[0]
+
+    small = total <= driver_max_files(conf)
+    # The two derived objects are independent: refresh them side by side (each is mostly commit latency).
+    with ThreadPoolExecutor(2) as pool:
+        jobs = {target.derived(suffix).name: pool.submit(
+            store.write_derived, target.derived(suffix), target, sql, meta,
+            (lambda fn=in_process: fn(source_rows())) if small else None)
+            for suffix, (sql, in_process) in DERIVED.items()}
+        derived = {name: job.result() for name, job in jobs.items()}
+    log.info("publish: %d rows into %s (%s, %d rows now); studies and series refreshed in %.1f s", rows,
+             target.name, mode, total, time.time() - t0)
+    deid = publish_deid(store, p, store.read(thumbs, "thumbnail"), mode, meta) if p.deidentifies else None
+    if (conf.get("stage_retention") or "drop") == "drop":
+        for step in STAGES:
+            if store.exists(stage_ref(p, step)):
+                store.drop(stage_ref(p, step))
+    return {"files_in": rows_in, "rows_out": rows, "table_rows": total, "errors": counts.get("error", 0),
+            "status": counts, "derived": derived, "mode": mode, "deid": deid}
