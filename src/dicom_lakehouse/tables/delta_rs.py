@@ -17,7 +17,13 @@ import pyarrow.parquet as pq
 from dicom_lakehouse.tables import schema as S
 from dicom_lakehouse.tables.delta_folder import read_delta
 from dicom_lakehouse.tables.ref import TableRef
-from dicom_lakehouse.tables.store import KEY, TableStore, _retry, remove_delta_folder, user_metadata
+from dicom_lakehouse.tables.store import (
+    KEY,
+    TableStore,
+    remove_delta_folder,
+    retry_on_conflict,
+    user_metadata,
+)
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +140,7 @@ class DeltaRsStore(TableStore):
                     description=S.TABLE_COMMENT, configuration=S.table_properties(step), commit_properties=props,
                 )
 
-        _retry(f"overwrite {ref.name}", commit)
+        retry_on_conflict(f"overwrite {ref.name}", commit)
         return rows
 
     def _prepare(self, ref: TableRef, step: str, metadata: dict) -> None:
@@ -154,7 +160,7 @@ class DeltaRsStore(TableStore):
                                   description=S.TABLE_COMMENT, configuration=S.table_properties(step),
                                   commit_properties=props)
 
-        _retry(f"create {ref.name}", create)
+        retry_on_conflict(f"create {ref.name}", create)
         self._set_stats_columns(ref, S.column_names(step), metadata)
 
     def _set_stats_columns(self, ref: TableRef, names, metadata: dict) -> None:
@@ -167,7 +173,7 @@ class DeltaRsStore(TableStore):
         if all(dt.metadata().configuration.get(k) == v for k, v in want.items()):
             return
         props = _setup_commit(metadata, "set_properties")
-        _retry(f"set properties of {ref.name}",
+        retry_on_conflict(f"set properties of {ref.name}",
                lambda: DeltaTable(str(self.location(ref))).alter.set_table_properties(want, commit_properties=props))
 
     def _merge(self, ref: TableRef, batches, arrow_schema, props) -> None:
@@ -186,7 +192,7 @@ class DeltaRsStore(TableStore):
                 .execute()
             )
 
-        stats = _retry(f"merge into {ref.name}", merge)
+        stats = retry_on_conflict(f"merge into {ref.name}", merge)
         log.info("merge into %s: %s", ref.name, {k: stats.get(k) for k in
                  ("num_target_rows_inserted", "num_target_rows_updated", "num_source_rows")})
 
@@ -211,7 +217,7 @@ class DeltaRsStore(TableStore):
             self._set_stats_columns(ref, arrow_schema.names, metadata)
         new = {} if self.exists(ref) else {"name": ref.table, "description": S.TABLE_COMMENT,
                                            "configuration": S.table_properties(step)}
-        _retry(f"overwrite {ref.name}", lambda: write_deltalake(
+        retry_on_conflict(f"overwrite {ref.name}", lambda: write_deltalake(
             str(root), table, mode="overwrite", schema_mode="overwrite", commit_properties=props, **new))
         return table.num_rows
 
@@ -243,7 +249,7 @@ class DeltaRsStore(TableStore):
         if self.exists(ref):
             self._set_stats_columns(ref, arrow.schema.names, metadata)
             new = {}
-        _retry(
+        retry_on_conflict(
             f"refresh {ref.name}",
             lambda: write_deltalake(str(self.location(ref)), arrow, mode="overwrite", schema_mode="overwrite",
                                     commit_properties=props, **new),

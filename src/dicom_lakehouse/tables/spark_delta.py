@@ -15,10 +15,11 @@ from dicom_lakehouse.tables.ref import TableRef
 from dicom_lakehouse.tables.store import (
     KEY,
     TableStore,
-    _retry,
     is_already_exists,
     is_conflict,
+    load_conflict_types,
     remove_delta_folder,
+    retry_on_conflict,
     user_metadata,
 )
 
@@ -38,6 +39,7 @@ class SparkDeltaStore(TableStore):
 
     def __init__(self, spark, warehouse: str | os.PathLike | None = None):
         super().__init__(spark)
+        load_conflict_types()
         self.warehouse = Path(warehouse).resolve() if warehouse else None
 
     def location(self, ref: TableRef) -> Path:
@@ -163,9 +165,9 @@ class SparkDeltaStore(TableStore):
         if replace_schema:
             w = w.option("overwriteSchema", "true")
         if self.warehouse is None:
-            _retry(f"overwrite {ref.name}", lambda: w.saveAsTable(ref.quoted))
+            retry_on_conflict(f"overwrite {ref.name}", lambda: w.saveAsTable(ref.quoted))
         else:
-            _retry(f"overwrite {ref.name}", lambda: w.save(str(self.location(ref))))
+            retry_on_conflict(f"overwrite {ref.name}", lambda: w.save(str(self.location(ref))))
 
     def write(self, df, ref: TableRef, mode: str, metadata: dict, step: str = "publish") -> int:
         cols = S.column_names(step)
@@ -185,7 +187,7 @@ class SparkDeltaStore(TableStore):
         try:
             stmt = merge_sql(target, view, cols) if mode == "upsert" else insert_overwrite_sql(target, view, cols)
             return self._commit(ref, metadata, mode,
-                                lambda: _retry(f"{mode} {ref.name}", lambda: self.spark.sql(stmt)))
+                                lambda: retry_on_conflict(f"{mode} {ref.name}", lambda: self.spark.sql(stmt)))
         finally:
             self.spark.catalog.dropTempView(view)
 
@@ -208,7 +210,7 @@ class SparkDeltaStore(TableStore):
         props = self.spark.sql(f"SHOW TBLPROPERTIES {self.ident(ref)}").collect()
         if {r["key"]: r["value"] for r in props}.get(key) != value:  # two runs may both ALTER
             alter = f"ALTER TABLE {self.ident(ref)} SET TBLPROPERTIES ({S.sql_string(key)} = {S.sql_string(value)})"
-            _retry(f"set properties of {ref.name}", lambda: self.spark.sql(alter))
+            retry_on_conflict(f"set properties of {ref.name}", lambda: self.spark.sql(alter))
 
     def _committed_rows(self, ref: TableRef, mode: str, nonce: str | None = None, after_version: int = -1) -> int:
         """Rows the commit took in, from Delta's own operation metrics: counting the source again

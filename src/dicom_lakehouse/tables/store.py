@@ -132,14 +132,21 @@ def _conflict_types() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
-def is_conflict(e: BaseException) -> bool:
+_CONFLICTS: tuple[type[BaseException], ...] | None = None
+
+
+def load_conflict_types() -> None:
+    """Import the engines' conflict classes now: Delta Spark converts a JVM exception into its Python
+    class only once `delta.exceptions` (classic) or `delta.connect` (Spark Connect) is imported, so
+    this must run before the first commit, not when the first conflict is being classified."""
     global _CONFLICTS
     if _CONFLICTS is None:
         _CONFLICTS = _conflict_types()
+
+
+def is_conflict(e: BaseException) -> bool:
+    load_conflict_types()
     return isinstance(e, _CONFLICTS)
-
-
-_CONFLICTS: tuple[type[BaseException], ...] | None = None
 # A CREATE that lost the race to another: the session catalog's and Delta's names for it.
 ALREADY_EXISTS = ("TABLE_OR_VIEW_ALREADY_EXISTS", "DELTA_TABLE_ALREADY_EXISTS")
 
@@ -149,7 +156,7 @@ def is_already_exists(e: BaseException) -> bool:
     return bool(get) and (get() or "") in ALREADY_EXISTS
 
 
-def _retry(what: str, fn):
+def retry_on_conflict(what: str, fn):
     """Delta's optimistic concurrency: a conflicting commit is retried with backoff."""
     delay = 0.2
     for attempt in range(1, COMMIT_RETRIES + 1):
