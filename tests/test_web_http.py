@@ -9,6 +9,7 @@ import email.policy
 import http.client
 import os
 import re
+import socket
 import threading
 from http.server import ThreadingHTTPServer
 
@@ -99,10 +100,19 @@ class Parts(RequestHandler):
         elif url.path == "/short":
             ctype, f = self.files[2]
             self.send_multipart_files([(ctype, LocalFile(f.path, f.size + 10))])
+        elif url.path == "/stream-broken":  # a read fails after the first part has gone
+            self.send_multipart([(self.files[0][0], _pieces(self.files[0][1])), (TYPES[2], _failing())])
+        elif url.path == "/files-broken":  # a file gone between its size and its send
+            self.send_multipart_files([self.files[0], (TYPES[2], LocalFile(self.files[0][1].path + ".gone", 10))])
         elif url.path in ("/stream-none", "/files-none"):
             (self.send_multipart if url.path == "/stream-none" else self.send_multipart_files)([])
         else:
             raise HttpError(404, "no such part list")
+
+
+def _failing():
+    yield b"part of a file"
+    raise OSError("the disk went away")
 
 
 def _pieces(f: LocalFile):
@@ -182,3 +192,21 @@ def test_no_parts_is_a_404_and_a_file_that_shrank_ends_the_connection(parts_serv
     head = len(b"--") + 32 + len(b"\r\nContent-Type: application/octet-stream\r\n\r\n")
     assert len(e.value.partial) == head + len(CONTENTS[2]) and e.value.partial.endswith(CONTENTS[2])
     assert e.value.expected == 10 + len(b"\r\n--") + 32 + len(b"--\r\n")
+
+
+@pytest.mark.parametrize("path", ["/stream-broken", "/files-broken"])
+def test_a_failure_after_the_status_line_ends_the_connection(parts_server, path):
+    """No error answer written into a body already under way: the connection closes, so the client
+    sees an incomplete body (chunked: no last chunk; sendfile: short of Content-Length)."""
+    with socket.create_connection(("127.0.0.1", parts_server), timeout=10) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())  # keep-alive
+        got = b""
+        while piece := s.recv(1 << 16):  # a timeout here: the server kept the connection open
+            got += piece
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 500" not in body and b"OSError" not in body
+    if path == "/stream-broken":
+        assert body.endswith(b"\r\n%X\r\npart of a file\r\n" % len(b"part of a file"))
+    else:
+        length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+        assert body.endswith(b"\r\nContent-Type: application/octet-stream\r\n\r\n") and len(body) < length

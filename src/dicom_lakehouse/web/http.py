@@ -245,19 +245,32 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------ methods
     def do_GET(self):  # noqa: N802
+        self._responded = False
         try:
             if not self.host_ok():
                 raise HttpError(421, "this service does not answer for that Host name")
             self.on_get(urlsplit(self.path))
         except HttpError as e:
-            self.send_error_body(e.status, str(e), e.headers)
+            self._fail(e.status, str(e), e.headers)
         except self.bad_request_errors as e:
-            self.send_error_body(400, str(e))
+            self._fail(400, str(e))
         except (BrokenPipeError, ConnectionResetError):
             pass
         except Exception as e:  # noqa: BLE001
             self.log.exception("%s: request failed", self.service)
-            self.send_error_body(500, f"{type(e).__name__}")
+            self._fail(500, f"{type(e).__name__}")
+
+    def send_response(self, code, message=None):
+        self._responded = True
+        super().send_response(code, message)
+
+    def _fail(self, status: int, message: str, headers: dict[str, str] | None = None):
+        """An error answer; once a status line has gone (a body under way), closing the connection is
+        the only signal left: the client sees an incomplete body, never an answer inside it."""
+        if self._responded:
+            self.close_connection = True
+            return
+        self.send_error_body(status, message, headers)
 
     def do_OPTIONS(self):  # noqa: N802 - CORS preflight for pages of a --cors-origin
         if not self.host_ok():
