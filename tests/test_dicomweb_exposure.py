@@ -21,8 +21,8 @@ import pytest
 from click.testing import CliRunner
 from conftest import ROOT, copy_dicom_files
 
-from dicom_lakehouse.web import dicomweb
 from dicom_lakehouse.web.dicomweb import TOKEN_ENV, make_server
+from dicom_lakehouse.web.http import is_loopback
 
 SECRET = b"outside-the-viewer-and-the-table-7f3a"
 INDEX = b"<!doctype html><title>viewer index</title>"
@@ -151,8 +151,8 @@ def test_on_all_addresses_the_machine_names_answer_and_others_do_not(site):
 
 # ------------------------------------------------------------------ tokens beyond loopback
 def test_beyond_loopback_a_token_is_required(site, monkeypatch):
-    assert all(dicomweb.is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "localhost", "::1", "[::1]"))
-    assert not any(dicomweb.is_loopback(h) for h in ("0.0.0.0", "", "::", "192.0.2.7", "no-such-host.invalid"))
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "localhost", "::1", "[::1]"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "", "::", "192.0.2.7", "no-such-host.invalid"))
     for host in ("0.0.0.0", "", "192.0.2.7"):
         with pytest.raises(ValueError, match=TOKEN_ENV):
             make_server("main.pixels.object_catalog", str(site["wh"]), host=host, port=0)
