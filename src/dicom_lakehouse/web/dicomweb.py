@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import SplitResult, parse_qs
@@ -29,6 +30,7 @@ from dicom_lakehouse.web.http import (
     cors_origin,
     host_names,
     is_loopback,
+    negotiate,
 )
 from dicom_lakehouse.web.page import PAGE
 from dicom_lakehouse.web.qido import Index, QueryError, parse_query, search
@@ -217,6 +219,95 @@ def _bulk_uris(meta: str, base: str) -> dict:
     return d
 
 
+# ------------------------------------------------------------ answers, apart from the transport
+# Module functions so that another server (benchmarks/starlette_service.py) gives the same answers.
+def search_answer(index: Index, params: dict[str, list[str]], level: str, accept: str, base: str,
+                  study: str | None = None, series: str | None = None) -> tuple[int, bytes, dict[str, str]]:
+    """A QIDO-RS answer: (status, DICOM JSON body, extra headers)."""
+    if negotiate(accept, DICOM_JSON, "application/json") is None:
+        raise HttpError(406, f"search answers are {DICOM_JSON}")
+    q = parse_query(params)
+    if study is not None and study not in index.studies:
+        return 200, b"[]", {}
+    found = search(index, level, q, study, series, base)
+    extra = {}
+    if q.ignored:
+        extra["Warning"] = f'299 dicomweb "attributes not matched on: {", ".join(q.ignored)[:200]}"'
+    if not found:
+        return 204, b"", extra
+    return 200, json.dumps(found).encode(), extra
+
+
+def retrieve_instances(index: Index, accept: str, study: str, series: str | None = None,
+                       sop: str | None = None) -> list:
+    """The instances a WADO-RS retrieve sends; 406 for an Accept it cannot meet."""
+    if negotiate(accept, "multipart/related", "application/dicom") is None:
+        raise HttpError(406, 'instances are sent as multipart/related; type="application/dicom"')
+    return _instances(index, study, series, sop)
+
+
+def _dicom_type(inst, found: str | None = None) -> str:
+    ts = inst.transfer_syntax or found
+    return f"application/dicom; transfer-syntax={ts}" if ts else "application/dicom"
+
+
+def local_parts(instances) -> list[tuple[str, LocalFile]] | None:
+    """The instances as local files (for sendfile, a Content-Length known up front), each with the
+    prefix that makes a pre-Part-10 file Part 10; None unless all are plain local files."""
+    sizes = _local_sizes(instances)
+    if sizes is None:
+        return None
+    parts = []
+    for i, n in zip(instances, sizes, strict=True):
+        path = local_path_of(i.path)
+        try:
+            f = open(path, "rb", buffering=0)  # noqa: SIM115 - one read of 134 bytes for a Part 10 file
+        except FileNotFoundError:
+            raise HttpError(404, "an instance's file is no longer there") from None
+        with f:
+            prefix, skip, found = part10_prefix(f)
+        parts.append((_dicom_type(i, found), LocalFile(path, n, prefix, skip)))
+    return parts
+
+
+def streamed_parts(instances) -> Iterator[tuple[str, Iterator[bytes]]]:
+    """The instances as (content type, CHUNK-sized pieces), for zip members and object storage. What
+    makes each file Part 10 is worked out here, before a status line is sent, so a file that cannot
+    be gets a clean error response."""
+
+    def prefix(inst):
+        with open_source(inst.path) as f:
+            return part10_prefix(f)
+
+    def stream(inst, prefix, skip):
+        with open_source(inst.path) as f:
+            yield prefix
+            f.seek(skip)
+            while piece := f.read(CHUNK):
+                yield piece
+
+    heads = [prefix(i) for i in instances]
+    return ((_dicom_type(i, h[2]), stream(i, h[0], h[1])) for i, h in zip(instances, heads, strict=True))
+
+
+def metadata_answer(index: Index, base: str, study: str, series: str | None = None, sop: str | None = None) -> bytes:
+    """WADO-RS metadata: the stored headers as a DICOM JSON array, bulk data pointing at `base`."""
+    out = [_bulk_uris(i.meta, f"{base}/studies/{i.study}/series/{i.series}/instances/{i.sop}")
+           for i in _instances(index, study, series, sop)]
+    return json.dumps(out).encode()
+
+
+def frame_parts(index: Index, study: str, series: str, sop: str, frames: str) -> list[tuple[str, list[bytes]]]:
+    """WADO-RS frames: (content type, [bytes]) of each numbered frame (`read_frames`)."""
+    (inst,) = _instances(index, study, series, sop)
+    numbers = [int(n) for n in frames.split(",") if n]
+    if not inst.has_pixels or not numbers or min(numbers) < 1 or max(numbers) > inst.frames:
+        raise HttpError(404, f"frames {frames} are not in this instance ({inst.frames} frames)")
+    with open_source(inst.path) as f:
+        out = read_frames(f, inst.frames, numbers)
+    return [(ctype, [data]) for ctype, data in out]
+
+
 class DicomWebHandler(RequestHandler):
     """The DICOMweb resources over `catalog`, with the study list page, and OHIF's files from `viewer`
     at / when it is set; a handler method per route of ROUTES."""
@@ -253,18 +344,9 @@ class DicomWebHandler(RequestHandler):
 
     # ------------------------------------------------------------ QIDO-RS
     def _search(self, index, params, level, study=None, series=None):
-        if self.accepts(DICOM_JSON, "application/json") is None:
-            raise HttpError(406, f"search answers are {DICOM_JSON}")
-        q = parse_query(params)
-        if study is not None and study not in index.studies:
-            return self.send_body(200, b"[]", DICOM_JSON)
-        found = search(index, level, q, study, series, self._base())
-        extra = {}
-        if q.ignored:
-            extra["Warning"] = f'299 dicomweb "attributes not matched on: {", ".join(q.ignored)[:200]}"'
-        if not found:
-            return self.send_body(204, b"", DICOM_JSON, extra)
-        self.send_body(200, json.dumps(found).encode(), DICOM_JSON, extra)
+        status, body, extra = search_answer(index, params, level, self.headers.get("Accept", ""), self._base(),
+                                            study, series)
+        self.send_body(status, body, DICOM_JSON, extra)
 
     def search_studies(self, index, params):
         self._search(index, params, "study")
@@ -277,50 +359,14 @@ class DicomWebHandler(RequestHandler):
 
     # ------------------------------------------------------------ WADO-RS
     def retrieve(self, index, params, study, series=None, sop=None):
-        if self.accepts("multipart/related", "application/dicom") is None:
-            raise HttpError(406, 'instances are sent as multipart/related; type="application/dicom"')
-        instances = _instances(index, study, series, sop)
-
-        def stream(inst, prefix, skip):
-            with open_source(inst.path) as f:
-                yield prefix
-                f.seek(skip)
-                while piece := f.read(CHUNK):
-                    yield piece
-
-        def prefixes(inst):
-            """A pre-Part-10 file is sent as Part 10; worked out before the status line is sent,
-            so a file that cannot be gets a clean error response."""
-            with open_source(inst.path) as f:
-                return part10_prefix(f)
-
-        def ts(i, found=None):
-            found = i.transfer_syntax or found
-            return f"; transfer-syntax={found}" if found else ""
-
-        sizes = _local_sizes(instances)
-        if sizes is None:  # zip members, object storage: streamed in chunks
-            heads = [prefixes(i) for i in instances]
-            return self.send_multipart((f"application/dicom{ts(i, h[2])}", stream(i, h[0], h[1]))
-                                       for i, h in zip(instances, heads, strict=True))
-        parts = []
-        for i, n in zip(instances, sizes, strict=True):
-            path = local_path_of(i.path)
-            try:
-                f = open(path, "rb", buffering=0)  # noqa: SIM115 - one read of 134 bytes for a Part 10 file
-            except FileNotFoundError:
-                raise HttpError(404, "an instance's file is no longer there") from None
-            with f:
-                prefix, skip, found = part10_prefix(f)
-            parts.append((f"application/dicom{ts(i, found)}", LocalFile(path, n, prefix, skip)))
+        instances = retrieve_instances(index, self.headers.get("Accept", ""), study, series, sop)
+        parts = local_parts(instances)
+        if parts is None:  # zip members, object storage: streamed in chunks
+            return self.send_multipart(streamed_parts(instances))
         self.send_multipart_files(parts)
 
     def metadata(self, index, params, study, series=None, sop=None):
-        instances = _instances(index, study, series, sop)
-        base = self._base()
-        out = [_bulk_uris(i.meta, f"{base}/studies/{i.study}/series/{i.series}/instances/{i.sop}")
-               for i in instances]
-        self.send_body(200, json.dumps(out).encode(), DICOM_JSON)
+        self.send_body(200, metadata_answer(index, self._base(), study, series, sop), DICOM_JSON)
 
     def bulk(self, index, params, study, series, sop, tag):
         import pydicom
@@ -334,13 +380,7 @@ class DicomWebHandler(RequestHandler):
         self.send_multipart([("application/octet-stream", [bytes(el.value)])])
 
     def frames(self, index, params, study, series, sop, frames):
-        (inst,) = _instances(index, study, series, sop)
-        numbers = [int(n) for n in frames.split(",") if n]
-        if not inst.has_pixels or not numbers or min(numbers) < 1 or max(numbers) > inst.frames:
-            raise HttpError(404, f"frames {frames} are not in this instance ({inst.frames} frames)")
-        with open_source(inst.path) as f:
-            out = read_frames(f, inst.frames, numbers)
-        self.send_multipart((ctype, [data]) for ctype, data in out)
+        self.send_multipart(frame_parts(index, study, series, sop, frames))
 
     def rendered(self, index, params, study, kind, series=None, sop=None):
         from dicom_lakehouse.dicom.thumbnails import render

@@ -76,6 +76,24 @@ def cors_origin(origin: str) -> str:
     return o
 
 
+def require_bearer(authorization: str, token: str | None, realm: str) -> None:
+    """401 unless the Authorization header carries the bearer token (compared in constant time);
+    nothing to check without a token."""
+    if not token:
+        return
+    scheme, _, value = authorization.partition(" ")
+    if not (scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())):
+        raise HttpError(401, "a valid bearer token is required", {"WWW-Authenticate": f'Bearer realm="{realm}"'})
+
+
+def origin_url(host_header: str | None, bound_host: str, port: int) -> str:
+    """http://host:port as the client named this service (some clients send Host without the port)."""
+    host = host_header or bound_host
+    if not re.search(r":\d+$", host) and port != 80:
+        host = f"{host}:{port}"
+    return f"http://{host}"
+
+
 def _host_name(header: str) -> str:
     """The name of a Host header, without its port ([v6] keeps its brackets)."""
     h = header.strip().lower()
@@ -165,6 +183,11 @@ def multipart_frames(parts: Iterable[tuple[str, B]], boundary: str) -> Iterator[
     yield lead + f"--{boundary}--\r\n".encode(), None
 
 
+def multipart_type(first_ctype: str, boundary: str) -> str:
+    """The Content-Type of a multipart/related body whose first part is of `first_ctype`."""
+    return f'multipart/related; type="{first_ctype.split(";")[0]}"; boundary={boundary}'
+
+
 @dataclass(frozen=True)
 class LocalFile:
     """A multipart body from a local file for the sendfile transport: `prefix`, then the file's first
@@ -178,6 +201,11 @@ class LocalFile:
     @property
     def length(self) -> int:
         return len(self.prefix) + self.size - self.skip
+
+
+def multipart_length(framed: Iterable[tuple[bytes, LocalFile | None]]) -> int:
+    """The Content-Length of a multipart body of local files, from `multipart_frames`' output."""
+    return sum(len(lead) + (f.length if f else 0) for lead, f in framed)
 
 
 def _sendfile(out: int, path: str, n: int, skip: int = 0) -> int:
@@ -307,12 +335,7 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def require_token(self) -> None:
         """401 unless the request carries the bearer token (compared in constant time)."""
-        if not self.token:
-            return
-        scheme, _, value = self.headers.get("Authorization", "").partition(" ")
-        if not (scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), self.token.encode())):
-            raise HttpError(401, "a valid bearer token is required",
-                            {"WWW-Authenticate": f'Bearer realm="{self.realm}"'})
+        require_bearer(self.headers.get("Authorization", ""), self.token, self.realm)
 
     def accepts(self, *offers: str) -> str | None:
         """The offer the request's Accept header prefers (`negotiate`)."""
@@ -320,11 +343,7 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def origin(self) -> str:
         """http://host:port as the client named this service (some clients send Host without the port)."""
-        port = self.server.server_address[1]
-        host = self.headers.get("Host") or self.server.server_address[0]
-        if not re.search(r":\d+$", host) and port != 80:
-            host = f"{host}:{port}"
-        return f"http://{host}"
+        return origin_url(self.headers.get("Host"), *self.server.server_address[:2])
 
     # ------------------------------------------------------------ answers
     def send_body(self, status: int, body: bytes, ctype: str, headers: dict[str, str] | None = None):
@@ -354,7 +373,7 @@ class RequestHandler(BaseHTTPRequestHandler):
     def _multipart_head(self, ctype: str, boundary: str, length_header: tuple[str, str]):
         self.send_response(200)
         self.cors()
-        self.send_header("Content-Type", f'multipart/related; type="{ctype.split(";")[0]}"; boundary={boundary}')
+        self.send_header("Content-Type", multipart_type(ctype, boundary))
         self.send_header(*length_header)
         self.end_headers()
 
@@ -386,8 +405,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             raise HttpError(404, "nothing to retrieve")
         boundary = secrets.token_hex(16)
         framed = list(multipart_frames(parts, boundary))
-        total = sum(len(lead) + (f.length if f else 0) for lead, f in framed)
-        self._multipart_head(parts[0][0], boundary, ("Content-Length", str(total)))
+        self._multipart_head(parts[0][0], boundary, ("Content-Length", str(multipart_length(framed))))
         with _corked(self.connection):
             out = self.connection.fileno()
             for lead, f in framed:
