@@ -9,6 +9,11 @@ The table is built from a corpus of real files (make_corpus.py) by the job's own
 requests), and the retrieves twice more: from a plain socket reading into one reused buffer (the
 service's own rate; the figure the target is checked on), and from curl. Disk reads and retrieves both read warm files
 (the page cache is filled first), so the ratio compares the service with reading the same bytes.
+
+`--server` picks what is measured: `builtin` (`RUNME.py serve`, the figures at the top level, as in
+earlier results files), `starlette` (the candidate of starlette_service.py, under "starlette"), or
+`both` (the default): the same measurements against each in turn, one server running at a time, with
+each figure's ratio starlette/builtin under "starlette_vs_builtin" and in a table at the end.
 """
 
 from __future__ import annotations
@@ -183,6 +188,81 @@ def retrieve(base: str, warehouse: Path, studies: int, repeat: int = 5) -> dict:
     return out
 
 
+def servers(wh: Path, which: str) -> list[tuple[str, list[str]]]:
+    """(name, command) of each server measured, in order; each prints a line with "DICOMweb for" and
+    its URL on stderr once it listens."""
+    cmds = {"builtin": [sys.executable, str(ROOT / "RUNME.py"), "--warehouse", str(wh), "serve",
+                        "--table", "bench.web.catalog", "--port", "0"],
+            "starlette": [sys.executable, str(HERE / "starlette_service.py"), "--warehouse", str(wh),
+                          "--table", "bench.web.catalog", "--port", "0"]}
+    return [(name, cmds[name]) for name in (("builtin", "starlette") if which == "both" else (which,))]
+
+
+def measure(name: str, cmd: list[str], wh: Path, a) -> dict:
+    """One server's figures: start time, QIDO latencies, retrieve rates, exit status."""
+    out = {}
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while "DICOMweb for" not in line:
+            line = p.stderr.readline()
+            if not line:
+                raise RuntimeError(f"{name}: the server ended before it listened")
+        out["serve_start_s"] = round(time.perf_counter() - t0, 2)
+        base = re.search(r"at (http://\S+/dicomweb)", line).group(1)
+        out["qido"] = qido(base, a.rounds)
+        print(f"{name} QIDO: {out['qido']['requests']} requests, p50 {out['qido']['p50_ms']} ms, "
+              f"p95 {out['qido']['p95_ms']} ms", file=sys.stderr)
+        out["retrieve"] = retrieve(base, wh, a.studies, a.repeat)
+        print(f"{name} retrieve: {out['retrieve']}", file=sys.stderr)
+    finally:
+        p.terminate()
+        out["serve_exit"] = p.wait(timeout=30)
+    return out
+
+
+# Figures compared, by how their names end; the others are counts (requests, files, MB) or lists.
+LOWER_IS_FASTER = ("_ms", "start_s")
+HIGHER_IS_FASTER = ("_mb_s", "_vs_disk")
+
+
+def figures(d: dict, prefix: str = "") -> dict[str, float]:
+    """The measured figures of one server's results, flat: {"qido.p50_ms": 5.5, ...}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(figures(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and k.endswith(LOWER_IS_FASTER + HIGHER_IS_FASTER):
+            out[prefix + k] = v
+    return out
+
+
+def ratios(builtin: dict, star: dict) -> dict[str, float | None]:
+    """starlette/builtin of each figure both have (None where builtin's is 0). Above 1: Starlette took
+    longer (ms, s) or sent faster (MB/s, against disk)."""
+    b, s = figures(builtin), figures(star)
+    return {k: round(s[k] / b[k], 3) if b[k] else None for k in b if k in s}
+
+
+def table(builtin: dict, star: dict, ratio: dict) -> str:
+    """The comparison as a text table; "faster" names the faster server for each figure (reading the
+    disk, a control measured in both turns, is neither's)."""
+    b, s = figures(builtin), figures(star)
+    rows = [("figure", "builtin", "starlette", "starlette/builtin", "faster")]
+    for k, r in ratio.items():
+        if k.endswith("disk_mb_s"):
+            faster = "(disk)"
+        elif r is None or r == 1:
+            faster = "-"
+        else:
+            faster = "builtin" if (r > 1) == k.endswith(LOWER_IS_FASTER) else "starlette"
+        rows.append((k, f"{b[k]:g}", f"{s[k]:g}", "-" if r is None else f"{r:.3f}", faster))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+                     for r in rows)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--files", type=int, default=10_000)
@@ -191,6 +271,8 @@ def main(argv=None) -> None:
     ap.add_argument("--studies", type=int, default=20, help="largest studies retrieved")
     ap.add_argument("--repeat", type=int, default=5, help="rounds of disk reads and retrieves (medians reported)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--server", choices=["builtin", "starlette", "both"], default="both",
+                    help="RUNME.py serve, the Starlette candidate (starlette_service.py), or both in turn")
     a = ap.parse_args(argv)
     corpus = a.corpus or HERE / "corpus" / str(a.files)
     if not corpus.exists() or not any(corpus.iterdir()):
@@ -205,29 +287,18 @@ def main(argv=None) -> None:
         res["rows"] = build_table(corpus, wh)
         res["table_build_s"] = round(time.perf_counter() - t0, 1)
         print(f"table of {res['rows']} rows in {res['table_build_s']} s", file=sys.stderr)
-        t0 = time.perf_counter()
-        p = subprocess.Popen([sys.executable, str(ROOT / "RUNME.py"), "--warehouse", str(wh), "serve",
-                              "--table", "bench.web.catalog", "--port", "0"], stderr=subprocess.PIPE, text=True)
-        try:
-            line = ""
-            while "DICOMweb for" not in line:
-                line = p.stderr.readline()
-                if not line:
-                    raise RuntimeError("serve ended before it listened")
-            res["serve_start_s"] = round(time.perf_counter() - t0, 2)
-            base = re.search(r"at (http://\S+/dicomweb)", line).group(1)
-            res["qido"] = qido(base, a.rounds)
-            print(f"QIDO: {res['qido']['requests']} requests, p50 {res['qido']['p50_ms']} ms, "
-                  f"p95 {res['qido']['p95_ms']} ms", file=sys.stderr)
-            res["retrieve"] = retrieve(base, wh, a.studies, a.repeat)
-            print(f"retrieve: {res['retrieve']}", file=sys.stderr)
-        finally:
-            p.terminate()
-            res["serve_exit"] = p.wait(timeout=30)
+        got = {name: measure(name, cmd, wh, a) for name, cmd in servers(wh, a.server)}
+    res.update(got.get("builtin", {}))  # at the top level, as in earlier results files
+    if "starlette" in got:
+        res["starlette"] = got["starlette"]
+    if a.server == "both":
+        res["starlette_vs_builtin"] = ratios(got["builtin"], got["starlette"])
     out = a.json or HERE / "results" / f"dicomweb-{res['date']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
+    if a.server == "both":
+        print("\n" + table(got["builtin"], got["starlette"], res["starlette_vs_builtin"]))
     print(f"\nfigures in {out}")
 
 
