@@ -130,6 +130,8 @@ def test_master_without_workers_fails_within_a_minute(tmp_path, sample_dir, mast
     assert failed["status"] == "FAILED" and failed["seconds"] < 60, failed
     assert failed["attempt"] == 1, record["attempts"]  # no retry: it cannot help
     assert f"Spark master {master} granted no executor in 30 s" in r.stderr, r.stderr[-3000:]
+    # a spark:// master on the local target runs per_task (each task its own spark-submit), no sc:// server
+    assert f"on {master}," in r.stdout and "sc://" not in r.stdout + r.stderr
     assert "alive workers" in r.stderr
     assert time.time() - t0 < 200
 
