@@ -118,9 +118,9 @@ def _quiet_env(monkeypatch):
 
 # The longest files first (xdist hands out whole files in this order, `--no-loadscope-reorder`), so that
 # the run does not end on one worker with a long file while the other is idle.
-LONGEST_FIRST = ("test_cluster.py", "test_databricks_run.py", "test_pipeline.py", "test_e2e.py",
-                 "test_exit_status.py", "test_spark_engine.py", "test_small_runs.py", "test_prewarm.py",
-                 "test_run_crash.py")
+LONGEST_FIRST = ("test_cluster.py", "test_databricks_run.py", "test_e2e.py", "test_pipeline.py",
+                 "test_spark_where_asked.py", "test_spark_engine.py", "test_small_runs.py", "test_prewarm.py",
+                 "test_exit_status.py", "test_run_crash.py")
 
 
 def pytest_collection_modifyitems(config, items):
