@@ -71,19 +71,26 @@ def tasks_per_executor(events) -> dict:
 
 
 def test_job_on_a_standalone_cluster_runs_on_both_workers(tmp_path, sample_dir, cluster):
+    """The cluster target, per_task (one spark-submit, one application per task), its tables on delta-rs
+    (Spark's Delta on the cluster's executors: the next test, through one Connect server)."""
     assert cluster.startswith("spark://127.0.0.1:")
     events, sconf = event_logging(tmp_path)
     wh = tmp_path / "wh"
     r = subprocess.run([sys.executable, str(ROOT / "RUNME.py"), "--target", "cluster", "--run", "--master", cluster,
-                        "--warehouse", str(wh), "--param", f"path={sample_dir}", "--param", "mode=overwrite"],
+                        "--engine", "delta-rs", "--warehouse", str(wh), "--param", f"path={sample_dir}",
+                        "--param", "mode=overwrite"],
                        capture_output=True, text=True, timeout=900, cwd=ROOT,
                        env={**os.environ, "SPARK_CONF_DIR": str(sconf)})
     assert r.returncode == 0, r.stdout + r.stderr
-    assert f"on {cluster}" in r.stdout
+    assert f"on {cluster}," in r.stdout and "sc://" not in r.stdout + r.stderr
     check_table(wh, 13)
-    # every task's application ran tasks on executors of both workers
+    record = json.loads(Path(re.search(r"record (\S+run\.json)", r.stdout).group(1)).read_text())
+    assert {a["task"]: (a["result"] or {}).get("engine") for a in record["attempts"]} == {
+        "catalog": "delta-rs", "extract_meta": "delta-rs", "thumbnail": "delta-rs", "deidentify": None,
+        "publish": "delta-rs"}, record["attempts"]
+    # every application (catalog needs no Spark session on delta-rs) ran tasks on executors of both workers
     per_app = tasks_per_executor(events)
-    assert set(per_app) == {f"dicom-lakehouse:{t}" for t in ("catalog", "extract_meta", "thumbnail", "publish")}
+    assert set(per_app) == {f"dicom-lakehouse:{t}" for t in ("extract_meta", "thumbnail", "publish")}, per_app
     assert "driver" not in per_app["dicom-lakehouse:extract_meta"]
     assert len(per_app["dicom-lakehouse:extract_meta"]) == 2, per_app
     assert len(per_app["dicom-lakehouse:thumbnail"]) == 2, per_app
@@ -91,23 +98,32 @@ def test_job_on_a_standalone_cluster_runs_on_both_workers(tmp_path, sample_dir, 
 
 def test_master_on_the_local_target_sends_the_per_file_work_to_both_workers(tmp_path, sample_dir, cluster):
     """`--master spark://...` on the local target (whose conf keeps small runs in the task processes)
-    runs the per-file work on the cluster's executors, and the log names the cluster, no sc:// server."""
+    runs the per-file work on the cluster's executors; here with `--session shared` and Spark's Delta: one
+    Spark Connect server, the cluster's one application, whose executors on both workers run every task's
+    per-file work and write its Delta files.
+    (The per_task default on a spark:// master, one application per task: the test above, and
+    test_spark_where_asked.py's master without workers.)"""
     events, sconf = event_logging(tmp_path)
     wh = tmp_path / "wh"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_LAKEHOUSE_")}
-    r = subprocess.run([sys.executable, str(ROOT / "RUNME.py"), "--run", "--master", cluster, "--warehouse", str(wh),
-                        "--param", f"path={sample_dir}", "--param", "mode=overwrite"],
+    r = subprocess.run([sys.executable, str(ROOT / "RUNME.py"), "--run", "--master", cluster, "--session", "shared",
+                        "--engine", "spark", "--warehouse", str(wh), "--param", f"path={sample_dir}",
+                        "--param", "mode=overwrite"],
                        capture_output=True, text=True, timeout=900, cwd=ROOT, env={**env, "SPARK_CONF_DIR": str(sconf)})
     assert r.returncode == 0, r.stdout + r.stderr
-    assert f"on {cluster}," in r.stdout and "sc://" not in r.stdout + r.stderr
+    assert f"on {cluster} (through a Spark Connect server on loopback, " in r.stdout, r.stdout
     check_table(wh, 13)
     record = json.loads(Path(re.search(r"record (\S+run\.json)", r.stdout).group(1)).read_text())
     ran_in = {a["task"]: (a["result"] or {}).get("ran_in") for a in record["attempts"]}
     assert ran_in["extract_meta"].startswith("executors") and ran_in["thumbnail"].startswith("executors"), ran_in
+    assert {a["task"]: (a["status"], (a["result"] or {}).get("engine")) for a in record["attempts"]} == {
+        "catalog": ("SUCCESS", "spark"), "extract_meta": ("SUCCESS", "spark"), "thumbnail": ("SUCCESS", "spark"),
+        "deidentify": ("SUCCESS", None), "publish": ("SUCCESS", "spark")}, record["attempts"]
+    # one application on the cluster, the run's server: every task was its client
     per_app = tasks_per_executor(events)
-    for step in ("extract_meta", "thumbnail"):
-        executors = per_app[f"dicom-lakehouse:{step}"]
-        assert "driver" not in executors and len(executors) == 2, per_app
+    assert set(per_app) == {"dicom-lakehouse:connect-server"}, per_app
+    executors = per_app["dicom-lakehouse:connect-server"]
+    assert "driver" not in executors and len(executors) == 2, per_app
 
 
 def test_connect_server_refuses_clients_without_its_token(tmp_path, conf):

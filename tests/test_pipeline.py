@@ -33,20 +33,51 @@ def read(store, p):
     return read_delta(str(store.location(target_ref(p))))
 
 
-@pytest.fixture(params=["spark", "delta-rs"])
-def store(request, spark, tmp_path):
+def make_store(engine, spark, wh):
+    return SparkDeltaStore(spark, wh) if engine == "spark" else DeltaRsStore(spark, wh)
+
+
+@pytest.fixture(scope="module", params=["spark", "delta-rs"])
+def engine(request):
     """Each test runs on both engines: Spark's own Delta and delta-rs, on Delta folders under one warehouse."""
-    if request.param == "spark":
-        return SparkDeltaStore(spark, tmp_path / "wh")
-    return DeltaRsStore(spark, tmp_path / "wh")
+    return request.param
 
 
-def test_overwrite_publishes_every_file_once(spark, store, conf, sample_dir):
+@pytest.fixture
+def store(engine, spark, tmp_path):
+    return make_store(engine, spark, tmp_path / "wh")
+
+
+@pytest.fixture(scope="module")
+def published(engine, spark, conf, tmp_path_factory):
+    """One overwrite run (run1) of the sample per engine, shared: (sample, warehouse, step stats).
+    Tests read it as it is, or start from a copy of it (`published_copy`) when they change it."""
+    from dicom_lakehouse.sample_data import make_sample
+
+    base = tmp_path_factory.mktemp(f"published-{engine}")
+    make_sample(base / "sample")
+    stats = run_all(spark, make_store(engine, spark, base / "wh"), conf, params(base / "sample", "overwrite", "run1"))
+    return base / "sample", base / "wh", stats
+
+
+def published_copy(published, tmp_path, sample=False):
+    """A copy of the published warehouse under tmp_path (Delta tables by path are relocatable), and of
+    the sample when the test changes files in it (else the shared sample: the table's paths are its)."""
+    src, wh, _ = published
+    shutil.copytree(wh, tmp_path / "wh")
+    if sample:
+        shutil.copytree(src, tmp_path / "sample")
+        return tmp_path / "sample"
+    return src
+
+
+def test_overwrite_publishes_every_file_once(spark, engine, published, store, conf, tmp_path):
+    sample_dir, wh, stats = published
     p = params(sample_dir, "overwrite", "run1")
-    stats = run_all(spark, store, conf, p)
     n_files = sum(1 for _ in sample_dir.rglob("*") if _.is_file())
     assert stats["catalog"]["rows_out"] == n_files == 13
-    t = read(store, p)
+    assert stats["publish"]["rows_out"] == 13
+    t = read(make_store(engine, spark, wh), p)
     assert t.num_rows == n_files
     rows = {r["relative_path"]: r for r in t.to_pylist()}
     ct = rows["ct/CT_small.dcm"]
@@ -56,13 +87,14 @@ def test_overwrite_publishes_every_file_once(spark, store, conf, sample_dir):
     assert rows["rt/rtplan.dcm"]["thumbnail_status"] == "no_pixels" and rows["rt/rtplan.dcm"]["thumbnail"] is None
     assert rows["us/examples_ybr_color.dcm"]["number_of_frames"] == 30
     # staged tables are dropped after a successful publish (stage_retention: drop)
-    assert sorted(os.listdir(store.warehouse / "main" / "pixels")) == [
+    assert sorted(os.listdir(wh / "main" / "pixels")) == [
         "object_catalog", "object_catalog_series", "object_catalog_studies"]
     # commit metadata says who wrote what
-    h = json.loads(DeltaTable(str(store.location(target_ref(p)))).history(1)[0]["userMetadata"])
+    h = json.loads(DeltaTable(str(wh / "main" / "pixels" / "object_catalog")).history(1)[0]["userMetadata"])
     assert (h["dicom_lakehouse.run_id"], h["dicom_lakehouse.step"]) == ("run1", "publish")
     assert json.loads(h["dicom_lakehouse.params"])["mode"] == "overwrite"
-    # a second overwrite gives the same rows
+    # a second overwrite (over a copy of the published table) gives the same rows
+    published_copy(published, tmp_path)
     run_all(spark, store, conf, params(sample_dir, "overwrite", "run2"))
     t2 = read(store, p)
     assert sorted(t2.column("path").to_pylist()) == sorted(t.column("path").to_pylist())
@@ -97,9 +129,9 @@ def test_append_is_incremental_and_upserts(spark, store, conf, sample_dir):
     assert rows["new/SC_rgb_rle.dcm"]["run_id"] == "a3"
 
 
-def test_crash_before_publish_leaves_the_table_unchanged(spark, store, conf, sample_dir):
+def test_crash_before_publish_leaves_the_table_unchanged(spark, store, conf, published, tmp_path):
+    sample_dir = published_copy(published, tmp_path, sample=True)
     p = params(sample_dir, "overwrite", "c1")
-    run_all(spark, store, conf, p)
     dt_before = DeltaTable(str(store.location(target_ref(p))))
     version, rows_before = dt_before.version(), read(store, p).num_rows
     (sample_dir / "extra.dcm").write_bytes(open(dicom_file("CT_small.dcm"), "rb").read())
@@ -116,9 +148,10 @@ def test_crash_before_publish_leaves_the_table_unchanged(spark, store, conf, sam
         "object_catalog__files__c2", "object_catalog__meta__c2"}
 
 
-def test_derived_tables_and_local_sql(spark, store, conf, sample_dir):
-    p = params(sample_dir, "overwrite", "v1")
-    run_all(spark, store, conf, p)
+def test_derived_tables_and_local_sql(spark, engine, published):
+    sample_dir, wh, _ = published
+    store = make_store(engine, spark, wh)  # read only
+    p = params(sample_dir, "overwrite", "run1")
     studies = read_delta(str(store.location(target_ref(p).derived("studies")))).to_pylist()
     series = read_delta(str(store.location(target_ref(p).derived("series")))).to_pylist()
     by_uid = {s["study_instance_uid"]: s for s in studies}
@@ -134,9 +167,8 @@ def test_derived_tables_and_local_sql(spark, store, conf, sample_dir):
     assert rewrite("SELECT * FROM a.b.c JOIN x.y.z", {"a.b.c": "v1"}) == "SELECT * FROM v1 JOIN x.y.z"
 
 
-def test_concurrent_publishes_stay_consistent(spark, store, conf, sample_dir):
-    p = params(sample_dir, "append", "k0")
-    run_all(spark, store, conf, p)
+def test_concurrent_publishes_stay_consistent(spark, store, published, tmp_path):
+    p = params(published_copy(published, tmp_path), "append", "k0")
     ref = target_ref(p)
     base = store.read(ref).cache()
     a = base.filter("modality = 'MR'").withColumn("run_id", F.lit("ka"))
@@ -158,4 +190,4 @@ def test_concurrent_publishes_stay_consistent(spark, store, conf, sample_dir):
     t = read(store, p)
     assert t.num_rows == 13
     runs = {r["relative_path"]: r["run_id"] for r in t.to_pylist()}
-    assert runs["mr/MR_small.dcm"] == "ka" and runs["us/examples_palette.dcm"] == "kb" and runs["ct/CT_small.dcm"] == "k0"
+    assert runs["mr/MR_small.dcm"] == "ka" and runs["us/examples_palette.dcm"] == "kb" and runs["ct/CT_small.dcm"] == "run1"

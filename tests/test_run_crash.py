@@ -71,7 +71,13 @@ def _files_under(*roots: Path) -> list[Path]:
 
 
 def _holding(files: list[Path], secret: str) -> list[str]:
-    return [str(f) for f in files if secret.encode() in f.read_bytes()]
+    def has(f: Path) -> bool:
+        try:
+            return secret.encode() in f.read_bytes()
+        except FileNotFoundError:  # another test's run removed it (a gate file) since it was listed
+            return False
+
+    return [str(f) for f in files if has(f)]
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +112,8 @@ def killed_run(tmp_path_factory):
         sessions.update({st[3] for p in procs if (st := _stat(p))} - {os.getsid(0)})
         os.killpg(runner.pid, signal.SIGKILL)
         runner.wait()
-        t0 = time.time()
-        while (_alive(procs) or _in_sessions(sessions)) and time.time() - t0 < 10:
+        killed = time.time()  # (not t0: that one, in ns, dates the files the run wrote)
+        while (_alive(procs) or _in_sessions(sessions)) and time.time() - killed < 10:
             time.sleep(0.2)
         left = {p: _cmdline(p)[:160] for p in {*_alive(procs), *_in_sessions(sessions)}}
         yield {"base": base, "run_id": run_id, "t0": t0, "token": token.decode(), "left": left, "procs": procs,

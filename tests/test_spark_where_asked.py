@@ -51,19 +51,27 @@ def result(out: str) -> dict:
     return json.loads(lines[-1][len(RESULT_MARK):])
 
 
-def test_spark_submitted_tasks_use_sparks_delta_and_the_executors(tmp_path, sample_dir):
+def test_spark_submitted_tasks_use_sparks_delta_and_the_executors(tmp_path, sample_dir, spark, conf):
+    """The catalog stage is written by Spark's Delta in this session (a spark-submitted catalog task: the
+    test below, without Delta; the whole job's tasks through spark-submit: test_cluster.py); the
+    extract_meta task, plainly spark-submitted with Delta's flags, reads it and writes its own."""
+    from dicom_lakehouse.params import validate
+    from dicom_lakehouse.pipeline import STEP_FUNCS
+    from dicom_lakehouse.tables import SparkDeltaStore
+
     jars = cached_jars(coordinate())
     assert jars, "Delta's jars are not cached: run python -m dicom_lakehouse.spark.delta_jars"
     flags = ["--master", "local[2]", "--jars", ",".join(jars), "--conf", f"spark.sql.extensions={EXTENSION}",
              "--conf", f"spark.sql.catalog.spark_catalog={CATALOG}"]
     wh = tmp_path / "wh"
-    out = {}
-    for task in ("catalog", "extract_meta"):
-        r = submit(task, flags, task_args(sample_dir, wh))
-        assert r.returncode == 0, r.stdout + r.stderr[-3000:]
-        out[task] = result(r.stdout)
-    assert out["catalog"]["engine"] == out["extract_meta"]["engine"] == "spark"
-    assert out["extract_meta"]["rows_out"] == 13
+    p = validate({"path": str(sample_dir), "catalog": "main", "schema": "pixels", "table": "object_catalog",
+                  "mode": "overwrite", "run_id": "R1"})
+    out = {"catalog": STEP_FUNCS["catalog"](spark, SparkDeltaStore(spark, wh), p, conf)}
+    r = submit("extract_meta", flags, task_args(sample_dir, wh))
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    out["extract_meta"] = result(r.stdout)
+    assert out["extract_meta"]["engine"] == "spark"
+    assert out["catalog"]["rows_out"] == out["extract_meta"]["rows_out"] == 13
     assert out["extract_meta"]["ran_in"].startswith("executors"), out["extract_meta"]
     # the stages were committed by Spark's Delta, not delta-rs
     engines = set()
@@ -130,6 +138,8 @@ def test_master_without_workers_fails_within_a_minute(tmp_path, sample_dir, mast
     assert failed["status"] == "FAILED" and failed["seconds"] < 60, failed
     assert failed["attempt"] == 1, record["attempts"]  # no retry: it cannot help
     assert f"Spark master {master} granted no executor in 30 s" in r.stderr, r.stderr[-3000:]
+    # a spark:// master on the local target runs per_task (each task its own spark-submit), no sc:// server
+    assert f"on {master}," in r.stdout and "sc://" not in r.stdout + r.stderr
     assert "alive workers" in r.stderr
     assert time.time() - t0 < 200
 

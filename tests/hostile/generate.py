@@ -208,9 +208,13 @@ def _deflate_bomb(size: int) -> bytes:
     parts = [comp.compress(body.getvalue())]
     # a private OB element whose value is `size` zero bytes
     parts.append(comp.compress(struct.pack("<HH2sHI", 0x0009, 0x1010, b"OB", 0, size & 0xFFFFFFFE)))
-    chunk = b"\0" * (1 << 20)
-    for _ in range(size // len(chunk)):
-        parts.append(comp.compress(chunk))
+    parts.append(comp.flush(zlib.Z_FULL_FLUSH))
+    # 1 MiB of zeros deflated once, its blocks repeated: a full flush leaves the stream byte-aligned with
+    # no reference to earlier data, so the copies inflate one after the other (compressing 4 GiB took
+    # a minute of CPU)
+    chunk = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    zeros = chunk.compress(b"\0" * (1 << 20)) + chunk.flush(zlib.Z_FULL_FLUSH)
+    parts.append(zeros * (size // (1 << 20)))
     parts.append(comp.flush())
     buf.write(b"".join(parts))
     return buf.getvalue()
