@@ -52,7 +52,7 @@ def store(engine, spark, tmp_path):
 def published(engine, spark, conf, tmp_path_factory):
     """One overwrite run (run1) of the sample per engine, shared: (sample, warehouse, step stats).
     Tests read it as it is, or start from a copy of it (`published_copy`) when they change it."""
-    from dicom_lakehouse.sample_data import make_sample
+    from dicom_lakehouse.dicom.sample_data import make_sample
 
     base = tmp_path_factory.mktemp(f"published-{engine}")
     make_sample(base / "sample")

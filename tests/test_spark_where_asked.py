@@ -56,7 +56,7 @@ def test_spark_submitted_tasks_use_sparks_delta_and_the_executors(tmp_path, samp
     test below, without Delta; the whole job's tasks through spark-submit: test_cluster.py); the
     extract_meta task, plainly spark-submitted with Delta's flags, reads it and writes its own."""
     from dicom_lakehouse.params import validate
-    from dicom_lakehouse.pipeline import STEP_FUNCS
+    from dicom_lakehouse.steps.pipeline import STEP_FUNCS
     from dicom_lakehouse.tables import SparkDeltaStore
 
     jars = cached_jars(coordinate())
