@@ -57,7 +57,7 @@ def test_spark_submitted_tasks_use_sparks_delta_and_the_executors(tmp_path, samp
     extract_meta task, plainly spark-submitted with Delta's flags, reads it and writes its own."""
     from dicom_lakehouse.params import validate
     from dicom_lakehouse.steps.pipeline import STEP_FUNCS
-    from dicom_lakehouse.tables import SparkDeltaStore
+    from dicom_lakehouse.tables.spark_delta import SparkDeltaStore
 
     jars = cached_jars(coordinate())
     assert jars, "Delta's jars are not cached: run python -m dicom_lakehouse.spark.delta_jars"
