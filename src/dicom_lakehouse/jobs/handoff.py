@@ -19,8 +19,10 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from dicom_lakehouse.spark.connect_server import ConnectServer
+if TYPE_CHECKING:  # the runner passes one; a task, which imports this module too, never needs the class
+    from dicom_lakehouse.spark.connect_server import ConnectServer
 
 RESULT_MARK = "DICOM_LAKEHOUSE_RESULT "
 # Set by the local runner when it starts a task ahead of time (see runner.run_job).

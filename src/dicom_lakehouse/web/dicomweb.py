@@ -22,6 +22,7 @@ from urllib.parse import SplitResult, parse_qs
 from dicom_lakehouse.files.paths import local_path_of
 from dicom_lakehouse.files.sources import open_source
 from dicom_lakehouse.tables.delta_folder import read_delta
+from dicom_lakehouse.tables.ref import TableRef
 from dicom_lakehouse.web.http import (
     HttpError,
     LocalFile,
@@ -421,8 +422,6 @@ def make_handler(catalog: Catalog, token: str | None, viewer: Path | None = None
 
 
 def table_location(table: str, warehouse: str) -> str:
-    from dicom_lakehouse.tables.ref import TableRef
-
     loc = TableRef.parse(table).folder(warehouse)
     if not (loc / "_delta_log").is_dir():
         raise ValueError(f"no Delta table at {loc}: publish {table} first (python RUNME.py --run)")
