@@ -49,7 +49,9 @@ def event_logging(tmp_path):
     sconf.mkdir()
     (sconf / "spark-defaults.conf").write_text(
         f"spark.eventLog.enabled true\nspark.eventLog.dir {events.as_uri()}\nspark.eventLog.compress false\n"
-        "spark.eventLog.rolling.enabled false\n")
+        "spark.eventLog.rolling.enabled false\n"
+        # short-lived executors, as the project's short task JVMs: C1 only
+        "spark.executor.extraJavaOptions -XX:+UseSerialGC -XX:TieredStopAtLevel=1\n")
     return events, sconf
 
 

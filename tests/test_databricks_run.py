@@ -119,7 +119,9 @@ def test_job_runs_as_on_databricks_and_equals_a_local_run(deployed, tmp_path, sa
     table = "spark_catalog.pixels_dev.object_catalog"
     spec = {"jars": fetch(coordinate()), "spark_warehouse": str(tmp_path / "uc"), "tasks": tasks,
             "table": table, "out": str(tmp_path / "published.parquet"), "report": str(tmp_path / "report.json"),
-            "secrets": {"dicom-lakehouse/deid-key": DEID_KEY}, "log_level": "INFO"}
+            "secrets": {"dicom-lakehouse/deid-key": DEID_KEY}, "log_level": "INFO",
+            # the job cluster's spark_conf, which Databricks sets on the session before the tasks
+            "spark_conf": settings["job_clusters"][0]["new_cluster"]["spark_conf"]}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     harness = tmp_path / "driver" / "databricks_runtime.py"
     harness.parent.mkdir()
