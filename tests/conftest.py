@@ -69,7 +69,12 @@ def spark(conf, tmp_path_factory):
     # conf/'s C1-only setting for short task JVMs (the warm part of test_spark_engine's serverless test
     # took 95 s instead of 134 s). Only this session's copy: the task JVMs tests start keep conf/'s.
     jvm = {**conf["spark"], "conf": {**conf["spark"]["conf"],
-                                     "spark.driver.extraJavaOptions": "-XX:+UseSerialGC -Xshare:auto"}}
+                                     "spark.driver.extraJavaOptions": "-XX:+UseSerialGC -Xshare:auto",
+                                     # The tests' tables are a few rows: a third of this JVM's CPU went to
+                                     # generating and compiling code for each query (JFR, test_pipeline's
+                                     # Spark tests). Interpreted: 194 -> 166 CPU s for those tests.
+                                     "spark.sql.codegen.factoryMode": "NO_CODEGEN",
+                                     "spark.sql.codegen.wholeStage": "false"}}
     s = get_spark({**conf, "spark": jvm}, app_name="dicom-lakehouse-tests")
     s.sparkContext.setLogLevel("ERROR")
     yield s
