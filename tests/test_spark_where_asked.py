@@ -61,8 +61,10 @@ def test_spark_submitted_tasks_use_sparks_delta_and_the_executors(tmp_path, samp
 
     jars = cached_jars(coordinate())
     assert jars, "Delta's jars are not cached: run python -m dicom_lakehouse.spark.delta_jars"
+    # Delta's flags, as the task's one-line error gives them; and a short JVM's options (C1 only)
     flags = ["--master", "local[2]", "--jars", ",".join(jars), "--conf", f"spark.sql.extensions={EXTENSION}",
-             "--conf", f"spark.sql.catalog.spark_catalog={CATALOG}"]
+             "--conf", f"spark.sql.catalog.spark_catalog={CATALOG}",
+             "--driver-java-options", "-XX:+UseSerialGC -XX:TieredStopAtLevel=1"]
     wh = tmp_path / "wh"
     p = validate({"path": str(sample_dir), "catalog": "main", "schema": "pixels", "table": "object_catalog",
                   "mode": "overwrite", "run_id": "R1"})
