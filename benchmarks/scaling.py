@@ -42,8 +42,13 @@ def value(r: dict, key: str):
 CORPORA = {"pydicom": ("pydicom's test files", "{n}"), "pydicom-data": ("realistic (pydicom-data)", "realistic-{n}")}
 
 
-def plot(results: list[dict], out: Path) -> None:
-    import matplotlib
+def plot(results: list[dict], out: Path) -> bool:
+    try:
+        import matplotlib
+    except ImportError:  # the figures are written already; the plot can be redrawn with --replot
+        print("no plot: matplotlib is missing (pip install -e '.[bench]'), then run this again with "
+              "--replot benchmarks/results/scaling-<date>.json", file=sys.stderr)
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -67,6 +72,7 @@ def plot(results: list[dict], out: Path) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out)
+    return True
 
 
 def main(argv=None):
@@ -100,8 +106,8 @@ def main(argv=None):
                 print(json.dumps({k: value(results[-1], k) for k in (
                     "source", "files", "baseline_meta_s", "baseline_full_wall_s", "extract_meta_s", "thumbnail_s",
                     "jobs.delta-rs")}), file=sys.stderr)
-    plot(results, out_dir / "scaling.png")
-    print(f"plot in {out_dir / 'scaling.png'}")
+    if plot(results, out_dir / "scaling.png"):
+        print(f"plot in {out_dir / 'scaling.png'}")
 
 
 if __name__ == "__main__":
