@@ -33,6 +33,13 @@ def local_cluster(folder: Path, port: int, **env):
 SCHEMA = ROOT / "schemas" / "databricks-bundle.schema.json"
 
 
+def short_jvm_options() -> str:
+    """conf/'s JVM options for short JVMs (C1 only, serial GC), for the JVMs tests start themselves."""
+    from dicom_lakehouse.config import load_conf
+
+    return load_conf("local")["spark"]["conf"]["spark.driver.extraJavaOptions"]
+
+
 def dicom_file(name: str) -> str:
     path = get_testdata_file(name, download=False)
     assert path is not None, f"pydicom does not ship {name}"

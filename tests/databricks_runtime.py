@@ -42,13 +42,8 @@ def main(spec_path: str) -> int:
                .config("spark.sql.extensions", "io.delta.sql.DeltaSparkSessionExtension")
                .config("spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog")
                .config("spark.sql.warehouse.dir", spec["spark_warehouse"])
-               .config("spark.ui.enabled", "false")
-               # The job cluster's settings (the bundle's spark_conf), and for this 2-core stand-in the
-               # snapshot partitions the project's own sessions use: Delta's 50 are sized for clusters,
-               # and rebuilding each snapshot in 50 tasks took half of this job's time here; and the
-               # project's JVM options for short JVMs (C1 only: 54 s -> 47 s for this job).
-               .config("spark.databricks.delta.snapshotPartitions", "2")
-               .config("spark.driver.extraJavaOptions", "-XX:+UseSerialGC -XX:TieredStopAtLevel=1"))
+               .config("spark.ui.enabled", "false"))
+    # the cluster's settings, as the spec gives them (the job cluster's spark_conf among them)
     for key, value in (spec.get("spark_conf") or {}).items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()

@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, local_cluster
+from conftest import ROOT, local_cluster, short_jvm_options
 
 from dicom_lakehouse.tables.delta_folder import read_delta
 
@@ -50,8 +50,8 @@ def event_logging(tmp_path):
     (sconf / "spark-defaults.conf").write_text(
         f"spark.eventLog.enabled true\nspark.eventLog.dir {events.as_uri()}\nspark.eventLog.compress false\n"
         "spark.eventLog.rolling.enabled false\n"
-        # short-lived executors, as the project's short task JVMs: C1 only
-        "spark.executor.extraJavaOptions -XX:+UseSerialGC -XX:TieredStopAtLevel=1\n")
+        # short-lived executors, with the options of the project's short task JVMs (C1 only)
+        f"spark.executor.extraJavaOptions {short_jvm_options()}\n")
     return events, sconf
 
 

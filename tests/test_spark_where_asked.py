@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pyspark
 import pytest
-from conftest import ROOT, local_cluster
+from conftest import ROOT, local_cluster, short_jvm_options
 
 from dicom_lakehouse.jobs.handoff import RESULT_MARK
 from dicom_lakehouse.spark.delta_jars import CATALOG, EXTENSION, cached_jars, coordinate
@@ -64,7 +64,7 @@ def test_spark_submitted_tasks_use_sparks_delta_and_the_executors(tmp_path, samp
     # Delta's flags, as the task's one-line error gives them; and a short JVM's options (C1 only)
     flags = ["--master", "local[2]", "--jars", ",".join(jars), "--conf", f"spark.sql.extensions={EXTENSION}",
              "--conf", f"spark.sql.catalog.spark_catalog={CATALOG}",
-             "--driver-java-options", "-XX:+UseSerialGC -XX:TieredStopAtLevel=1"]
+             "--driver-java-options", short_jvm_options()]
     wh = tmp_path / "wh"
     p = validate({"path": str(sample_dir), "catalog": "main", "schema": "pixels", "table": "object_catalog",
                   "mode": "overwrite", "run_id": "R1"})
