@@ -14,9 +14,11 @@ from pyspark.sql import functions as F
 from dicom_lakehouse.params import validate
 from dicom_lakehouse.steps.pipeline import STEP_FUNCS
 from dicom_lakehouse.steps.stage import StepError, target_ref
+from dicom_lakehouse.tables import schema as S
 from dicom_lakehouse.tables.delta_folder import read_delta
 from dicom_lakehouse.tables.delta_rs import DeltaRsStore
 from dicom_lakehouse.tables.localsql import rewrite, run_sql
+from dicom_lakehouse.tables.ref import TableRef
 from dicom_lakehouse.tables.spark_delta import SparkDeltaStore
 
 
@@ -49,15 +51,29 @@ def store(engine, spark, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def published(engine, spark, conf, tmp_path_factory):
-    """One overwrite run (run1) of the sample per engine, shared: (sample, warehouse, step stats).
-    Tests read it as it is, or start from a copy of it (`published_copy`) when they change it."""
+def publish(spark, conf, tmp_path_factory):
+    """One overwrite run (run1) per engine of one shared sample, made when a test first asks for it:
+    publish(engine) -> (sample, warehouse, step stats). Tests read it as it is, or start from a copy
+    of it (`published_copy`) when they change it."""
     from dicom_lakehouse.dicom.sample_data import make_sample
 
-    base = tmp_path_factory.mktemp(f"published-{engine}")
-    make_sample(base / "sample")
-    stats = run_all(spark, make_store(engine, spark, base / "wh"), conf, params(base / "sample", "overwrite", "run1"))
-    return base / "sample", base / "wh", stats
+    sample = tmp_path_factory.mktemp("published-sample") / "sample"
+    make_sample(sample)
+    made = {}
+
+    def get(engine):
+        if engine not in made:
+            wh = tmp_path_factory.mktemp(f"published-{engine}") / "wh"
+            made[engine] = sample, wh, run_all(spark, make_store(engine, spark, wh), conf,
+                                              params(sample, "overwrite", "run1"))
+        return made[engine]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def published(engine, publish):
+    return publish(engine)
 
 
 def published_copy(published, tmp_path, sample=False):
@@ -191,3 +207,54 @@ def test_concurrent_publishes_stay_consistent(spark, store, published, tmp_path)
     assert t.num_rows == 13
     runs = {r["relative_path"]: r["run_id"] for r in t.to_pylist()}
     assert runs["mr/MR_small.dcm"] == "ka" and runs["us/examples_palette.dcm"] == "kb" and runs["ct/CT_small.dcm"] == "run1"
+
+
+IGNORE = ("run_id", "ingested_at")
+
+
+def _log_metadata(path) -> dict:
+    """The table's current metaData action, read from its log."""
+    meta = None
+    for f in sorted((path / "_delta_log").glob("*.json")):
+        for line in f.read_text().splitlines():
+            action = json.loads(line)
+            if "metaData" in action:
+                meta = action["metaData"]
+    return meta
+
+
+def test_both_engines_write_the_same_table(spark, publish):
+    """Rows, schema (with column comments), table comment and properties, and commit metadata: the
+    shared run of the same sample on each engine."""
+    out = {engine: publish(engine)[1] / "main" / "pixels" / "object_catalog" for engine in ("spark", "delta-rs")}
+    a, b = read_delta(out["spark"]), read_delta(out["delta-rs"])
+    assert a.schema == b.schema and a.num_rows == b.num_rows == 13
+    keep = [n for n in a.schema.names if n not in IGNORE]
+
+    def rows(t):
+        return sorted(tuple(r[c] for c in keep) for r in t.select(keep).to_pylist())
+
+    assert rows(a) == rows(b)
+    ma, mb = _log_metadata(out["spark"]), _log_metadata(out["delta-rs"])
+    fields_a = json.loads(ma["schemaString"])["fields"]
+    fields_b = json.loads(mb["schemaString"])["fields"]
+    assert fields_a == fields_b
+    assert fields_a[0]["metadata"]["comment"] == S.COLUMNS[0][2]
+    assert ma["description"] == mb["description"] == S.TABLE_COMMENT
+    for k, v in S.table_properties().items():  # the statistics setting included
+        assert ma["configuration"][k] == mb["configuration"][k] == v
+    ha = json.loads(DeltaTable(str(out["spark"])).history(1)[0]["userMetadata"])
+    hb = json.loads(DeltaTable(str(out["delta-rs"])).history(1)[0]["userMetadata"])
+    assert {k: v for k, v in ha.items() if k != "dicom_lakehouse.commit"} == hb
+    assert hb["dicom_lakehouse.run_id"] == "run1" and hb["dicom_lakehouse.step"] == "publish"
+    # the same, as Spark SQL shows it
+    ident = SparkDeltaStore(spark, publish("spark")[1]).ident(TableRef("main", "pixels", "object_catalog"))
+    comments = {r["col_name"]: r["comment"] for r in spark.sql(f"DESCRIBE TABLE {ident}").collect()}
+    assert comments["study_date"] == "(0008,0020) Study Date"
+    props = dict(spark.sql(f"SHOW TBLPROPERTIES {ident}").select("key", "value").collect())
+    assert props["delta.logRetentionDuration"] == "interval 30 days"
+    for suffix in ("studies", "series"):
+        da = read_delta(out["spark"].with_name(f"object_catalog_{suffix}"))
+        db = read_delta(out["delta-rs"].with_name(f"object_catalog_{suffix}"))
+        assert da.num_rows == db.num_rows > 0
+        assert sorted(map(str, da.to_pylist())) == sorted(map(str, db.to_pylist()))

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
-import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from deltalake import DeltaTable
 
 from dicom_lakehouse.config import find_conf_dir
 from dicom_lakehouse.params import validate
@@ -17,11 +14,8 @@ from dicom_lakehouse.steps.pipeline import STEP_FUNCS
 from dicom_lakehouse.steps.stage import file_per_partition
 from dicom_lakehouse.tables import schema as S
 from dicom_lakehouse.tables.delta_folder import read_delta
-from dicom_lakehouse.tables.delta_rs import DeltaRsStore
 from dicom_lakehouse.tables.ref import TableRef
 from dicom_lakehouse.tables.spark_delta import SparkDeltaStore
-
-IGNORE = ("run_id", "ingested_at")
 
 
 def params(path, run_id, catalog="main", schema="pixels", mode="overwrite"):
@@ -79,60 +73,6 @@ def test_conf_is_found_from_a_task_folder_of_an_installed_wheel(tmp_path, monkey
     monkeypatch.delenv(config.ENV_CONF_DIR, raising=False)
     monkeypatch.setattr(config, "repo_root", lambda: bundle / "tasks")  # installed: no checkout around
     assert find_conf_dir() == (bundle / "conf").resolve()
-
-
-def _log_metadata(path) -> dict:
-    """The table's current metaData action, read from its log."""
-    meta = None
-    for f in sorted((path / "_delta_log").glob("*.json")):
-        for line in f.read_text().splitlines():
-            action = json.loads(line)
-            if "metaData" in action:
-                meta = action["metaData"]
-    return meta
-
-
-def test_both_engines_write_the_same_table(spark, conf, sample_dir, tmp_path):
-    """Rows, schema (with column comments), table comment and properties, and commit metadata."""
-    out = {}
-    for engine, store in (("spark", SparkDeltaStore(spark, tmp_path / "spark")),
-                          ("delta-rs", DeltaRsStore(spark, tmp_path / "delta-rs"))):
-        p = params(sample_dir, f"diff-{engine}")
-        for s in STEP_FUNCS:
-            STEP_FUNCS[s](spark, store, p, conf)
-        out[engine] = tmp_path / engine / "main" / "pixels" / "object_catalog"
-    a, b = read_delta(out["spark"]), read_delta(out["delta-rs"])
-    assert a.schema == b.schema and a.num_rows == b.num_rows == 13
-    keep = [n for n in a.schema.names if n not in IGNORE]
-
-    def rows(t: pa.Table):
-        return sorted(tuple(r[c] for c in keep) for r in t.select(keep).to_pylist())
-
-    assert rows(a) == rows(b)
-    ma, mb = _log_metadata(out["spark"]), _log_metadata(out["delta-rs"])
-    fields_a = json.loads(ma["schemaString"])["fields"]
-    fields_b = json.loads(mb["schemaString"])["fields"]
-    assert fields_a == fields_b
-    assert fields_a[0]["metadata"]["comment"] == S.COLUMNS[0][2]
-    assert ma["description"] == mb["description"] == S.TABLE_COMMENT
-    for k, v in S.table_properties().items():  # the statistics setting included
-        assert ma["configuration"][k] == mb["configuration"][k] == v
-    ha = json.loads(DeltaTable(str(out["spark"])).history(1)[0]["userMetadata"])
-    hb = json.loads(DeltaTable(str(out["delta-rs"])).history(1)[0]["userMetadata"])
-    assert {k: v for k, v in ha.items() if k != "dicom_lakehouse.commit"} == {
-        **hb, "dicom_lakehouse.run_id": "diff-spark",
-        "dicom_lakehouse.params": hb["dicom_lakehouse.params"].replace("diff-delta-rs", "diff-spark")}
-    # the same, as Spark SQL shows it
-    ident = SparkDeltaStore(spark, tmp_path / "spark").ident(TableRef("main", "pixels", "object_catalog"))
-    comments = {r["col_name"]: r["comment"] for r in spark.sql(f"DESCRIBE TABLE {ident}").collect()}
-    assert comments["study_date"] == "(0008,0020) Study Date"
-    props = dict(spark.sql(f"SHOW TBLPROPERTIES {ident}").select("key", "value").collect())
-    assert props["delta.logRetentionDuration"] == "interval 30 days"
-    for suffix in ("studies", "series"):
-        da = read_delta(out["spark"].with_name(f"object_catalog_{suffix}"))
-        db = read_delta(out["delta-rs"].with_name(f"object_catalog_{suffix}"))
-        assert da.num_rows == db.num_rows > 0
-        assert sorted(map(str, da.to_pylist())) == sorted(map(str, db.to_pylist()))
 
 
 def test_unresolvable_jars_fall_back_to_delta_rs_or_stop(tmp_path, monkeypatch, caplog):
