@@ -140,7 +140,7 @@ def test_full_disk_during_publish_keeps_the_previous_version(tmp_path, reference
         version = DeltaTable(str(wh / "main" / "pixels" / "object_catalog")).version()
         publish = _publish_fails(sample, wh, "full-2", conf, spark)
         filler = mnt / "filler"
-        try:  # fill what is left; on kernels that charge inodes to tmpfs's size the file may not even open
+        try:  # fill what is left; close() flushes the buffered tail and may hit ENOSPC too
             with open(filler, "wb") as f:
                 while True:
                     f.write(b"\0" * 65536)
