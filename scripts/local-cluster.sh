@@ -2,7 +2,8 @@
 # A Spark standalone cluster on loopback from the pip-installed pyspark: one master, two workers.
 #   scripts/local-cluster.sh start [MASTER_PORT]   -> prints spark://127.0.0.1:PORT
 #   scripts/local-cluster.sh stop
-# Settings: CLUSTER_DIR (pids, logs, work dirs), WORKERS (2), WORKER_CORES (1), WORKER_MEMORY (1g), PYTHON.
+# Settings: CLUSTER_DIR (pids, logs, work dirs), WORKERS (2), WORKER_CORES (1), WORKER_MEMORY (1g), PYTHON,
+# SPARK_DAEMON_JAVA_OPTS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$(pwd)/.venv/bin/python}
@@ -12,6 +13,9 @@ CLUSTER_DIR=${CLUSTER_DIR:-$(pwd)/build/cluster}
 WORKERS=${WORKERS:-2}
 WORKER_CORES=${WORKER_CORES:-1}
 WORKER_MEMORY=${WORKER_MEMORY:-1g}
+# The master and worker daemons only schedule: a small heap, serial GC and C1 only, so that their own
+# start-up and JIT do not take the cores the executors need.
+export SPARK_DAEMON_JAVA_OPTS=${SPARK_DAEMON_JAVA_OPTS:-"-XX:+UseSerialGC -XX:TieredStopAtLevel=1 -Xshare:auto"}
 
 start() {
   local port=${1:-7077}

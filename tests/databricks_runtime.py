@@ -83,7 +83,9 @@ def main(spec_path: str) -> int:
             name = f"{table}_{suffix}"
             kind = spark.sql(f"DESCRIBE TABLE EXTENDED {name}").filter("col_name = 'Type'").first()
             report[suffix] = {"type": kind["data_type"] if kind else None,
-                              "rows": spark.table(name).count()}
+                              "rows": spark.table(name).count(),
+                              "create": spark.sql(f"SHOW CREATE TABLE {name}").first()[0]}
+        report["series"]["instances"] = spark.sql(f"SELECT sum(instance_count) FROM {table}_series").first()[0]
         report["history"] = [r.asDict() for r in spark.sql(f"DESCRIBE HISTORY {table}")
                              .select("version", "operation", "userMetadata").collect()]
     with open(spec["report"], "w") as f:

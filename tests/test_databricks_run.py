@@ -144,9 +144,14 @@ def test_job_runs_as_on_databricks_and_equals_a_local_run(deployed, tmp_path, sa
         assert t["cwd"] == str(files / "tasks") and t["session_alive"] and t["same_session"], t
     assert report["library"].startswith(str(py.parent.parent)), report["library"]
     assert not any(p and Path(p).resolve().is_relative_to(ROOT) for p in report["sys_path"])
-    # views on Unity Catalog-style names, defined on the table by name
+    # views on Unity Catalog-style names, defined on the table by name: a permanent view over a temporary
+    # view is refused by Spark (INVALID_TEMP_OBJ_REFERENCE)
     assert report["studies"]["type"] == "VIEW" and report["series"]["type"] == "VIEW"
     assert report["studies"]["rows"] > 0 and report["series"]["rows"] > 0
+    for suffix in ("studies", "series"):
+        assert f"`{table.replace('.', '`.`')}`" in report[suffix]["create"], report[suffix]["create"]
+        assert "dl_" not in report[suffix]["create"]
+    assert report["series"]["instances"] == 12  # every DICOM file of the sample
     meta = json.loads(report["history"][0]["userMetadata"])
     assert (meta["dicom_lakehouse.run_id"], meta["dicom_lakehouse.step"]) == ("987654", "publish")
     assert "catalog: run 987654 on" in r.stderr and "publish done: files in 13, rows out 13, errors 0" in r.stderr

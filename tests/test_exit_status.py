@@ -21,7 +21,7 @@ from conftest import ROOT
 
 from dicom_lakehouse.params import validate
 from dicom_lakehouse.steps.pipeline import STEP_FUNCS
-from dicom_lakehouse.tables.spark_delta import SparkDeltaStore
+from dicom_lakehouse.tables.delta_rs import DeltaRsStore
 
 pytestmark = pytest.mark.e2e
 RUNS = 30
@@ -32,16 +32,19 @@ COMMAND_RUNS = 3
 
 
 @pytest.fixture(scope="module")
-def warehouse(tmp_path_factory, spark, conf):
+def warehouse(tmp_path_factory, conf):
+    """The published table of the sample, as the local default writes it: delta-rs, the per-file work in
+    this process (no JVM). What reads it here is the point: the reader example, and the query commands
+    through a server's Spark Delta."""
     from dicom_lakehouse.dicom.sample_data import make_sample
 
     base = tmp_path_factory.mktemp("exit")
     make_sample(base / "sample")
-    store = SparkDeltaStore(spark, base / "wh")
+    store = DeltaRsStore(None, base / "wh")
     p = validate({"path": str(base / "sample"), "catalog": "main", "schema": "pixels", "table": "object_catalog",
                   "mode": "overwrite", "run_id": "exit1"})
     for step in STEP_FUNCS:
-        STEP_FUNCS[step](spark, store, p, conf)
+        STEP_FUNCS[step](None, store, p, {**conf, "driver_max_files": 100})
     return base / "wh"
 
 

@@ -46,21 +46,6 @@ def test_a_write_runs_its_step_once_per_row(spark, tmp_path):
     assert upserted == 7 and len(os.listdir(marks)) == 14
 
 
-def test_publish_defines_views_on_the_table_by_name(spark, conf, sample_dir):
-    """On a catalog (Unity Catalog on Databricks) the derived objects are views over the table's name;
-    a permanent view over a temporary view is refused by Spark (INVALID_TEMP_OBJ_REFERENCE)."""
-    store = SparkDeltaStore(spark)  # names in the session's catalog, as on Databricks
-    p = params(sample_dir, "v1", catalog="spark_catalog", schema="views_by_name")
-    stats = {s: STEP_FUNCS[s](spark, store, p, conf) for s in STEP_FUNCS}
-    assert stats["publish"]["derived"] == {"spark_catalog.views_by_name.object_catalog_studies": "view",
-                                           "spark_catalog.views_by_name.object_catalog_series": "view"}
-    text = spark.sql("SHOW CREATE TABLE spark_catalog.views_by_name.object_catalog_series").first()[0]
-    assert "`spark_catalog`.`views_by_name`.`object_catalog`" in text and "dl_" not in text
-    n = spark.sql("SELECT sum(instance_count) FROM spark_catalog.views_by_name.object_catalog_series").first()[0]
-    assert n == 12  # every DICOM file of the sample
-    assert spark.catalog.databaseExists("spark_catalog.views_by_name")  # the catalog task made the schema
-
-
 def test_conf_is_found_from_a_task_folder_of_an_installed_wheel(tmp_path, monkeypatch):
     """Databricks runs a spark_python_task in <bundle>/files/tasks with the library from a wheel."""
     import dicom_lakehouse.config as config

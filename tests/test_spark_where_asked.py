@@ -4,6 +4,7 @@ executors, or stops with the flags that add Delta; an unreachable or workerless 
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pyspark
 import pytest
 from conftest import ROOT, local_cluster, short_jvm_options
 
+from dicom_lakehouse.config import ENV_CONF_DIR
 from dicom_lakehouse.jobs.handoff import RESULT_MARK
 from dicom_lakehouse.spark.delta_jars import CATALOG, EXTENSION, cached_jars, coordinate
 
@@ -130,16 +132,23 @@ def master_without_workers(tmp_path):
 def test_master_without_workers_fails_within_a_minute(tmp_path, sample_dir, master_without_workers):
     master = master_without_workers
     wh = tmp_path / "wh"
+    # conf/ as it is, but a shorter wait for an executor than the default 30 s (nothing else changes)
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    defaults = tmp_path / "conf" / "defaults.yml"
+    text = defaults.read_text()
+    assert "\n  executor_wait_seconds: 30\n" in text
+    defaults.write_text(text.replace("\n  executor_wait_seconds: 30\n", "\n  executor_wait_seconds: 8\n"))
     t0 = time.time()
     r = subprocess.run([sys.executable, str(ROOT / "RUNME.py"), "--run", "--master", master, "--warehouse",
                         str(wh), "--param", f"path={sample_dir}"],
-                       capture_output=True, text=True, timeout=600, cwd=ROOT, env=submit_env())
+                       capture_output=True, text=True, timeout=600, cwd=ROOT,
+                       env={**submit_env(), ENV_CONF_DIR: str(tmp_path / "conf")})
     assert r.returncode == 1, r.stdout + r.stderr[-3000:]
     record = json.loads(Path(re.search(r"record (\S+run\.json)", r.stdout).group(1)).read_text())
     failed = record["attempts"][-1]
     assert failed["status"] == "FAILED" and failed["seconds"] < 60, failed
     assert failed["attempt"] == 1, record["attempts"]  # no retry: it cannot help
-    assert f"Spark master {master} granted no executor in 30 s" in r.stderr, r.stderr[-3000:]
+    assert f"Spark master {master} granted no executor in 8 s" in r.stderr, r.stderr[-3000:]
     # a spark:// master on the local target runs per_task (each task its own spark-submit), no sc:// server
     assert f"on {master}," in r.stdout and "sc://" not in r.stdout + r.stderr
     assert "alive workers" in r.stderr
