@@ -30,6 +30,7 @@ from dicom_lakehouse.spark.delta_jars import cache_root, coordinate, fetch, spar
 from dicom_lakehouse.steps.pipeline import STEP_FUNCS
 from dicom_lakehouse.tables.delta_folder import read_delta
 from dicom_lakehouse.tables.delta_rs import DeltaRsStore
+from dicom_lakehouse.tables.ref import TableRef
 
 pytestmark = pytest.mark.e2e
 # What a Databricks Runtime already has; the wheel must not bring its own.
@@ -149,7 +150,7 @@ def test_job_runs_as_on_databricks_and_equals_a_local_run(deployed, tmp_path, sa
     assert report["studies"]["type"] == "VIEW" and report["series"]["type"] == "VIEW"
     assert report["studies"]["rows"] > 0 and report["series"]["rows"] > 0
     for suffix in ("studies", "series"):
-        assert f"`{table.replace('.', '`.`')}`" in report[suffix]["create"], report[suffix]["create"]
+        assert TableRef.parse(table).quoted in report[suffix]["create"], report[suffix]["create"]
         assert "dl_" not in report[suffix]["create"]
     assert report["series"]["instances"] == 12  # every DICOM file of the sample
     meta = json.loads(report["history"][0]["userMetadata"])
