@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, local_cluster, short_jvm_options
+from deltalake import DeltaTable
 
 from dicom_lakehouse.tables.delta_folder import read_delta
 
@@ -36,8 +37,14 @@ def check_table(wh, n):
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    with local_cluster(tmp_path_factory.mktemp("cluster"), free_port()) as master:
+def cluster_folder(tmp_path_factory) -> Path:
+    """The cluster's folder: its workers' work dirs hold the executors' logs."""
+    return tmp_path_factory.mktemp("cluster")
+
+
+@pytest.fixture(scope="module")
+def cluster(cluster_folder):
+    with local_cluster(cluster_folder, free_port()) as master:
         yield master
 
 
@@ -98,15 +105,27 @@ def test_job_on_a_standalone_cluster_runs_on_both_workers(tmp_path, sample_dir, 
     assert len(per_app["dicom-lakehouse:thumbnail"]) == 2, per_app
 
 
-def test_master_on_the_local_target_sends_the_per_file_work_to_both_workers(tmp_path, sample_dir, cluster):
+def test_master_on_the_local_target_sends_the_per_file_work_to_both_workers(tmp_path, sample_dir, cluster, conf,
+                                                                              cluster_folder):
     """`--master spark://...` on the local target (whose conf keeps small runs in the task processes)
     runs the per-file work on the cluster's executors; here with `--session shared` and Spark's Delta: one
     Spark Connect server, the cluster's one application, whose executors on both workers run every task's
-    per-file work and write its Delta files.
+    per-file work and write its Delta files. It overwrites a table that delta-rs wrote (a user switching
+    engines), and counts the statuses the local default counted.
     (The per_task default on a spark:// master, one application per task: the test above, and
     test_spark_where_asked.py's master without workers.)"""
+    from dicom_lakehouse.params import validate
+    from dicom_lakehouse.steps.pipeline import STEP_FUNCS
+    from dicom_lakehouse.tables.delta_rs import DeltaRsStore
+
     events, sconf = event_logging(tmp_path)
     wh = tmp_path / "wh"
+    # the local default's table of the same files, written in this process (delta-rs, no Spark)
+    p = validate({"path": str(sample_dir), "catalog": "main", "schema": "pixels", "table": "object_catalog",
+                  "mode": "overwrite", "run_id": "local1"})
+    local = {s: STEP_FUNCS[s](None, DeltaRsStore(None, wh), p, {**conf, "driver_max_files": 100})
+             for s in ("catalog", "extract_meta", "thumbnail", "publish")}
+    version = DeltaTable(str(wh / "main" / "pixels" / "object_catalog")).version()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_LAKEHOUSE_")}
     r = subprocess.run([sys.executable, str(ROOT / "RUNME.py"), "--run", "--master", cluster, "--session", "shared",
                         "--engine", "spark", "--warehouse", str(wh), "--param", f"path={sample_dir}",
@@ -114,18 +133,57 @@ def test_master_on_the_local_target_sends_the_per_file_work_to_both_workers(tmp_
                        capture_output=True, text=True, timeout=900, cwd=ROOT, env={**env, "SPARK_CONF_DIR": str(sconf)})
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"on {cluster} (through a Spark Connect server on loopback, " in r.stdout, r.stdout
-    check_table(wh, 13)
-    record = json.loads(Path(re.search(r"record (\S+run\.json)", r.stdout).group(1)).read_text())
+    assert "(every task of this run uses Spark)" in r.stdout  # the server started with the run
+    rows = check_table(wh, 13)
+    assert DeltaTable(str(wh / "main" / "pixels" / "object_catalog")).version() == version + 1
+    run = Path(re.search(r"record (\S+run\.json)", r.stdout).group(1)).parent
+    record = json.loads((run / "run.json").read_text())
     ran_in = {a["task"]: (a["result"] or {}).get("ran_in") for a in record["attempts"]}
     assert ran_in["extract_meta"].startswith("executors") and ran_in["thumbnail"].startswith("executors"), ran_in
     assert {a["task"]: (a["status"], (a["result"] or {}).get("engine")) for a in record["attempts"]} == {
         "catalog": ("SUCCESS", "spark"), "extract_meta": ("SUCCESS", "spark"), "thumbnail": ("SUCCESS", "spark"),
         "deidentify": ("SUCCESS", None), "publish": ("SUCCESS", "spark")}, record["attempts"]
+    results = {a["task"]: a["result"] for a in record["attempts"]}
+    assert results["deidentify"] == {"deid": "none", "errors": 0, "files_in": 0, "rows_out": 0, "seconds": 0.0,
+                                     "run_id": results["catalog"]["run_id"], "step": "deidentify"}  # no work
+    # the statuses counted while the stages were written are those the local default counted
+    for step, key in (("extract_meta", "status"), ("thumbnail", "thumbnail_status")):
+        assert results[step][key] == local[step][key], step
+    assert local["extract_meta"]["status"]["not_dicom"] == 1
+    # every task a client of one session
+    server_log = (run / "connect-server.log").read_text()
+    assert len(set(re.findall(r'session_id: "([0-9a-f-]{36})"', server_log))) == 1
     # one application on the cluster, the run's server: every task was its client
     per_app = tasks_per_executor(events)
     assert set(per_app) == {"dicom-lakehouse:connect-server"}, per_app
     executors = per_app["dicom-lakehouse:connect-server"]
     assert "driver" not in executors and len(executors) == 2, per_app
+    # no patient identifier in any log of the run, the executors' included (Delta logs column
+    # statistics in places)
+    phi = {x for row in rows.values() for x in (row["patient_id"], _name(row["meta"])) if x and len(x) >= 4}
+    assert "CompressedSamples^CT1" in phi
+    executor_logs = [f for f in cluster_folder.rglob("stderr") if f.parent.parent.name == app_id(server_log)]
+    assert len(executor_logs) == 2, executor_logs
+    # the executors' Python workers: the first per-file task of each started one, the next tasks reused it
+    # (a reused worker's boot time is negative)
+    boots = [int(b) for f in executor_logs
+             for b in re.findall(r"Times: total = \d+, boot = (-?\d+)", f.read_text(errors="replace"))]
+    started = sum(b > 0 for b in boots)
+    assert len(boots) > started and 1 <= started <= 2, boots
+    logs = [*run.iterdir(), *executor_logs]
+    for log in logs:
+        found = sorted(x for x in phi if x in log.read_text(errors="replace"))
+        assert not found, f"{log} shows {found}"
+
+
+def app_id(server_log: str) -> str:
+    """The cluster's id of the application a driver's log names."""
+    return re.search(r"Connected to Spark cluster with app ID (app-[0-9-]+)", server_log).group(1)
+
+
+def _name(meta: str | None) -> str | None:
+    value = (json.loads(meta or "{}").get("00100010") or {}).get("Value") or [{}]
+    return value[0].get("Alphabetic")
 
 
 def test_connect_server_refuses_clients_without_its_token(tmp_path, conf):

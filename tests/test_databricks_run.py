@@ -104,7 +104,7 @@ def test_wheel_requires_nothing_the_runtime_provides(deployed):
     assert "delta-spark" not in installed and "databricks-sdk" not in installed
 
 
-def test_job_runs_as_on_databricks_and_equals_a_local_run(deployed, tmp_path, sample_dir, spark, conf):
+def test_job_runs_as_on_databricks_and_equals_a_local_run(deployed, tmp_path, sample_dir, conf):
     files, wheel, py = deployed
     resolved = resolve("dev", root=ROOT, file_path=str(files))
     settings = resolved.jobs["dicom_lakehouse"]
@@ -164,9 +164,9 @@ def test_job_runs_as_on_databricks_and_equals_a_local_run(deployed, tmp_path, sa
     # the same files as the local target runs them: delta-rs, the per-file work in the task process
     p = validate({"path": str(sample_dir), "catalog": "main", "schema": "pixels", "table": "object_catalog",
                   "mode": "overwrite", "run_id": "local1"})
-    store = DeltaRsStore(spark, tmp_path / "wh")
+    store = DeltaRsStore(None, tmp_path / "wh")  # no Spark session: the local default starts none
     for step in STEP_FUNCS:
-        STEP_FUNCS[step](spark, store, p, {**conf, "driver_max_files": 100})
+        STEP_FUNCS[step](None, store, p, {**conf, "driver_max_files": 100})
     local = read_delta(tmp_path / "wh" / "main" / "pixels" / "object_catalog")
     remote = pq.read_table(spec["out"])
     assert remote.schema.names == local.schema.names
@@ -191,3 +191,7 @@ def test_job_runs_as_on_databricks_and_equals_a_local_run(deployed, tmp_path, sa
 def _patient_name(meta: str | None) -> str | None:
     value = (json.loads(meta) if meta else {}).get("00100010", {}).get("Value") or [{}]
     return value[0].get("Alphabetic")
+
+
+if __name__ == "__main__":  # .ci/run prepares the runtime's virtualenv with the other downloads
+    print(runtime_venv())

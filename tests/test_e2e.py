@@ -1,7 +1,6 @@
 """End to end through RUNME and the local runner (local target: the tasks share one Spark Connect server)."""
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -28,7 +27,7 @@ def table(wh, name="object_catalog"):
     return DeltaTable(str(wh / "main" / "pixels" / name))
 
 
-def test_demo_command_then_overwrite_again(tmp_path):
+def test_demo_command_then_local_sql(tmp_path):
     wh = tmp_path / "wh"
     r = runme("--warehouse", str(wh), "demo")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -54,47 +53,18 @@ def test_demo_command_then_overwrite_again(tmp_path):
         ("catalog", 1, "SUCCESS"), ("extract_meta", 1, "SUCCESS"), ("thumbnail", 1, "SUCCESS"), ("deidentify", 1, "SUCCESS"),
         ("publish", 1, "SUCCESS")]
     assert rec["attempts"][0]["result"]["files_in"] == 13
-    # a second overwrite leaves the same row count, in a new table version
     # the local target's defaults: delta-rs, and a run this small does its per-file work in the tasks
     results = {f.name: json.loads(_result_line(f)) for f in first.glob("*.1.log")}
-    local_counts = {s: results[f"{s}.1.log"][c] for s, c in (("extract_meta", "status"), ("thumbnail", "thumbnail_status"))}
     assert {r.get("engine") for r in results.values()} == {"delta-rs", None}  # None: deidentify, deid none
     assert all(results[f"{s}.1.log"]["ran_in"].startswith("task process") for s in ("extract_meta", "thumbnail"))
     # ... and no task needed a Spark session, so the run started no JVM
     assert not any(r.get("spark_session") for r in results.values())
     assert "up in" not in r.stdout and not (first / "connect-server.log").exists()
-    # then Spark's own Delta with the per-file work on Spark's Python workers, over the same table
-    v = dt.version()
-    r = runme("--engine", "spark", "--driver-max-files", "0", "--run", "--warehouse", str(wh),
-              "--param", f"path={ROOT / 'sample_data'}", "--param", "mode=overwrite")
-    assert r.returncode == 0, r.stdout + r.stderr
-    dt = table(wh)
-    assert dt.version() == v + 1 and dt.to_pyarrow_dataset().to_table(use_threads=False).num_rows == 13
-    # both runs shared one token-protected Spark Connect server, on Spark's own Delta
-    assert "Spark Connect server for this run at sc://localhost:" in r.stdout
-    second = run_dir(r.stdout)
-    assert (second / "connect-server.log").is_file()
-    results = {f.name: json.loads(_result_line(f)) for f in second.glob("*.1.log")}
-    assert results.pop("deidentify.1.log") == {"deid": "none", "errors": 0, "files_in": 0, "rows_out": 0,
-                                                "run_id": results["catalog.1.log"]["run_id"], "seconds": 0.0,
-                                                "step": "deidentify"}  # deid none: no session, no work
-    assert len(results) == 4 and all(r["engine"] == "spark" for r in results.values())
-    assert all(results[f"{s}.1.log"]["ran_in"].startswith("executors (") for s in ("extract_meta", "thumbnail"))
-    # the statuses counted while the stages were written are those the task processes counted
-    assert {s: results[f"{s}.1.log"][c] for s, c in (("extract_meta", "status"), ("thumbnail", "thumbnail_status"))} \
-        == local_counts and local_counts["extract_meta"]["not_dicom"] == 1
-    # every task a client of one session, whose Python workers the first per-file step started and the
-    # next one reused; the server started with the run (every task of a Spark's-Delta run uses it)
-    server_log = (second / "connect-server.log").read_text()
-    assert len(set(re.findall(r'session_id: "([0-9a-f-]{36})"', server_log))) == 1
-    boots = [int(b) for b in re.findall(r"Times: total = \d+, boot = (-?\d+)", server_log)]
-    started = sum(b > 0 for b in boots)  # a worker's first task counts its boot; a reused one's is negative
-    assert len(boots) > started and 1 <= started <= (os.cpu_count() or 1), boots
-    assert "(every task of this run uses Spark)" in r.stdout
-    # no patient identifier in any log of either run (Delta logs column statistics in places)
+    # no patient identifier in any log of the run (Spark's Delta through one Connect server, over a table
+    # delta-rs wrote: test_cluster.py's run on the cluster's executors, which checks its logs too)
     phi = {x for row in rows.values() for x in (row["patient_id"], _name(row["meta"])) if x and len(x) >= 4}
     assert "CompressedSamples^CT1" in phi
-    for log in [*second.iterdir(), *first.iterdir()]:
+    for log in first.iterdir():
         text = log.read_text(errors="replace")
         found = sorted(x for x in phi if x in text)
         assert not found, f"{log} shows {found}"

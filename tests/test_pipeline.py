@@ -109,7 +109,11 @@ def test_overwrite_publishes_every_file_once(spark, engine, published, store, co
     h = json.loads(DeltaTable(str(wh / "main" / "pixels" / "object_catalog")).history(1)[0]["userMetadata"])
     assert (h["dicom_lakehouse.run_id"], h["dicom_lakehouse.step"]) == ("run1", "publish")
     assert json.loads(h["dicom_lakehouse.params"])["mode"] == "overwrite"
-    # a second overwrite (over a copy of the published table) gives the same rows
+    # a second overwrite (over a copy of the published table) gives the same rows; on delta-rs only:
+    # the steps do not depend on the engine, and Spark's Delta overwriting a published table in place is
+    # test_executors_path's (publish_overwrites_count_their_statuses_and_keep_the_tables_identity)
+    if engine == "spark":
+        return
     published_copy(published, tmp_path)
     run_all(spark, store, conf, params(sample_dir, "overwrite", "run2"))
     t2 = read(store, p)

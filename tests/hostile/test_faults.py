@@ -41,16 +41,22 @@ def content(wh: Path, table="object_catalog") -> dict:
     return {r["path"]: tuple(r[c] for c in COMPARE) for r in t.select(list(COMPARE)).to_pylist()}
 
 
+def in_process(sample, wh, run_id, conf, steps=STEPS):
+    """`steps` of an overwrite run in this process, without Spark (the local default's way)."""
+    store = DeltaRsStore(None, wh)
+    for s in steps:
+        STEP_FUNCS[s](None, store, params(sample, run_id), {**conf, "driver_max_files": 100})
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, spark, conf):
-    """The table of a clean run over the sample files (in-process)."""
+def reference(tmp_path_factory, conf):
+    """The table of a clean run over the sample files (in this process, as the local default runs it:
+    no Spark session)."""
     from dicom_lakehouse.dicom.sample_data import make_sample
 
     base = tmp_path_factory.mktemp("ref")
     make_sample(base / "sample")
-    store = DeltaRsStore(spark, base / "wh")
-    for s in STEPS:
-        STEP_FUNCS[s](spark, store, params(base / "sample", "ref"), conf)
+    in_process(base / "sample", base / "wh", "ref", conf)
     return base / "sample", content(base / "wh")
 
 
@@ -115,18 +121,16 @@ def test_sigkill_in_each_task_then_retry_equals_a_clean_run(tmp_path, reference,
     assert len(commits) == 1 and commits[0]["dicom_lakehouse.step"] == "publish"
 
 
-def _publish_fails(sample, wh, run_id, conf, spark):
+def _publish_fails(sample, wh, run_id, conf):
     """Stages of a new run are written; then publish runs as the real task script."""
-    store = DeltaRsStore(spark, wh)
-    for s in STEPS[:3]:
-        STEP_FUNCS[s](spark, store, params(sample, run_id), conf)
+    in_process(sample, wh, run_id, conf, STEPS[:3])
     return lambda: subprocess.run(
         [sys.executable, str(ROOT / "tasks" / "publish.py"), "--path", str(sample), "--catalog", "main",
          "--schema", "pixels", "--table", "object_catalog", "--mode", "overwrite", "--run_id", run_id,
          "--warehouse", str(wh)], capture_output=True, text=True, timeout=300)
 
 
-def test_full_disk_during_publish_keeps_the_previous_version(tmp_path, reference, spark, conf):
+def test_full_disk_during_publish_keeps_the_previous_version(tmp_path, reference, conf):
     sample, expected = reference
     mnt = tmp_path / "small"
     mnt.mkdir()
@@ -134,11 +138,9 @@ def test_full_disk_during_publish_keeps_the_previous_version(tmp_path, reference
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     try:
         wh = mnt / "wh"
-        store = DeltaRsStore(spark, wh)
-        for s in STEPS:
-            STEP_FUNCS[s](spark, store, params(sample, "full-1"), conf)
+        in_process(sample, wh, "full-1", conf)
         version = DeltaTable(str(wh / "main" / "pixels" / "object_catalog")).version()
-        publish = _publish_fails(sample, wh, "full-2", conf, spark)
+        publish = _publish_fails(sample, wh, "full-2", conf)
         filler = mnt / "filler"
         try:  # fill what is left; close() flushes the buffered tail and may hit ENOSPC too
             with open(filler, "wb") as f:
@@ -159,15 +161,13 @@ def test_full_disk_during_publish_keeps_the_previous_version(tmp_path, reference
         subprocess.run(["umount", "-l", str(mnt)])
 
 
-def test_read_only_table_log_during_publish(tmp_path, reference, spark, conf):
+def test_read_only_table_log_during_publish(tmp_path, reference, conf):
     sample, expected = reference
     wh = tmp_path / "wh"
-    store = DeltaRsStore(spark, wh)
-    for s in STEPS:
-        STEP_FUNCS[s](spark, store, params(sample, "ro-1"), conf)
+    in_process(sample, wh, "ro-1", conf)
     log_dir = wh / "main" / "pixels" / "object_catalog" / "_delta_log"
     version = DeltaTable(str(log_dir.parent)).version()
-    publish = _publish_fails(sample, wh, "ro-2", conf, spark)
+    publish = _publish_fails(sample, wh, "ro-2", conf)
     if subprocess.run(["chattr", "+i", str(log_dir)]).returncode != 0:
         pytest.skip("chattr is not available")
     try:
