@@ -128,22 +128,13 @@ def _quiet_env(monkeypatch):
 
 
 
-# The work units xdist hands out, longest first (`--no-loadscope-reorder`), so that the run does not end on
-# one worker with a long unit while the other is idle. A unit is a test file (its module fixtures are
-# built once), except that every test using the in-process `spark` session is one unit, IN_PROCESS:
-# one worker starts that JVM instead of both (each start and its JIT warm-up cost both cores' time).
-IN_PROCESS = "in-process-spark"
-LONGEST_FIRST = (IN_PROCESS, "test_cluster.py", "test_databricks_run.py", "test_e2e.py",
-                 "test_spark_where_asked.py", "test_prewarm.py", "test_exit_status.py", "test_deploy.py",
-                 "test_databricks_cli.py", "test_run_crash.py")
+# The longest files first (xdist hands out whole files in this order, `--no-loadscope-reorder`), so that
+# the run does not end on one worker with a long file while the other is idle.
+LONGEST_FIRST = ("test_cluster.py", "test_spark_where_asked.py", "test_pipeline.py", "test_databricks_run.py",
+                 "test_exit_status.py", "test_prewarm.py", "test_deploy.py", "test_e2e.py", "test_spark_engine.py",
+                 "test_small_runs.py", "test_run_crash.py")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the marks into work units
 def pytest_collection_modifyitems(config, items):
-    def unit(item):
-        return IN_PROCESS if "spark" in item.fixturenames else item.path.name
-
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: (rank.get(unit(item), len(rank)), item.path.name))
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(unit(item)))
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -91,3 +91,19 @@ def test_sigterm_cancels_the_run(tmp_path, sample_dir):
     assert f"run {run_id}: CANCELED" in rest
     assert f"run {run_id}: run canceled: stopped by SIGTERM" in (tmp_path / "stderr").read_text()
     _assert_ended_canceled(run_id, wh, "stopped by SIGTERM")
+
+
+def test_a_result_line_with_a_jvm_line_after_it_is_read(tmp_path):
+    """Seen on a cluster run: spark-submit passes the task's stdout on through a JVM thread, and the
+    JVM's log line at exit landed on the result line, after the JSON."""
+    from dicom_lakehouse.jobs.handoff import RESULT_MARK
+    from dicom_lakehouse.jobs.runner import _result
+
+    log = tmp_path / "publish.1.log"
+    jvm = "26/12/04 06:04:55 INFO SparkContext: SparkContext is stopping with exitCode 0 from stop at x.java:0."
+    log.write_text(f"{RESULT_MARK}{{\"step\": \"publish\", \"rows_out\": 13}}{jvm}\n{jvm}\n")
+    assert _result(log) == {"step": "publish", "rows_out": 13}
+    log.write_text(f"{RESULT_MARK}{{\"step\": \"publish\", \"rows_out\": 12}}\n{RESULT_MARK}{{\"step\": \"publ\n")
+    assert _result(log) == {"step": "publish", "rows_out": 12}  # a cut-off last line: the one before it
+    log.write_text("no result\n")
+    assert _result(log) is None

@@ -50,7 +50,8 @@ def submit(task: str, flags: list[str], args: list[str], timeout: float = 300, c
 def result(out: str) -> dict:
     lines = [ln for ln in out.splitlines() if ln.startswith(RESULT_MARK)]
     assert lines, out
-    return json.loads(lines[-1][len(RESULT_MARK):])
+    # the JSON up to its end: a JVM log line may follow it on the same line (runner._result)
+    return json.JSONDecoder().raw_decode(lines[-1], len(RESULT_MARK))[0]
 
 
 def test_spark_submitted_tasks_use_sparks_delta_and_the_executors(tmp_path, sample_dir, spark, conf):

@@ -209,11 +209,17 @@ def _tail(path: Path, lines: int = 40) -> str:
 
 
 def _result(path: Path) -> dict | None:
+    """The task's result line. Under spark-submit the task's stdout reaches the log through a JVM thread,
+    and a JVM log line written at exit can land on the same line right after the JSON (seen on a
+    cluster run): the JSON is read up to its end, not to the end of the line."""
     try:
         for line in reversed(path.read_text(errors="replace").splitlines()):
             if line.startswith(RESULT_MARK):
-                return json.loads(line[len(RESULT_MARK):])
-    except (OSError, ValueError):
+                try:
+                    return json.JSONDecoder().raw_decode(line, len(RESULT_MARK))[0]
+                except ValueError:
+                    continue
+    except OSError:
         pass
     return None
 
