@@ -2,7 +2,7 @@
 
 deltalake 1.6 with pyarrow 26 aborted short reader processes at interpreter exit in 8 of 20 runs
 ("terminate called without an active exception", exit 134). The reader example runs 30 times here,
-the query commands 6 times each, and every exit status is checked. RUNME's query commands run as
+the query commands 3 times each (COMMAND_RUNS), and every exit status is checked. RUNME's query commands run as
 Spark Connect clients of one server, so that each run is a whole Python process start and exit
 without a JVM start of its own.
 """

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import threading
+import time
 
 import pyarrow as pa
+import pytest
 
 from dicom_lakehouse.tables import schema as S
 from dicom_lakehouse.tables.delta_folder import read_delta
@@ -89,3 +91,44 @@ def test_two_first_runs_both_land_on_spark_delta(spark, tmp_path):
     assert errors == []
     got = read_delta(store.location(REF), ["path", "run_id"]).to_pylist()
     assert sorted(r["run_id"] for r in got) == ["a"] * 3 + ["b"] * 3
+
+
+def test_a_first_run_waits_for_the_creating_commit_of_another(spark, tmp_path, monkeypatch):
+    """The race above, made certain: the other writer has made the table's `_delta_log` folder (Delta does
+    that before its first commit) and commits a moment later. CREATE TABLE IF NOT EXISTS does nothing on
+    such a folder; the run waits for the commit, then merges. Was: DELTA_MISSING_DELTA_TABLE (seen in CI).
+    With no commit ever coming (an interrupted creation), one clear line names the folder to remove."""
+    import os
+    import shutil
+
+    other = SparkDeltaStore(spark, tmp_path / "other")
+    other.write(spark.createDataFrame(rows_of("b")), REF, "upsert", commit_metadata("b", {"path": "b"}, "publish"))
+    commits = sorted((other.location(REF) / "_delta_log").glob("*.json"))
+    store = SparkDeltaStore(spark, tmp_path / "wh")
+    log_dir = store.location(REF) / "_delta_log"
+    log_dir.mkdir(parents=True)
+    assert not store.exists(REF)
+
+    def creator():  # the other writer's commits land, each whole, as Delta writes them (rename)
+        time.sleep(1.5)
+        for c in commits:
+            shutil.copyfile(c, log_dir / f".{c.name}.tmp")
+            os.replace(log_dir / f".{c.name}.tmp", log_dir / c.name)
+        for data in other.location(REF).glob("*.parquet"):
+            shutil.copyfile(data, store.location(REF) / data.name)
+
+    t = threading.Thread(target=creator)
+    t.start()
+    store.write(spark.createDataFrame(rows_of("a")), REF, "upsert", commit_metadata("a", {"path": "a"}, "publish"))
+    t.join()
+    got = read_delta(store.location(REF), ["path", "run_id"]).to_pylist()
+    assert sorted(r["run_id"] for r in got) == ["a"] * 3 + ["b"] * 3
+
+    monkeypatch.setattr(SparkDeltaStore, "creation_wait_seconds", 1.0)
+    abandoned = SparkDeltaStore(spark, tmp_path / "abandoned")
+    (abandoned.location(REF) / "_delta_log").mkdir(parents=True)
+    with pytest.raises(RuntimeError) as e:
+        abandoned.write(spark.createDataFrame(rows_of("a")), REF, "upsert", commit_metadata("a", {}, "publish"))
+    assert str(e.value) == (f"table main.pixels.object_catalog was never created: {abandoned.location(REF)}"
+                            "/_delta_log holds no commit after 1 s (an interrupted first run?); remove that "
+                            "empty folder and run again")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -57,8 +58,16 @@ class SparkDeltaStore(TableStore):
         return f"delta.`{loc}`"
 
     def exists(self, ref: TableRef) -> bool:
+        """On a path: a commit or a checkpoint in the log. A `_delta_log` folder without one is a table
+        another writer is creating (Delta makes the folder before its first commit), or one whose creation
+        was interrupted, and `CREATE TABLE IF NOT EXISTS` treats it as existing without creating it."""
         if self.warehouse is not None:
-            return (self.location(ref) / "_delta_log").is_dir()
+            log_dir = self.location(ref) / "_delta_log"
+            try:
+                return any(f.name.split(".")[0].isdigit() and f.name.endswith((".json", ".parquet"))
+                           for f in log_dir.iterdir())
+            except (FileNotFoundError, NotADirectoryError):
+                return False
         return bool(self.spark.catalog.tableExists(ref.name))
 
     def read(self, ref: TableRef, step: str = "publish"):
@@ -201,7 +210,24 @@ class SparkDeltaStore(TableStore):
             if not ((is_conflict(e) or is_already_exists(e)) and self.exists(ref)):
                 raise
             log.info("create %s: another run created it first", ref.name)
+        if self.warehouse is not None:
+            self._wait_for_first_commit(ref)
         self._set_stats_columns(ref, S.column_names(step))
+
+    # How long a first run waits for another writer's creating commit (see exists).
+    creation_wait_seconds = 60.0
+
+    def _wait_for_first_commit(self, ref: TableRef) -> None:
+        """Two first runs: the CREATE of the one that finds the other's `_delta_log` folder before its
+        first commit does nothing, so it waits for that commit before going on to its MERGE."""
+        deadline = time.monotonic() + self.creation_wait_seconds
+        while not self.exists(ref):
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"table {ref.name} was never created: {self.location(ref) / '_delta_log'} holds no commit "
+                    f"after {self.creation_wait_seconds:.0f} s (an interrupted first run?); remove that empty "
+                    "folder and run again")
+            time.sleep(0.1)
 
     def _set_stats_columns(self, ref: TableRef, names) -> None:
         """An ALTER only where the setting differs (older tables): its older log files keep their
