@@ -97,7 +97,8 @@ def test_a_first_run_waits_for_the_creating_commit_of_another(spark, tmp_path, m
     """The race above, made certain: the other writer has made the table's `_delta_log` folder (Delta does
     that before its first commit) and commits a moment later. CREATE TABLE IF NOT EXISTS does nothing on
     such a folder; the run waits for the commit, then merges. Was: DELTA_MISSING_DELTA_TABLE (seen in CI).
-    With no commit ever coming (an interrupted creation), one clear line names the folder to remove."""
+    With no commit ever coming (an interrupted creation), one clear line names the folder. (The same CREATE
+    may instead fail with DELTA_CREATE_TABLE_WITH_NON_EMPTY_LOCATION, seen in CI: the run waits the same way.)"""
     import os
     import shutil
 
@@ -129,6 +130,7 @@ def test_a_first_run_waits_for_the_creating_commit_of_another(spark, tmp_path, m
     (abandoned.location(REF) / "_delta_log").mkdir(parents=True)
     with pytest.raises(RuntimeError) as e:
         abandoned.write(spark.createDataFrame(rows_of("a")), REF, "upsert", commit_metadata("a", {}, "publish"))
-    assert str(e.value) == (f"table main.pixels.object_catalog was never created: {abandoned.location(REF)}"
-                            "/_delta_log holds no commit after 1 s (an interrupted first run?); remove that "
-                            "empty folder and run again")
+    assert str(e.value) == (
+        f"table main.pixels.object_catalog was never created: {abandoned.location(REF)} has no Delta commit "
+        "after 1 s (an interrupted first run leaves an empty _delta_log folder; other files there are not a "
+        "Delta table): empty that folder or choose another table, and run again")

@@ -202,12 +202,14 @@ class SparkDeltaStore(TableStore):
 
     def _create_if_absent(self, ref: TableRef, step: str) -> None:
         """CREATE TABLE IF NOT EXISTS, a commit of its own before the data's. Two first runs may both
-        try; the one whose version 0 comes second gets a conflict, finds the table there, and goes on
-        to its MERGE. A table from before the statistics setting gets it."""
+        try: the one whose version 0 comes second gets a conflict (or, on a path, finds the location no
+        longer empty), finds the table there or being created, and goes on to its MERGE once the first
+        commit is in. A table from before the statistics setting gets it."""
         try:
             self.spark.sql(create_table_sql(self.ident(ref), step))
         except Exception as e:  # noqa: BLE001 - Delta's ProtocolChangedException, or the catalog's own
-            if not ((is_conflict(e) or is_already_exists(e)) and self.exists(ref)):
+            lost = is_conflict(e) or is_already_exists(e) or _condition(e) in LOST_CREATE_ON_A_PATH
+            if not lost or (self.warehouse is None and not self.exists(ref)):
                 raise
             log.info("create %s: another run created it first", ref.name)
         if self.warehouse is not None:
@@ -218,15 +220,16 @@ class SparkDeltaStore(TableStore):
     creation_wait_seconds = 60.0
 
     def _wait_for_first_commit(self, ref: TableRef) -> None:
-        """Two first runs: the CREATE of the one that finds the other's `_delta_log` folder before its
-        first commit does nothing, so it waits for that commit before going on to its MERGE."""
+        """On a path, CREATE TABLE IF NOT EXISTS does nothing when the folder is not empty, as it is
+        while another first run writes its version 0: wait for that commit before the MERGE."""
         deadline = time.monotonic() + self.creation_wait_seconds
         while not self.exists(ref):
             if time.monotonic() > deadline:
                 raise RuntimeError(
-                    f"table {ref.name} was never created: {self.location(ref) / '_delta_log'} holds no commit "
-                    f"after {self.creation_wait_seconds:.0f} s (an interrupted first run?); remove that empty "
-                    "folder and run again")
+                    f"table {ref.name} was never created: {self.location(ref)} has no Delta commit after "
+                    f"{self.creation_wait_seconds:.0f} s (an interrupted first run leaves an empty _delta_log "
+                    "folder; other files there are not a Delta table): empty that folder or choose another "
+                    "table, and run again")
             time.sleep(0.1)
 
     def _set_stats_columns(self, ref: TableRef, names) -> None:
@@ -275,6 +278,15 @@ class SparkDeltaStore(TableStore):
         # their column statistics (patient IDs among them).
         self._save(self.spark.sql(select(self.ident(source))), ref, metadata, replace_schema=True)
         return "table"
+
+
+# A path-named CREATE that found the folder filled by another writer's creation under way.
+LOST_CREATE_ON_A_PATH = ("DELTA_CREATE_TABLE_WITH_NON_EMPTY_LOCATION",)
+
+
+def _condition(e: BaseException) -> str:
+    get = getattr(e, "getCondition", None) or getattr(e, "getErrorClass", None)
+    return (get() or "") if get else ""
 
 
 def _name(table: TableRef | str) -> str:
