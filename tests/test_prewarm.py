@@ -46,7 +46,7 @@ def _job(conf):
 
 @pytest.mark.e2e
 def test_next_task_starts_its_session_before_the_previous_task_ends(tmp_path, sample_dir, conf, monkeypatch):
-    """Runner mechanics, on the faster delta-rs engine (the Spark engine's runs are in test_e2e and test_faults)."""
+    """Runner mechanics, on the faster delta-rs engine (the Spark engine's runs: test_cluster, test_databricks_run)."""
     from dicom_lakehouse.jobs.runner import run_job
 
     monkeypatch.setenv("DICOM_LAKEHOUSE_TABLE_ENGINE", "delta-rs")
