@@ -16,6 +16,7 @@ from dicom_lakehouse.tables.ref import TableRef
 from dicom_lakehouse.tables.store import (
     KEY,
     TableStore,
+    error_condition,
     is_already_exists,
     is_conflict,
     load_conflict_types,
@@ -208,7 +209,7 @@ class SparkDeltaStore(TableStore):
         try:
             self.spark.sql(create_table_sql(self.ident(ref), step))
         except Exception as e:  # noqa: BLE001 - Delta's ProtocolChangedException, or the catalog's own
-            lost = is_conflict(e) or is_already_exists(e) or _condition(e) in LOST_CREATE_ON_A_PATH
+            lost = is_conflict(e) or is_already_exists(e) or error_condition(e) in LOST_CREATE_ON_A_PATH
             if not lost or (self.warehouse is None and not self.exists(ref)):
                 raise
             log.info("create %s: another run created it first", ref.name)
@@ -282,11 +283,6 @@ class SparkDeltaStore(TableStore):
 
 # A path-named CREATE that found the folder filled by another writer's creation under way.
 LOST_CREATE_ON_A_PATH = ("DELTA_CREATE_TABLE_WITH_NON_EMPTY_LOCATION",)
-
-
-def _condition(e: BaseException) -> str:
-    get = getattr(e, "getCondition", None) or getattr(e, "getErrorClass", None)
-    return (get() or "") if get else ""
 
 
 def _name(table: TableRef | str) -> str:

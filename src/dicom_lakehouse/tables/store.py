@@ -151,9 +151,14 @@ def is_conflict(e: BaseException) -> bool:
 ALREADY_EXISTS = ("TABLE_OR_VIEW_ALREADY_EXISTS", "DELTA_TABLE_ALREADY_EXISTS")
 
 
-def is_already_exists(e: BaseException) -> bool:
+def error_condition(e: BaseException) -> str:
+    """Spark's error condition of an exception (DELTA_MISSING_DELTA_TABLE, ...), or ""."""
     get = getattr(e, "getCondition", None) or getattr(e, "getErrorClass", None)
-    return bool(get) and (get() or "") in ALREADY_EXISTS
+    return (get() or "") if get else ""
+
+
+def is_already_exists(e: BaseException) -> bool:
+    return error_condition(e) in ALREADY_EXISTS
 
 
 def retry_on_conflict(what: str, fn):
