@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -109,6 +110,29 @@ def publish_in_process(spark, conf, src: Path, wh: Path, run_id: str) -> Path:
     for step in ("catalog", "extract_meta", "thumbnail", "publish"):
         STEP_FUNCS[step](spark, store, p, conf)
     return wh / "main" / "pixels" / "object_catalog"
+
+
+def run_locally(conf, src: Path, wh: Path, run_id: str,
+                steps=("catalog", "extract_meta", "thumbnail", "publish")) -> dict:
+    """`steps` of an overwrite run into main.pixels.object_catalog, as the local default runs a small job:
+    delta-rs, the per-file work in this process, no Spark session. Returns each step's result."""
+    from dicom_lakehouse.params import validate
+    from dicom_lakehouse.steps.pipeline import STEP_FUNCS
+    from dicom_lakehouse.tables.delta_rs import DeltaRsStore
+
+    store = DeltaRsStore(None, wh)
+    p = validate({"path": str(src), "catalog": "main", "schema": "pixels", "table": "object_catalog",
+                  "mode": "overwrite", "run_id": run_id})
+    return {s: STEP_FUNCS[s](None, store, p, {**conf, "driver_max_files": 100}) for s in steps}
+
+
+def patient_identifiers(rows) -> set[str]:
+    """The patient IDs and names of published rows (4 characters or more): what no log may show."""
+    out = set()
+    for row in rows:
+        name = ((json.loads(row["meta"] or "{}").get("00100010") or {}).get("Value") or [{}])[0].get("Alphabetic")
+        out |= {x for x in (row["patient_id"], name) if x and len(x) >= 4}
+    return out
 
 
 def copy_dicom_files(dest: Path, names: list[str]) -> list[Path]:

@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, local_cluster, short_jvm_options
+from conftest import ROOT, local_cluster, patient_identifiers, run_locally, short_jvm_options
 from deltalake import DeltaTable
 
 from dicom_lakehouse.tables.delta_folder import read_delta
@@ -114,17 +114,10 @@ def test_master_on_the_local_target_sends_the_per_file_work_to_both_workers(tmp_
     engines), and counts the statuses the local default counted.
     (The per_task default on a spark:// master, one application per task: the test above, and
     test_spark_where_asked.py's master without workers.)"""
-    from dicom_lakehouse.params import validate
-    from dicom_lakehouse.steps.pipeline import STEP_FUNCS
-    from dicom_lakehouse.tables.delta_rs import DeltaRsStore
-
     events, sconf = event_logging(tmp_path)
     wh = tmp_path / "wh"
     # the local default's table of the same files, written in this process (delta-rs, no Spark)
-    p = validate({"path": str(sample_dir), "catalog": "main", "schema": "pixels", "table": "object_catalog",
-                  "mode": "overwrite", "run_id": "local1"})
-    local = {s: STEP_FUNCS[s](None, DeltaRsStore(None, wh), p, {**conf, "driver_max_files": 100})
-             for s in ("catalog", "extract_meta", "thumbnail", "publish")}
+    local = run_locally(conf, sample_dir, wh, "local1")
     version = DeltaTable(str(wh / "main" / "pixels" / "object_catalog")).version()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_LAKEHOUSE_")}
     r = subprocess.run([sys.executable, str(ROOT / "RUNME.py"), "--run", "--master", cluster, "--session", "shared",
@@ -160,7 +153,7 @@ def test_master_on_the_local_target_sends_the_per_file_work_to_both_workers(tmp_
     assert "driver" not in executors and len(executors) == 2, per_app
     # no patient identifier in any log of the run, the executors' included (Delta logs column
     # statistics in places)
-    phi = {x for row in rows.values() for x in (row["patient_id"], _name(row["meta"])) if x and len(x) >= 4}
+    phi = patient_identifiers(rows.values())
     assert "CompressedSamples^CT1" in phi
     executor_logs = [f for f in cluster_folder.rglob("stderr") if f.parent.parent.name == app_id(server_log)]
     assert len(executor_logs) == 2, executor_logs
@@ -179,11 +172,6 @@ def test_master_on_the_local_target_sends_the_per_file_work_to_both_workers(tmp_
 def app_id(server_log: str) -> str:
     """The cluster's id of the application a driver's log names."""
     return re.search(r"Connected to Spark cluster with app ID (app-[0-9-]+)", server_log).group(1)
-
-
-def _name(meta: str | None) -> str | None:
-    value = (json.loads(meta or "{}").get("00100010") or {}).get("Value") or [{}]
-    return value[0].get("Alphabetic")
 
 
 def test_connect_server_refuses_clients_without_its_token(tmp_path, conf):

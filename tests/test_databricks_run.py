@@ -21,15 +21,13 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT, short_jvm_options
+from conftest import ROOT, patient_identifiers, run_locally, short_jvm_options
 
 from dicom_lakehouse.jobs.bundle import load_bundle, resolve, task_order
 from dicom_lakehouse.jobs.runner import job_parameters, task_argv
-from dicom_lakehouse.params import validate
 from dicom_lakehouse.spark.delta_jars import cache_root, coordinate, fetch, spark_settings
 from dicom_lakehouse.steps.pipeline import STEP_FUNCS
 from dicom_lakehouse.tables.delta_folder import read_delta
-from dicom_lakehouse.tables.delta_rs import DeltaRsStore
 from dicom_lakehouse.tables.ref import TableRef
 
 pytestmark = pytest.mark.e2e
@@ -162,11 +160,7 @@ def test_job_runs_as_on_databricks_and_equals_a_local_run(deployed, tmp_path, sa
     assert sorted(f"file:{p}" for p in (tmp_path / "deid").rglob("*.dcm")) == sorted(
         x["path"] for x in report["deid"] if x["status"] == "ok")
     # the same files as the local target runs them: delta-rs, the per-file work in the task process
-    p = validate({"path": str(sample_dir), "catalog": "main", "schema": "pixels", "table": "object_catalog",
-                  "mode": "overwrite", "run_id": "local1"})
-    store = DeltaRsStore(None, tmp_path / "wh")  # no Spark session: the local default starts none
-    for step in STEP_FUNCS:
-        STEP_FUNCS[step](None, store, p, {**conf, "driver_max_files": 100})
+    run_locally(conf, sample_dir, tmp_path / "wh", "local1", steps=tuple(STEP_FUNCS))
     local = read_delta(tmp_path / "wh" / "main" / "pixels" / "object_catalog")
     remote = pq.read_table(spec["out"])
     assert remote.schema.names == local.schema.names
@@ -180,17 +174,12 @@ def test_job_runs_as_on_databricks_and_equals_a_local_run(deployed, tmp_path, sa
     assert not diff
     assert remote.num_rows == 13
     # Delta's INFO lines (snapshots, checksums) quote column statistics: none may hold patient data
-    phi = {x for r in remote.select(["patient_id", "meta"]).to_pylist()
-           for x in (r["patient_id"], _patient_name(r["meta"])) if x and len(x) >= 4}
+    phi = patient_identifiers(remote.select(["patient_id", "meta"]).to_pylist())
     assert {"1CT1", "CompressedSamples^CT1"} <= phi
     log = r.stderr + r.stdout
     assert " INFO DeltaLog: " in log  # the driver did log at INFO
     assert not sorted(x for x in phi if x in log)
 
-
-def _patient_name(meta: str | None) -> str | None:
-    value = (json.loads(meta) if meta else {}).get("00100010", {}).get("Value") or [{}]
-    return value[0].get("Alphabetic")
 
 
 if __name__ == "__main__":  # .ci/run prepares the runtime's virtualenv with the other downloads

@@ -17,11 +17,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, run_locally
 
-from dicom_lakehouse.params import validate
 from dicom_lakehouse.steps.pipeline import STEP_FUNCS
-from dicom_lakehouse.tables.delta_rs import DeltaRsStore
 
 pytestmark = pytest.mark.e2e
 RUNS = 30
@@ -40,11 +38,7 @@ def warehouse(tmp_path_factory, conf):
 
     base = tmp_path_factory.mktemp("exit")
     make_sample(base / "sample")
-    store = DeltaRsStore(None, base / "wh")
-    p = validate({"path": str(base / "sample"), "catalog": "main", "schema": "pixels", "table": "object_catalog",
-                  "mode": "overwrite", "run_id": "exit1"})
-    for step in STEP_FUNCS:
-        STEP_FUNCS[step](None, store, p, {**conf, "driver_max_files": 100})
+    run_locally(conf, base / "sample", base / "wh", "exit1", steps=tuple(STEP_FUNCS))
     return base / "wh"
 
 

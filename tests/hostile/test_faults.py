@@ -17,7 +17,7 @@ from deltalake import DeltaTable
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
-from conftest import dicom_file  # noqa: E402
+from conftest import dicom_file, run_locally  # noqa: E402
 
 from dicom_lakehouse.params import validate  # noqa: E402
 from dicom_lakehouse.steps.pipeline import STEP_FUNCS  # noqa: E402
@@ -41,13 +41,6 @@ def content(wh: Path, table="object_catalog") -> dict:
     return {r["path"]: tuple(r[c] for c in COMPARE) for r in t.select(list(COMPARE)).to_pylist()}
 
 
-def in_process(sample, wh, run_id, conf, steps=STEPS):
-    """`steps` of an overwrite run in this process, without Spark (the local default's way)."""
-    store = DeltaRsStore(None, wh)
-    for s in steps:
-        STEP_FUNCS[s](None, store, params(sample, run_id), {**conf, "driver_max_files": 100})
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, conf):
     """The table of a clean run over the sample files (in this process, as the local default runs it:
@@ -56,7 +49,7 @@ def reference(tmp_path_factory, conf):
 
     base = tmp_path_factory.mktemp("ref")
     make_sample(base / "sample")
-    in_process(base / "sample", base / "wh", "ref", conf)
+    run_locally(conf, base / "sample", base / "wh", "ref")
     return base / "sample", content(base / "wh")
 
 
@@ -123,7 +116,7 @@ def test_sigkill_in_each_task_then_retry_equals_a_clean_run(tmp_path, reference,
 
 def _publish_fails(sample, wh, run_id, conf):
     """Stages of a new run are written; then publish runs as the real task script."""
-    in_process(sample, wh, run_id, conf, STEPS[:3])
+    run_locally(conf, sample, wh, run_id, STEPS[:3])
     return lambda: subprocess.run(
         [sys.executable, str(ROOT / "tasks" / "publish.py"), "--path", str(sample), "--catalog", "main",
          "--schema", "pixels", "--table", "object_catalog", "--mode", "overwrite", "--run_id", run_id,
@@ -138,7 +131,7 @@ def test_full_disk_during_publish_keeps_the_previous_version(tmp_path, reference
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     try:
         wh = mnt / "wh"
-        in_process(sample, wh, "full-1", conf)
+        run_locally(conf, sample, wh, "full-1")
         version = DeltaTable(str(wh / "main" / "pixels" / "object_catalog")).version()
         publish = _publish_fails(sample, wh, "full-2", conf)
         filler = mnt / "filler"
@@ -164,7 +157,7 @@ def test_full_disk_during_publish_keeps_the_previous_version(tmp_path, reference
 def test_read_only_table_log_during_publish(tmp_path, reference, conf):
     sample, expected = reference
     wh = tmp_path / "wh"
-    in_process(sample, wh, "ro-1", conf)
+    run_locally(conf, sample, wh, "ro-1")
     log_dir = wh / "main" / "pixels" / "object_catalog" / "_delta_log"
     version = DeltaTable(str(log_dir.parent)).version()
     publish = _publish_fails(sample, wh, "ro-2", conf)
