@@ -8,6 +8,7 @@ the local runner, in three ways measured in the same run:
 * per-task: as spark-delta, with one spark-submit per task (`--session per_task`), as a job cluster runs them.
 
     python benchmarks/small_run.py --repeat 3 --json benchmarks/results/small-run-$(date +%F).json
+    python benchmarks/small_run.py --ways default,spark-delta --append    # and the daily re-run (mode=append)
 
 Each way runs once untimed first (class-data archive, page cache): the figures are warm runs, each a
 fresh `python RUNME.py --run` process. `wall_s` is the RUNME process's wall clock; `job_s` is the
@@ -38,13 +39,13 @@ WAYS = {  # way: (engine, session, driver_max_files; None: the conf's)
 }
 
 
-def one_run(sample: Path, warehouse: Path, way: str) -> dict:
+def one_run(sample: Path, warehouse: Path, way: str, mode: str = "overwrite") -> dict:
     engine, session, limit = WAYS[way]
     extra = [] if limit is None else ["--driver-max-files", str(limit)]
     t = time.perf_counter()
     r = subprocess.run([sys.executable, str(ROOT / "RUNME.py"), *extra, "--engine", engine, "--session", session,
                         "--run", "--warehouse", str(warehouse), "--param", f"path={sample}", "--param",
-                        "mode=overwrite"], capture_output=True, text=True, cwd=ROOT)
+                        f"mode={mode}"], capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - t
     if r.returncode != 0:
         raise RuntimeError(r.stdout[-3000:] + r.stderr[-3000:])
@@ -60,6 +61,8 @@ def main(argv=None) -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--ways", default=",".join(WAYS))
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--append", action="store_true",
+                    help="also time the daily re-run: mode=append over the unchanged sample, after each way's overwrites")
     a = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT / "src"))
     from dicom_lakehouse.dicom.sample_data import make_sample
@@ -78,6 +81,15 @@ def main(argv=None) -> None:
                                 "median_job_s": statistics.median(jobs), "jobs_s": jobs,
                                 "median_wall_s": statistics.median(r["wall_s"] for r in runs), "runs": runs}
             print(f"{way}: job median {statistics.median(jobs):.1f} s of {jobs}", file=sys.stderr)
+            if a.append:  # the same warehouse, the same unchanged files: nothing new or changed
+                again = [one_run(sample, wh, way, "append") for _ in range(a.repeat)]
+                jobs_a = [r["job_s"] for r in again]
+                res["ways"][way]["append"] = {"median_job_s": statistics.median(jobs_a), "jobs_s": jobs_a,
+                                              "median_wall_s": statistics.median(r["wall_s"] for r in again),
+                                              "runs": again}
+                res.setdefault("append_over_overwrite", {})[way] = round(
+                    statistics.median(jobs_a) / statistics.median(jobs), 2)
+                print(f"{way} append: job median {statistics.median(jobs_a):.1f} s of {jobs_a}", file=sys.stderr)
     ways = res["ways"]
     if "default" in ways:
         base = ways["default"]["median_job_s"]

@@ -68,6 +68,18 @@ def test_demo_command_then_local_sql(tmp_path):
         text = log.read_text(errors="replace")
         found = sorted(x for x in phi if x in text)
         assert not found, f"{log} shows {found}"
+    # the daily re-run (append) of the unchanged folder: nothing read, no JVM, no commit
+    version = dt.version()
+    r = runme("--warehouse", str(wh), "--run", "--param", f"path={ROOT / 'sample_data'}", "--param", "mode=append")
+    assert r.returncode == 0, r.stdout + r.stderr
+    again = run_dir(r.stdout)
+    results = {f.name.split(".")[0]: json.loads(_result_line(f)) for f in again.glob("*.1.log")}
+    assert (results["catalog"]["new"], results["catalog"]["changed"], results["catalog"]["unchanged"]) == (0, 0, 13)
+    assert results["extract_meta"]["files_in"] == results["thumbnail"]["files_in"] == 0
+    assert (results["publish"]["committed"], results["publish"]["table_rows"]) == (False, 13)
+    assert not any(r.get("spark_session") for r in results.values())
+    assert "up in" not in r.stdout and not (again / "connect-server.log").exists()
+    assert table(wh).version() == version
     # local SQL with a three-part name answers from the published table
     r = runme("--warehouse", str(wh), "sql", "--json",
               "SELECT modality, count(*) AS n FROM main.pixels.object_catalog WHERE modality = 'MR' GROUP BY modality")

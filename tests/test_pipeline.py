@@ -126,10 +126,17 @@ def test_append_is_incremental_and_upserts(spark, store, conf, sample_dir):
     run_all(spark, store, conf, p)
     first = read(store, p)
     assert first.num_rows == 13
+    versions = {s: DeltaTable(str(store.location(target_ref(p).derived(s) if s else target_ref(p)))).version()
+                for s in (None, "studies", "series")}
     stats = run_all(spark, store, conf, params(sample_dir, "append", "a2"))
     assert (stats["catalog"]["new"], stats["catalog"]["changed"], stats["catalog"]["unchanged"]) == (0, 0, 13)
     assert stats["catalog"]["rows_out"] == 0 and stats["publish"]["rows_out"] == 0
-    assert read(store, p).num_rows == 13
+    assert read(store, p).num_rows == 13 == stats["publish"]["table_rows"]
+    assert sum(stats["publish"]["status"].values()) == 13 and stats["publish"]["status"]["not_dicom"] == 1
+    # nothing changed: no commit to the table or its derived tables (a daily run leaves no empty commits)
+    assert stats["publish"]["committed"] is False
+    assert {s: DeltaTable(str(store.location(target_ref(p).derived(s) if s else target_ref(p)))).version()
+            for s in versions} == versions
     # add 3 files, change 1
     (sample_dir / "new").mkdir()
     for n in ("MR_small_implicit.dcm", "SC_rgb_rle.dcm", "liver_1frame.dcm"):

@@ -49,12 +49,37 @@ def published_by(store: TableStore, target: TableRef, run_id: str) -> bool:
     return False
 
 
+def nothing_changed(store: TableStore, p: JobParams, conf: dict, target: TableRef) -> dict:
+    """An incremental run that found no new or changed file commits nothing: the table, its derived
+    tables and its de-identified table keep their versions, so a daily run over an unchanged folder
+    leaves no empty commits in their history (its run record says what it found)."""
+    counts = store.value_counts(target, "status")
+    total = sum(counts.values())
+    log.info("publish: nothing new or changed: %s left as it was (%d rows, no commit)", target.name, total)
+    deid = None
+    if p.deidentifies:
+        ref = target.derived("deid")
+        deid = {"table": ref.name, "rows_out": 0, "table_rows": store.count(ref) if store.exists(ref) else 0}
+    drop_stages(store, p, conf)
+    return {"files_in": 0, "rows_out": 0, "table_rows": total, "errors": counts.get("error", 0), "status": counts,
+            "derived": {}, "mode": "upsert", "deid": deid, "committed": False}
+
+
+def drop_stages(store: TableStore, p: JobParams, conf: dict) -> None:
+    if (conf.get("stage_retention") or "drop") == "drop":
+        for step in STAGES:
+            if store.exists(stage_ref(p, step)):
+                store.drop(stage_ref(p, step))
+
+
 def run_publish(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
     thumbs, rows_in, _ = stage_rows(store, p, "thumbnail")
     target = target_ref(p)
     mode = "overwrite" if p.mode == "overwrite" else "upsert"
     meta = commit_metadata(p.run_id, p.as_dict(), "publish")
     counts = None  # the table's rows per status, when the write counted them
+    if mode == "upsert" and rows_in == 0 and store.exists(target):
+        return nothing_changed(store, p, conf, target)
     if published_by(store, target, p.run_id):
         log.info("publish: an earlier attempt of run %s committed to %s and ended before it finished: the "
                  "rows are in; refreshing the rest", p.run_id, target.name)
@@ -97,9 +122,6 @@ def run_publish(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
     log.info("publish: %d rows into %s (%s, %d rows now); studies and series refreshed in %.1f s", rows,
              target.name, mode, total, time.time() - t0)
     deid = publish_deid(store, p, store.read(thumbs, "thumbnail"), mode, meta) if p.deidentifies else None
-    if (conf.get("stage_retention") or "drop") == "drop":
-        for step in STAGES:
-            if store.exists(stage_ref(p, step)):
-                store.drop(stage_ref(p, step))
+    drop_stages(store, p, conf)
     return {"files_in": rows_in, "rows_out": rows, "table_rows": total, "errors": counts.get("error", 0),
-            "status": counts, "derived": derived, "mode": mode, "deid": deid}
+            "status": counts, "derived": derived, "mode": mode, "deid": deid, "committed": True}
