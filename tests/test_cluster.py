@@ -49,17 +49,16 @@ def cluster(cluster_folder):
 
 
 def event_logging(tmp_path):
-    """A SPARK_CONF_DIR whose applications write Spark's event logs (which executor ran each task)."""
+    """Settings under which the run's applications write Spark's event logs (which executor ran each
+    task), as Java system properties of the spark-submit JVMs: a SPARK_CONF_DIR would also do, but it
+    would cost each driver its class-data archive (spark/submit.py)."""
     events = tmp_path / "events"
     events.mkdir()
-    sconf = tmp_path / "sparkconf"
-    sconf.mkdir()
-    (sconf / "spark-defaults.conf").write_text(
-        f"spark.eventLog.enabled true\nspark.eventLog.dir {events.as_uri()}\nspark.eventLog.compress false\n"
-        "spark.eventLog.rolling.enabled false\n"
-        # short-lived executors, with the options of the project's short task JVMs (C1 only)
-        f"spark.executor.extraJavaOptions {short_jvm_options()}\n")
-    return events, sconf
+    settings = {"spark.eventLog.enabled": "true", "spark.eventLog.dir": events.as_uri(),
+                "spark.eventLog.compress": "false", "spark.eventLog.rolling.enabled": "false",
+                # short-lived executors, with the options of the project's short task JVMs (C1 only)
+                "spark.executor.extraJavaOptions": short_jvm_options()}
+    return events, {"SPARK_SUBMIT_OPTS": " ".join(f"'-D{k}={v}'" for k, v in settings.items())}
 
 
 def tasks_per_executor(events) -> dict:
@@ -83,13 +82,13 @@ def test_job_on_a_standalone_cluster_runs_on_both_workers(tmp_path, sample_dir, 
     """The cluster target, per_task (one spark-submit, one application per task), its tables on delta-rs
     (Spark's Delta on the cluster's executors: the next test, through one Connect server)."""
     assert cluster.startswith("spark://127.0.0.1:")
-    events, sconf = event_logging(tmp_path)
+    events, submit_opts = event_logging(tmp_path)
     wh = tmp_path / "wh"
     r = subprocess.run([sys.executable, str(ROOT / "RUNME.py"), "--target", "cluster", "--run", "--master", cluster,
                         "--engine", "delta-rs", "--warehouse", str(wh), "--param", f"path={sample_dir}",
                         "--param", "mode=overwrite"],
                        capture_output=True, text=True, timeout=900, cwd=ROOT,
-                       env={**os.environ, "SPARK_CONF_DIR": str(sconf)})
+                       env={**os.environ, **submit_opts})
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"on {cluster}," in r.stdout and "sc://" not in r.stdout + r.stderr
     check_table(wh, 13)
@@ -114,7 +113,7 @@ def test_master_on_the_local_target_sends_the_per_file_work_to_both_workers(tmp_
     engines), and counts the statuses the local default counted.
     (The per_task default on a spark:// master, one application per task: the test above, and
     test_spark_where_asked.py's master without workers.)"""
-    events, sconf = event_logging(tmp_path)
+    events, submit_opts = event_logging(tmp_path)
     wh = tmp_path / "wh"
     # the local default's table of the same files, written in this process (delta-rs, no Spark)
     local = run_locally(conf, sample_dir, wh, "local1")
@@ -123,7 +122,7 @@ def test_master_on_the_local_target_sends_the_per_file_work_to_both_workers(tmp_
     r = subprocess.run([sys.executable, str(ROOT / "RUNME.py"), "--run", "--master", cluster, "--session", "shared",
                         "--engine", "spark", "--warehouse", str(wh), "--param", f"path={sample_dir}",
                         "--param", "mode=overwrite"],
-                       capture_output=True, text=True, timeout=900, cwd=ROOT, env={**env, "SPARK_CONF_DIR": str(sconf)})
+                       capture_output=True, text=True, timeout=900, cwd=ROOT, env={**env, **submit_opts})
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"on {cluster} (through a Spark Connect server on loopback, " in r.stdout, r.stdout
     assert "(every task of this run uses Spark)" in r.stdout  # the server started with the run

@@ -148,6 +148,9 @@ def test_deid_run_writes_phi_free_copies_and_table(tmp_path, monkeypatch):
     assert len(rows) == len(originals) == deid["files_in"] == 13  # one row per input file
     copied = [x for x in rows if x["status"] == "ok"]
     assert len(copied) == deid["copied"] == 7 and deid["refused"] == 5
+    # a run this small de-identifies and publishes in the task processes: no task needed Spark
+    assert not any((a["result"] or {}).get("spark_session") for a in rec["attempts"]), rec["attempts"]
+    assert not (folder / "connect-server.log").exists()
     assert sorted(f"file:{p}" for p in out.rglob("*") if p.is_file()) == sorted(x["path"] for x in copied)
     assert all(x["thumbnail_status"] in ("ok", "no_pixels") and x["meta"] for x in copied)
     assert {x["error"] for x in rows if x["status"] == "refused"} >= {

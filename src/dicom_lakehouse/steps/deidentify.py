@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import logging
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark.sql import functions as F
 
 from dicom_lakehouse.files.paths import as_uri
@@ -17,6 +19,7 @@ from dicom_lakehouse.steps.stage import (
     driver_max_files,
     map_step,
     quiet_worker,
+    stage_ref,
     stage_rows,
     target_ref,
 )
@@ -118,18 +121,35 @@ def run_deidentify(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
     return stats
 
 
-def publish_deid(store: TableStore, p: JobParams, thumbs, mode: str, meta: dict) -> dict:
+def publish_deid(store: TableStore, p: JobParams, mode: str, meta: dict, in_process: bool) -> dict:
     """{table}_deid: the de-identified rows, with the thumbnail of each copied file (its pixels are the
-    original's); the original path is dropped here."""
+    original's); the original path is dropped here. `in_process`: a small run's rows are joined here
+    with pyarrow and written by the store directly, with no Spark job (as the other small-run steps)."""
     ref, rows_in, _ = stage_rows(store, p, "deidentify")
-    df = store.read(ref, S.DEID_STAGE)
-    t = thumbs.select(F.col("path").alias("source_path"), *[F.col(c) for c in THUMB_COLUMNS])
-    joined = df.join(t, "source_path", "left")
-    copied = F.col("status") == "ok"
-    out = joined.select(*[F.when(copied, F.col(c)).alias(c) if c in THUMB_COLUMNS else F.col(c)
-                          for c in S.column_names("thumbnail")]).withColumn("ingested_at", F.current_timestamp())
-    ref = target_ref(p).derived("deid")
-    rows = store.write(out, ref, mode, meta, step="publish")
+    thumbs = stage_ref(p, "thumbnail")
+    names = S.column_names("thumbnail")
+    out_ref = target_ref(p).derived("deid")
+    if in_process:
+        d = store.read_arrow(ref, S.DEID_STAGE)
+        t = store.read_arrow(thumbs, "thumbnail", ("path", *THUMB_COLUMNS))
+        at = pc.index_in(d.column("source_path"), value_set=t.column("path").combine_chunks())
+        copied = pc.fill_null(pc.equal(d.column("status"), "ok"), False)
+        types = S.arrow_schema("thumbnail")
+        cols = [pc.if_else(copied, pc.take(t.column(c), at), pa.nulls(d.num_rows, types.field(c).type))
+                if c in THUMB_COLUMNS else d.column(c) for c in names]
+        now = dt.datetime.now(dt.timezone.utc)
+        out = pa.Table.from_arrays([*cols, pa.array([now] * d.num_rows, pa.timestamp("us", tz="UTC"))],
+                                   [*names, "ingested_at"])
+        rows = store.write_arrow(out, out_ref, mode, meta, step="publish")
+    else:
+        df = store.read(ref, S.DEID_STAGE)
+        t = store.read(thumbs, "thumbnail").select(F.col("path").alias("source_path"),
+                                                   *[F.col(c) for c in THUMB_COLUMNS])
+        joined = df.join(t, "source_path", "left")
+        copied = F.col("status") == "ok"
+        out = joined.select(*[F.when(copied, F.col(c)).alias(c) if c in THUMB_COLUMNS else F.col(c)
+                              for c in names]).withColumn("ingested_at", F.current_timestamp())
+        rows = store.write(out, out_ref, mode, meta, step="publish")
     if rows != rows_in:
         raise StepError(f"publish read {rows_in} de-identified rows but wrote {rows}")
-    return {"table": ref.name, "rows_out": rows, "table_rows": store.count(ref)}
+    return {"table": out_ref.name, "rows_out": rows, "table_rows": store.count(out_ref)}

@@ -63,10 +63,10 @@ def warm_ups(spark, store: TableStore, p: JobParams, conf: dict, step: str, gate
 
 def uses_spark(store: TableStore, p: JobParams, conf: dict, step: str, gate_open=lambda: False) -> bool:
     """Whether `step` of this run will use a Spark session: always on Spark's Delta, else when the run
-    has more files than `driver_max_files` (known once the catalog task staged its listing), or to
-    publish de-identified rows. False too if the gate opened before the listing was staged."""
+    has more files than `driver_max_files` (known once the catalog task staged its listing). False
+    too if the gate opened before the listing was staged."""
     limit = driver_max_files(conf)
-    if store.engine != "delta-rs" or limit == 0 or (step == "publish" and p.deidentifies):
+    if store.engine != "delta-rs" or limit == 0:
         return True
     ref = stage_ref(p, "catalog")
     while not store.exists(ref):

@@ -121,7 +121,7 @@ def run_publish(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
         derived = {name: job.result() for name, job in jobs.items()}
     log.info("publish: %d rows into %s (%s, %d rows now); studies and series refreshed in %.1f s", rows,
              target.name, mode, total, time.time() - t0)
-    deid = publish_deid(store, p, store.read(thumbs, "thumbnail"), mode, meta) if p.deidentifies else None
+    deid = publish_deid(store, p, mode, meta, rows_in <= driver_max_files(conf)) if p.deidentifies else None
     drop_stages(store, p, conf)
     return {"files_in": rows_in, "rows_out": rows, "table_rows": total, "errors": counts.get("error", 0),
             "status": counts, "derived": derived, "mode": mode, "deid": deid, "committed": True}
