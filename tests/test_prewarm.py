@@ -39,7 +39,7 @@ def _job(conf):
 
     settings = resolve("local", root=ROOT).jobs["dicom_lakehouse"]
     c = copy.deepcopy(conf)
-    c["runner"] = {**c.get("runner", {}), "prewarm": True, "class_data_sharing": False, "session": "per_task"}
+    c["runner"] = {**c.get("runner", {}), "prewarm": True, "session": "per_task"}
     c["table_engine"] = "delta-rs"
     return settings, c
 

@@ -133,12 +133,14 @@ def master_without_workers(tmp_path):
 def test_master_without_workers_fails_within_a_minute(tmp_path, sample_dir, master_without_workers):
     master = master_without_workers
     wh = tmp_path / "wh"
-    # conf/ as it is, but a shorter wait for an executor than the default 30 s (nothing else changes)
+    # conf/ as it is, but a shorter wait for an executor than the default 30 s
     shutil.copytree(ROOT / "conf", tmp_path / "conf")
     defaults = tmp_path / "conf" / "defaults.yml"
     text = defaults.read_text()
     assert "\n  executor_wait_seconds: 30\n" in text
-    defaults.write_text(text.replace("\n  executor_wait_seconds: 30\n", "\n  executor_wait_seconds: 8\n"))
+    assert "\nbuild_dir: build\n" in text  # the repository's build/, whose class-data archive the task uses
+    defaults.write_text(text.replace("\n  executor_wait_seconds: 30\n", "\n  executor_wait_seconds: 8\n")
+                        .replace("\nbuild_dir: build\n", f"\nbuild_dir: {ROOT / 'build'}\n"))
     t0 = time.time()
     r = subprocess.run([sys.executable, str(ROOT / "RUNME.py"), "--run", "--master", master, "--warehouse",
                         str(wh), "--param", f"path={sample_dir}"],
