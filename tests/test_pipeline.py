@@ -121,7 +121,10 @@ def test_overwrite_publishes_every_file_once(spark, engine, published, store, co
     assert set(t2.column("run_id").to_pylist()) == {"run2"}
 
 
-def test_append_is_incremental_and_upserts(spark, store, conf, sample_dir):
+def test_append_is_incremental_and_upserts(spark, conf, sample_dir, tmp_path):
+    """On delta-rs; Spark's Delta: an append's MERGE in test_spark_engine (serverless settings), and
+    inserts, updates, deletes and a run with nothing changed in test_sync."""
+    store = make_store("delta-rs", spark, tmp_path / "wh")
     p = params(sample_dir, "append", "a1")
     run_all(spark, store, conf, p)
     first = read(store, p)

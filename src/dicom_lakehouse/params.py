@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 from dicom_lakehouse.files.paths import is_remote_path, local_path_of
 
-MODES = ("overwrite", "append")
+MODES = ("overwrite", "append", "sync")
 DEID_PROFILES = ("none", "basic")
 DEID_OPTIONS = ("deid_retain_dates", "deid_retain_patient", "deid_retain_device")
 TRUE, FALSE = ("true", "yes", "1"), ("false", "no", "0", "")
@@ -47,6 +47,8 @@ class JobParams:
     deid_retain_dates: bool = False
     deid_retain_patient: bool = False
     deid_retain_device: bool = False
+    # mode=sync stops rather than delete more than this share of the table's rows under `path`.
+    sync_max_delete: float = 0.5
     extra: dict = field(default_factory=dict)
 
     @property
@@ -111,6 +113,18 @@ def _glob_base(path: str) -> str:
             break
         parts.append(part)
     return "/".join(parts) or "/"
+
+
+def check_share(name: str, value: str | None, default: float = 0.5) -> float:
+    if value is None or str(value).strip() == "":
+        return default
+    try:
+        share = float(value)
+    except ValueError:
+        share = -1.0
+    if not 0.0 <= share <= 1.0:
+        raise ParameterError(f"--{name} {value!r} is not a share: use a number from 0 to 1 (0.5 = 50%).")
+    return share
 
 
 def check_mode(mode: str | None) -> str:
@@ -179,12 +193,16 @@ def validate(raw: dict, allowed_roots: list[str] | None = None) -> JobParams:
         raise ParameterError(f"--remote {remote!r} must be a Spark Connect URL starting with sc://.")
     path = check_path(raw.get("path"), allowed_roots)
     deid, deid_path = check_deid(raw, path)
+    mode = check_mode(raw.get("mode"))
+    if mode == "sync" and not is_remote_path(path) and has_glob(local_path_of(path)):
+        raise ParameterError(f"--mode sync needs a folder or a file as --path, not the glob {path!r}: "
+                             "its deletions are scoped to one folder (filter it with --include/--exclude).")
     return JobParams(
         path=path,
         catalog=check_identifier("catalog", raw.get("catalog")),
         schema=check_identifier("schema", raw.get("schema")),
         table=check_identifier("table", raw.get("table")),
-        mode=check_mode(raw.get("mode")),
+        mode=mode,
         thumbnail_size=size,
         include=check_glob("include", raw.get("include")),
         exclude=check_glob("exclude", raw.get("exclude")),
@@ -195,6 +213,7 @@ def validate(raw: dict, allowed_roots: list[str] | None = None) -> JobParams:
         deid=deid,
         deid_path=deid_path,
         **{k: check_flag(k, raw.get(k)) for k in DEID_OPTIONS},
+        sync_max_delete=check_share("sync_max_delete", raw.get("sync_max_delete")),
         extra=extra,
     )
 
@@ -212,7 +231,7 @@ def build_parser(description: str = "dicom-lakehouse task") -> argparse.Argument
     p.add_argument("--remote")
     p.add_argument("--deid")
     p.add_argument("--deid_path", "--deid-path", dest="deid_path")
-    for name in DEID_OPTIONS:
+    for name in (*DEID_OPTIONS, "sync_max_delete"):
         p.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name)
     p.add_argument("--conf_dir", "--conf-dir", dest="conf_dir")
     # Table engine of a task run by hand (spark-submit); the runner passes its choice by environment.

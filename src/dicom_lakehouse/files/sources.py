@@ -169,3 +169,22 @@ def write_file(path: str, data: bytes, root: str) -> None:
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)
+
+
+def remove_file(path: str, root: str) -> bool:
+    """Remove a file this job wrote under `root` (a de-identified copy whose source is gone); False if
+    it was not there. Refuses (paths.UnsafePath) a target outside `root`, as write_file does."""
+    contained(root, path)
+    if is_object_store(path):
+        import fsspec
+
+        fs, key = fsspec.core.url_to_fs(path)
+        if not fs.exists(key):
+            return False
+        fs.rm_file(key)
+        return True
+    try:
+        os.unlink(local_path_of(path))
+    except FileNotFoundError:
+        return False
+    return True

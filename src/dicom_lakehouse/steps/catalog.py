@@ -7,8 +7,9 @@ import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from pyspark.sql import functions as F
 
+from dicom_lakehouse.files.paths import as_uri, is_remote_path
+from dicom_lakehouse.files.sources import ARCHIVE_SEP
 from dicom_lakehouse.params import JobParams
 from dicom_lakehouse.steps.stage import (
     StepError,
@@ -32,29 +33,71 @@ def run_catalog(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
     stats = {"files_listed": listed, "listing_seconds": round(t_list, 2)}
     target = target_ref(p)
     meta = commit_metadata(p.run_id, p.as_dict(), "catalog")
-    diff = p.mode == "append" and store.exists(target)
+    diff = p.mode in ("append", "sync") and store.exists(target)
     if not diff:  # the listing is in this process already: no Spark job needed to stage it
         rows = store.write_arrow(table, stage_ref(p, "catalog"), "overwrite", meta, step="files")
-        stats.update({"new": listed, "changed": 0, "unchanged": 0})
+        stats.update({"new": listed, "changed": 0, "unchanged": 0, "deleted": 0})
         return _catalog_done(stats, table, listed, rows, p)
-    # append on an existing table: only new and changed files go on
-    if store.engine == "delta-rs":  # the table's keys read by delta-rs, compared here: no Spark, no JVM
-        todo, counts = changed_files(table, store.read_arrow(target, columns=("path", "file_key")))
-        stats.update(counts)
-        rows = store.write_arrow(todo, stage_ref(p, "catalog"), "overwrite", meta, step="files")
-        return _catalog_done(stats, table, listed, rows, p)
-    df = spark.createDataFrame(table, schema=S.spark_schema("files").simpleString()) if listed == 0 else \
-        spark.createDataFrame(table)
-    old = store.read(target).select(F.col("path").alias("_p"), F.col("file_key").alias("_k"))
-    joined = df.join(old, df["path"] == old["_p"], "left")
-    kind = (F.when(F.col("_p").isNull(), "new").when(F.col("_k") != F.col("file_key"), "changed")
-            .otherwise("unchanged"))
-    joined = joined.withColumn("_change", kind).cache()
-    counts = {r["_change"]: r["count"] for r in joined.groupBy("_change").count().collect()}
-    stats.update({k: counts.get(k, 0) for k in ("new", "changed", "unchanged")})
-    df = joined.filter(F.col("_change") != "unchanged").select(*S.column_names("files"))
-    rows = store.write(df, stage_ref(p, "catalog"), "overwrite", meta, step="files")
+    # append or sync on an existing table: only new and changed files go on. The table's keys come to
+    # this process (about 100 bytes a row; the listing is here already), read by delta-rs without a
+    # JVM on the local default.
+    catalogued = store.read_arrow(target, columns=("path", "file_key"))
+    todo, counts = changed_files(table, catalogued)
+    stats.update(counts, deleted=0)
+    if p.mode == "sync":
+        gone = gone_files(p, table, catalogued)
+        write_gone(store, p, gone, meta)
+        stats["deleted"] = len(gone)
+    rows = store.write_arrow(todo, stage_ref(p, "catalog"), "overwrite", meta, step="files")
     return _catalog_done(stats, table, listed, rows, p)
+
+
+def write_gone(store: TableStore, p: JobParams, paths, meta: dict) -> None:
+    """The paths whose rows a sync deletes, staged for publish (which deletes them in its one commit);
+    no stage when there are none."""
+    if len(paths):
+        store.write_arrow(pa.table({"path": paths}), stage_ref(p, "gone"), "overwrite", meta, step=S.GONE_STAGE)
+
+
+def sync_root(p: JobParams) -> str:
+    """`path` as the listing names the files under it (their `path` column starts with it)."""
+    return (p.path if is_remote_path(p.path) else as_uri(p.path)).rstrip("/")
+
+
+def under_root(paths: pa.Array, root: str) -> pa.Array:
+    """The root itself (a file), files below it, and the members of a zip archive given as `path`."""
+    return pc.or_(pc.or_(pc.equal(paths, root), pc.starts_with(paths, root + "/")),
+                  pc.starts_with(paths, root + ARCHIVE_SEP))
+
+
+def gone_files(p: JobParams, listing: pa.Table, catalogued: pa.Table) -> pa.Array:
+    """The table's rows under this run's `path` (and its include/exclude filters) whose files the listing
+    no longer has. Rows of other folders are never in scope. Stops (StepError) before any change when
+    the listing cannot be trusted to say what is gone, or when the share of rows to delete is above
+    the run's sync_max_delete: an unmounted volume must not empty the catalog."""
+    root = sync_root(p)
+    listed = listing.column("path").combine_chunks()
+    if listing.num_rows and not pc.all(under_root(listed, root)).as_py():
+        raise StepError("mode sync: the listing names files outside --path's prefix, so the rows it covers "
+                        "cannot be told apart: run append or overwrite for this path")
+    unlisted = pc.filter(listing.column("error"), pc.starts_with(listing.column("error"), "folder cannot be listed"))
+    if len(unlisted):
+        raise StepError(f"mode sync: {len(unlisted)} folder(s) under --path cannot be listed, so the rows of their "
+                        "files would be deleted: fix their permissions or mounts, or run append; nothing was changed")
+    paths = catalogued.column("path").combine_chunks()
+    scope = pc.filter(paths, pc.fill_null(under_root(paths, root), False))
+    if p.include or p.exclude:  # the filters apply to the path below the root, as in the listing
+        from dicom_lakehouse.steps.listing import keeps
+
+        base = root.rsplit("/", 1)[-1]  # a file given as path: the listing names it by its file name
+        rel = [x[len(root) + 1:] if x.startswith(root + "/") else base + x[len(root):] for x in scope.to_pylist()]
+        scope = pc.filter(scope, pa.array([keeps(r, p.include, p.exclude) for r in rel], pa.bool_()))
+    gone = pc.filter(scope, pc.invert(pc.is_in(scope, value_set=listed)))
+    if len(gone) > p.sync_max_delete * len(scope):
+        raise StepError(f"mode sync would delete {len(gone)} of the {len(scope)} rows under --path "
+                        f"(more than sync_max_delete={p.sync_max_delete:g}): check that the source is mounted and "
+                        "complete; to allow it, run with sync_max_delete=1. Nothing was changed")
+    return gone
 
 
 def changed_files(listing: pa.Table, catalogued: pa.Table) -> tuple[pa.Table, dict]:
@@ -69,8 +112,9 @@ def changed_files(listing: pa.Table, catalogued: pa.Table) -> tuple[pa.Table, di
 
 
 def _catalog_done(stats: dict, table, listed: int, rows: int, p: JobParams) -> dict:
-    log.info("catalog: %d files listed in %.1f s: %d new, %d changed, %d unchanged (%s mode)", listed,
-             stats["listing_seconds"], stats["new"], stats["changed"], stats["unchanged"], p.mode)
+    log.info("catalog: %d files listed in %.1f s: %d new, %d changed, %d unchanged, %d to delete (%s mode)",
+             listed, stats["listing_seconds"], stats["new"], stats["changed"], stats["unchanged"], stats["deleted"],
+             p.mode)
     expected = listed - stats["unchanged"]
     if rows != expected:
         raise StepError(f"catalog wrote {rows} rows but {expected} files are to be processed")

@@ -59,7 +59,7 @@ def deid_batches(pseudo, options, out_root: str, threshold: int, max_inflated: i
             cols = {c: b.column(c).to_pylist() for c in DEID_INPUT}
             rows = {n: [] for n in names}
             for i, path in enumerate(cols["path"]):
-                not_copied = f"urn:dicom-lakehouse:not-copied:{pseudo.token('path', path, 32)}"
+                not_copied = f"{NOT_COPIED}{pseudo.token('path', path, 32)}"
                 if cols["status"][i] not in OK:
                     status, error = cols["status"][i], f"not de-identified: the file's status is {cols['status'][i]}"
                     res = None
@@ -121,7 +121,38 @@ def run_deidentify(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
     return stats
 
 
-def publish_deid(store: TableStore, p: JobParams, mode: str, meta: dict, in_process: bool) -> dict:
+NOT_COPIED = "urn:dicom-lakehouse:not-copied:"
+
+
+def copies_of(store: TableStore, p: JobParams, conf: dict, sources) -> list[str]:
+    """The `path`s of the {table}_deid rows made from these source paths. Each row's path ends with
+    the keyed token of its source's path (a copy's file name, a not-copied row's URN), so the rows of
+    deleted sources are found with the key alone, without the source path the table never holds."""
+    from dicom_lakehouse.steps.deid_key import resolve_key
+
+    ref = target_ref(p).derived("deid")
+    if not len(sources) or not store.exists(ref):
+        return []
+    pseudo = resolve_key(conf, store.spark)
+    tokens = {pseudo.token("path", x, 32) for x in sources.to_pylist()}
+
+    def token(path: str) -> str:
+        return path[len(NOT_COPIED):] if path.startswith(NOT_COPIED) else path.rsplit("/", 1)[-1].removesuffix(".dcm")
+
+    return [x for x in store.read_arrow(ref, columns=("path",)).column("path").to_pylist() if token(x) in tokens]
+
+
+def remove_copies(p: JobParams, paths: list[str]) -> int:
+    """Remove the de-identified copies of deleted sources, once the commit that dropped their rows is
+    in (never before: a failed commit must leave rows and copies together)."""
+    from dicom_lakehouse.files.sources import remove_file
+
+    root = as_uri(p.deid_path)
+    return sum(remove_file(x, root) for x in paths if not x.startswith(NOT_COPIED))
+
+
+def publish_deid(store: TableStore, p: JobParams, mode: str, meta: dict, in_process: bool,
+                 deletes: list[str] | None = None) -> dict:
     """{table}_deid: the de-identified rows, with the thumbnail of each copied file (its pixels are the
     original's); the original path is dropped here. `in_process`: a small run's rows are joined here
     with pyarrow and written by the store directly, with no Spark job (as the other small-run steps)."""
@@ -129,6 +160,7 @@ def publish_deid(store: TableStore, p: JobParams, mode: str, meta: dict, in_proc
     thumbs = stage_ref(p, "thumbnail")
     names = S.column_names("thumbnail")
     out_ref = target_ref(p).derived("deid")
+    gone = pa.array(deletes or [], pa.string())
     if in_process:
         d = store.read_arrow(ref, S.DEID_STAGE)
         t = store.read_arrow(thumbs, "thumbnail", ("path", *THUMB_COLUMNS))
@@ -140,7 +172,7 @@ def publish_deid(store: TableStore, p: JobParams, mode: str, meta: dict, in_proc
         now = dt.datetime.now(dt.timezone.utc)
         out = pa.Table.from_arrays([*cols, pa.array([now] * d.num_rows, pa.timestamp("us", tz="UTC"))],
                                    [*names, "ingested_at"])
-        rows = store.write_arrow(out, out_ref, mode, meta, step="publish")
+        rows = store.write_arrow(out, out_ref, mode, meta, step="publish", deletes=gone)
     else:
         df = store.read(ref, S.DEID_STAGE)
         t = store.read(thumbs, "thumbnail").select(F.col("path").alias("source_path"),
@@ -149,7 +181,9 @@ def publish_deid(store: TableStore, p: JobParams, mode: str, meta: dict, in_proc
         copied = F.col("status") == "ok"
         out = joined.select(*[F.when(copied, F.col(c)).alias(c) if c in THUMB_COLUMNS else F.col(c)
                               for c in names]).withColumn("ingested_at", F.current_timestamp())
-        rows = store.write(out, out_ref, mode, meta, step="publish")
+        rows = store.write(out, out_ref, mode, meta, step="publish", deletes=gone)
     if rows != rows_in:
         raise StepError(f"publish read {rows_in} de-identified rows but wrote {rows}")
-    return {"table": out_ref.name, "rows_out": rows, "table_rows": store.count(out_ref)}
+    removed = remove_copies(p, deletes) if deletes else 0
+    return {"table": out_ref.name, "rows_out": rows, "table_rows": store.count(out_ref),
+            "deleted": len(deletes or ()), "copies_removed": removed}

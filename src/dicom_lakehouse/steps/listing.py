@@ -275,7 +275,8 @@ def iter_entries(spark, path: str, conf: dict) -> Iterator[Entry]:
             yield e
 
 
-def _keep(rel: str, include: str | None, exclude: str | None) -> bool:
+def keeps(rel: str, include: str | None, exclude: str | None) -> bool:
+    """Whether the run's include and exclude globs keep a file at `rel` (its path below `path`)."""
     if include and not fnmatch.fnmatchcase(rel, include):
         return False
     return not (exclude and fnmatch.fnmatchcase(rel, exclude))
@@ -304,7 +305,7 @@ def list_files(spark, path: str, conf: dict, run_id: str, include: str | None = 
     """All rows of the inventory as an Arrow table, built in batches (about 150 bytes a file)."""
     batches, buf = [], []
     for e in iter_entries(spark, path, conf):
-        if not _keep(e.relative_path, include, exclude):
+        if not keeps(e.relative_path, include, exclude):
             continue
         buf.append(e)
         if len(buf) >= BATCH_ROWS:

@@ -14,7 +14,7 @@ import pyarrow as pa
 from pyspark.sql import functions as F
 
 from dicom_lakehouse.params import JobParams
-from dicom_lakehouse.steps.deidentify import publish_deid
+from dicom_lakehouse.steps.deidentify import copies_of, publish_deid
 from dicom_lakehouse.steps.stage import (
     STAGES,
     StepError,
@@ -49,6 +49,14 @@ def published_by(store: TableStore, target: TableRef, run_id: str) -> bool:
     return False
 
 
+def gone_paths(store: TableStore, p: JobParams) -> pa.Array:
+    """The paths whose rows this sync deletes (the catalog step staged them); none for other modes."""
+    ref = stage_ref(p, "gone")
+    if p.mode != "sync" or not store.exists(ref):
+        return pa.array([], pa.string())
+    return store.read_arrow(ref, S.GONE_STAGE).column("path").combine_chunks()
+
+
 def nothing_changed(store: TableStore, p: JobParams, conf: dict, target: TableRef) -> dict:
     """An incremental run that found no new or changed file commits nothing: the table, its derived
     tables and its de-identified table keep their versions, so a daily run over an unchanged folder
@@ -62,7 +70,7 @@ def nothing_changed(store: TableStore, p: JobParams, conf: dict, target: TableRe
         deid = {"table": ref.name, "rows_out": 0, "table_rows": store.count(ref) if store.exists(ref) else 0}
     drop_stages(store, p, conf)
     return {"files_in": 0, "rows_out": 0, "table_rows": total, "errors": counts.get("error", 0), "status": counts,
-            "derived": {}, "mode": "upsert", "deid": deid, "committed": False}
+            "derived": {}, "mode": "upsert", "deid": deid, "committed": False, "deleted": 0}
 
 
 def drop_stages(store: TableStore, p: JobParams, conf: dict) -> None:
@@ -78,7 +86,8 @@ def run_publish(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
     mode = "overwrite" if p.mode == "overwrite" else "upsert"
     meta = commit_metadata(p.run_id, p.as_dict(), "publish")
     counts = None  # the table's rows per status, when the write counted them
-    if mode == "upsert" and rows_in == 0 and store.exists(target):
+    deletes = gone_paths(store, p)
+    if mode == "upsert" and rows_in == 0 and not len(deletes) and store.exists(target):
         return nothing_changed(store, p, conf, target)
     if published_by(store, target, p.run_id):
         log.info("publish: an earlier attempt of run %s committed to %s and ended before it finished: the "
@@ -88,13 +97,13 @@ def run_publish(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
         table = store.read_arrow(thumbs, "thumbnail")
         now = dt.datetime.now(dt.timezone.utc)
         table = table.append_column("ingested_at", pa.array([now] * table.num_rows, pa.timestamp("us", tz="UTC")))
-        rows = store.write_arrow(table, target, mode, meta, step="publish")
+        rows = store.write_arrow(table, target, mode, meta, step="publish", deletes=deletes)
     else:
         df = store.read(thumbs, "thumbnail").withColumn("ingested_at", F.current_timestamp())
         if mode == "overwrite":  # the table is this run's rows: count them as they are written
             rows, counts = store.write_counted(df, target, meta, "publish", "status", S.STATUSES)
         else:
-            rows = store.write(df, target, mode, meta, step="publish")
+            rows = store.write(df, target, mode, meta, step="publish", deletes=deletes)
     if rows != rows_in:
         raise StepError(f"publish read {rows_in} rows but wrote {rows}")
     if counts is None:
@@ -121,7 +130,9 @@ def run_publish(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
         derived = {name: job.result() for name, job in jobs.items()}
     log.info("publish: %d rows into %s (%s, %d rows now); studies and series refreshed in %.1f s", rows,
              target.name, mode, total, time.time() - t0)
-    deid = publish_deid(store, p, mode, meta, rows_in <= driver_max_files(conf)) if p.deidentifies else None
+    deid = publish_deid(store, p, mode, meta, rows_in <= driver_max_files(conf),
+                        copies_of(store, p, conf, deletes)) if p.deidentifies else None
     drop_stages(store, p, conf)
     return {"files_in": rows_in, "rows_out": rows, "table_rows": total, "errors": counts.get("error", 0),
-            "status": counts, "derived": derived, "mode": mode, "deid": deid, "committed": True}
+            "status": counts, "derived": derived, "mode": mode, "deid": deid, "committed": True,
+            "deleted": len(deletes), **({"merge": store.last_merge} if mode == "upsert" else {})}

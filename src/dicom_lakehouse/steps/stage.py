@@ -27,7 +27,8 @@ from dicom_lakehouse.tables.store import TableStore, commit_metadata
 
 log = logging.getLogger(__name__)
 
-STAGES = {"catalog": "files", "extract_meta": "meta", "thumbnail": "thumbnails", "deidentify": "deid"}
+STAGES = {"catalog": "files", "extract_meta": "meta", "thumbnail": "thumbnails", "deidentify": "deid",
+          "gone": "gone"}  # gone: the paths whose rows a sync deletes (written by the catalog step)
 OK = ("ok", "ok_with_warnings")
 
 

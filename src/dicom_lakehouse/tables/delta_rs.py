@@ -18,15 +18,17 @@ from dicom_lakehouse.tables import schema as S
 from dicom_lakehouse.tables.delta_folder import read_delta
 from dicom_lakehouse.tables.ref import TableRef
 from dicom_lakehouse.tables.store import (
+    DELETE_FLAG,
     KEY,
     TableStore,
+    deletion_rows,
+    has_deletes,
     remove_delta_folder,
     retry_on_conflict,
     user_metadata,
 )
 
 log = logging.getLogger(__name__)
-
 
 
 def _delta_rs_commit(metadata: dict):
@@ -100,7 +102,7 @@ class DeltaRsStore(TableStore):
             )
         return adds, rows
 
-    def write(self, df, ref: TableRef, mode: str, metadata: dict, step: str = "publish") -> int:
+    def write(self, df, ref: TableRef, mode: str, metadata: dict, step: str = "publish", deletes=None) -> int:
         from deltalake import DeltaTable, Schema
         from deltalake.transaction import create_table_with_add_actions
 
@@ -112,15 +114,16 @@ class DeltaRsStore(TableStore):
         delta_schema = Schema.from_arrow(arrow_schema)
         props = _delta_rs_commit(metadata)
         if mode == "upsert":
+            self.last_merge = {}
             self._prepare(ref, step, metadata)
             incoming = root / "_incoming" / uuid.uuid4().hex
             try:
                 files = self._spark_write(df, incoming)
-                if not files:
+                if not files and not has_deletes(deletes):
                     return 0
                 rows = sum(pq.read_metadata(f).num_rows for f in files)
                 self._merge(ref, lambda: pads.dataset([str(f) for f in files], schema=arrow_schema)
-                            .to_batches(use_threads=False), arrow_schema, props)
+                            .to_batches(use_threads=False), arrow_schema, props, deletes)
                 return rows
             finally:
                 shutil.rmtree(incoming, ignore_errors=True)
@@ -130,7 +133,7 @@ class DeltaRsStore(TableStore):
 
         def commit():
             if self.exists(ref):
-                self._set_stats_columns(ref, cols, metadata)
+                self._set_managed_properties(ref, cols, metadata)
                 DeltaTable(str(root)).create_write_transaction(
                     adds, mode="overwrite", schema=delta_schema, commit_properties=props
                 )
@@ -161,14 +164,14 @@ class DeltaRsStore(TableStore):
                                   commit_properties=props)
 
         retry_on_conflict(f"create {ref.name}", create)
-        self._set_stats_columns(ref, S.column_names(step), metadata)
+        self._set_managed_properties(ref, S.column_names(step), metadata)
 
-    def _set_stats_columns(self, ref: TableRef, names, metadata: dict) -> None:
+    def _set_managed_properties(self, ref: TableRef, names, metadata: dict) -> None:
         """Give a table written before the statistics setting that setting (its older log files keep
         their statistics until the table is rewritten)."""
         from deltalake import DeltaTable
 
-        want = S.stats_property(names)
+        want = S.managed_properties(names)
         dt = DeltaTable(str(self.location(ref)))
         if all(dt.metadata().configuration.get(k) == v for k, v in want.items()):
             return
@@ -176,30 +179,49 @@ class DeltaRsStore(TableStore):
         retry_on_conflict(f"set properties of {ref.name}",
                lambda: DeltaTable(str(self.location(ref))).alter.set_table_properties(want, commit_properties=props))
 
-    def _merge(self, ref: TableRef, batches, arrow_schema, props) -> None:
-        """Upsert on `path` in one delta-rs MERGE; `batches` makes the source afresh for each attempt."""
+    def _merge(self, ref: TableRef, batches, arrow_schema, props, deletes=None) -> None:
+        """Upsert on `path` in one delta-rs MERGE; `batches` makes the source afresh for each attempt.
+        The rows whose path is in `deletes` go in the same commit: the source carries them as rows with
+        only a path and a delete flag."""
         import pyarrow as pa
         from deltalake import DeltaTable
 
+        if has_deletes(deletes):
+            flagged = arrow_schema.append(pa.field(DELETE_FLAG, pa.bool_()))
+            gone = deletion_rows(deletes, arrow_schema)
+            plain = batches
+
+            def batches():
+                for b in plain():
+                    yield pa.RecordBatch.from_arrays([*b.columns, pa.array([False] * b.num_rows)], schema=flagged)
+                yield from gone.to_batches()
+
+            arrow_schema = flagged
+
         def merge():
             reader = pa.RecordBatchReader.from_batches(arrow_schema, batches())
-            return (
-                DeltaTable(str(self.location(ref)))
-                .merge(reader, predicate=f"t.{KEY} = s.{KEY}", source_alias="s", target_alias="t",
-                       commit_properties=props)
-                .when_matched_update_all()
-                .when_not_matched_insert_all()
-                .execute()
-            )
+            m = DeltaTable(str(self.location(ref))).merge(
+                reader, predicate=f"t.{KEY} = s.{KEY}", source_alias="s", target_alias="t", commit_properties=props)
+            if has_deletes(deletes):
+                keep = [DELETE_FLAG]
+                m = (m.when_matched_delete(f"s.{DELETE_FLAG}")
+                     .when_matched_update_all(f"NOT s.{DELETE_FLAG}", except_cols=keep)
+                     .when_not_matched_insert_all(f"NOT s.{DELETE_FLAG}", except_cols=keep))
+            else:
+                m = m.when_matched_update_all().when_not_matched_insert_all()
+            return m.execute()
 
         stats = retry_on_conflict(f"merge into {ref.name}", merge)
-        log.info("merge into %s: %s", ref.name, {k: stats.get(k) for k in
-                 ("num_target_rows_inserted", "num_target_rows_updated", "num_source_rows")})
+        self.last_merge = {"inserted": stats.get("num_target_rows_inserted"), "updated": stats.get("num_target_rows_updated"),
+                           "deleted": stats.get("num_target_rows_deleted"),
+                           "files_added": stats.get("num_target_files_added"),
+                           "files_removed": stats.get("num_target_files_removed")}
+        log.info("merge into %s: %s", ref.name, self.last_merge)
 
     def read_arrow(self, ref: TableRef, step: str = "publish", columns: tuple[str, ...] | None = None):
         return read_delta(self.location(ref), list(columns) if columns else None)
 
-    def write_arrow(self, table, ref: TableRef, mode: str, metadata: dict, step: str = "publish") -> int:
+    def write_arrow(self, table, ref: TableRef, mode: str, metadata: dict, step: str = "publish", deletes=None) -> int:
         """Rows in this process go to delta-rs directly: no Spark job, no Parquet files handed over."""
         from deltalake import write_deltalake
 
@@ -207,14 +229,15 @@ class DeltaRsStore(TableStore):
         table = table.select(S.column_names(step)).cast(arrow_schema)
         props = _delta_rs_commit(metadata)
         if mode == "upsert":
+            self.last_merge = {}
             self._prepare(ref, step, metadata)
-            if table.num_rows:
-                self._merge(ref, lambda: table.to_batches(), arrow_schema, props)
+            if table.num_rows or has_deletes(deletes):
+                self._merge(ref, lambda: table.to_batches(), arrow_schema, props, deletes)
             return table.num_rows
         root = self.location(ref)
         root.mkdir(parents=True, exist_ok=True)
         if self.exists(ref):
-            self._set_stats_columns(ref, arrow_schema.names, metadata)
+            self._set_managed_properties(ref, arrow_schema.names, metadata)
         new = {} if self.exists(ref) else {"name": ref.table, "description": S.TABLE_COMMENT,
                                            "configuration": S.table_properties(step)}
         retry_on_conflict(f"overwrite {ref.name}", lambda: write_deltalake(
@@ -245,9 +268,9 @@ class DeltaRsStore(TableStore):
             finally:
                 self.spark.catalog.dropTempView(view)
         props = _delta_rs_commit(metadata)
-        new = {"configuration": S.stats_property(arrow.schema.names)}
+        new = {"configuration": S.managed_properties(arrow.schema.names)}
         if self.exists(ref):
-            self._set_stats_columns(ref, arrow.schema.names, metadata)
+            self._set_managed_properties(ref, arrow.schema.names, metadata)
             new = {}
         retry_on_conflict(
             f"refresh {ref.name}",

@@ -58,6 +58,8 @@ STEPS = ("files", "meta", "thumbnail", "publish")
 # The deidentify step's stage: the meta columns, de-identified, plus the original's path, which
 # links each row to its thumbnail at publish and is dropped there ({table}_deid never holds it).
 DEID_STAGE = "deid"
+# The catalog's list of the table's rows whose files are gone (mode=sync): their paths only.
+GONE_STAGE = "gone"
 SOURCE_PATH = ("source_path", "string", "Path of the original file (staged only, never published)", DEID_STAGE)
 DEID_STATUSES = ("ok", "refused", "not_dicom", "error")
 STATUSES = ("ok", "ok_with_warnings", "not_dicom", "error")
@@ -82,13 +84,29 @@ STATS_COLUMNS = ("extension", "length", "status", "sop_class_uid", "modality", "
                  "series_count", "instance_count", "total_bytes")
 
 
+CDF_PROPERTY = "delta.enableChangeDataFeed"
+
+
 def stats_property(names) -> dict:
-    """The statistics setting for a table with these columns (Spark's Delta refuses absent ones)."""
-    return {STATS_PROPERTY: ",".join(c for c in STATS_COLUMNS if c in set(names))}
+    """The statistics setting for a table with these columns (Spark's Delta refuses absent ones); a
+    table with none of them (the sync's list of paths to delete) gets no statistics at all."""
+    kept = [c for c in STATS_COLUMNS if c in set(names)]
+    return {STATS_PROPERTY: ",".join(kept)} if kept else {"delta.dataSkippingNumIndexedCols": "0"}
+
+
+def managed_properties(names) -> dict:
+    """The properties each write makes sure a table with these columns has (tables from before a
+    setting get it on their next run): the statistics columns, and on the published tables (the
+    catalog and its _deid, the ones with `path` and `ingested_at`) Delta's change data feed, so that
+    readers see each run's inserts, updates and deletes."""
+    props = stats_property(names)
+    if {"path", "ingested_at"} <= set(names):
+        props[CDF_PROPERTY] = "true"
+    return props
 
 
 def table_properties(step: str = "publish") -> dict:
-    return {**TABLE_PROPERTIES, **stats_property(column_names(step))}
+    return {**TABLE_PROPERTIES, **managed_properties(column_names(step))}
 
 
 TABLE_COMMENT = "DICOM object catalog: one row per file, with header (DICOM JSON) and thumbnail. Written by dicom-lakehouse."
@@ -123,6 +141,8 @@ def columns_until(step: str) -> list[tuple[str, str, str, str]]:
     """Columns present after `step` (each step passes its input through and adds its own)."""
     if step == DEID_STAGE:
         return [*columns_until("meta"), SOURCE_PATH]
+    if step == GONE_STAGE:
+        return [COLUMNS[0]]
     allowed = STEPS[: STEPS.index(step) + 1]
     return [c for c in COLUMNS if c[3] in allowed]
 

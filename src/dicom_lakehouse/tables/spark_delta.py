@@ -14,9 +14,12 @@ from dicom_lakehouse.spark.session import try_set_conf
 from dicom_lakehouse.tables import schema as S
 from dicom_lakehouse.tables.ref import TableRef
 from dicom_lakehouse.tables.store import (
+    DELETE_FLAG,
     KEY,
     TableStore,
+    deletion_rows,
     error_condition,
+    has_deletes,
     is_already_exists,
     is_conflict,
     load_conflict_types,
@@ -169,9 +172,9 @@ class SparkDeltaStore(TableStore):
         A new table gets the statistics setting from the writer's options, an older one by ALTER."""
         w = df.write.format("delta").mode("overwrite").option("userMetadata", user_metadata(metadata))
         if self.exists(ref):
-            self._set_stats_columns(ref, df.columns)
+            self._set_managed_properties(ref, df.columns)
         else:
-            w = w.options(**S.stats_property(df.columns))
+            w = w.options(**S.managed_properties(df.columns))
         if replace_schema:
             w = w.option("overwriteSchema", "true")
         if self.warehouse is None:
@@ -179,9 +182,15 @@ class SparkDeltaStore(TableStore):
         else:
             retry_on_conflict(f"overwrite {ref.name}", lambda: w.save(str(self.location(ref))))
 
-    def write(self, df, ref: TableRef, mode: str, metadata: dict, step: str = "publish") -> int:
+    def write(self, df, ref: TableRef, mode: str, metadata: dict, step: str = "publish", deletes=None) -> int:
         cols = S.column_names(step)
         df = df.select(*cols)
+        self.last_merge = {}
+        if mode == "upsert" and has_deletes(deletes):  # one MERGE source: the rows, then the deletions
+            from pyspark.sql import functions as F
+
+            gone = self.spark.createDataFrame(deletion_rows(deletes, S.arrow_schema(step)))
+            df = df.withColumn(DELETE_FLAG, F.lit(False)).unionByName(gone)
         self._ensure_schema(ref)
         if step != "publish" and mode == "overwrite" and not self.exists(ref):
             # A new staged table (its name holds the run id): one writer commit, its rows from the
@@ -195,9 +204,11 @@ class SparkDeltaStore(TableStore):
         metadata = {**metadata, "dicom_lakehouse.commit": uuid.uuid4().hex}
         df.createOrReplaceTempView(view)
         try:
-            stmt = merge_sql(target, view, cols) if mode == "upsert" else insert_overwrite_sql(target, view, cols)
-            return self._commit(ref, metadata, mode,
+            stmt = merge_sql(target, view, cols, has_deletes(deletes)) if mode == "upsert" else \
+                insert_overwrite_sql(target, view, cols)
+            rows = self._commit(ref, metadata, mode,
                                 lambda: retry_on_conflict(f"{mode} {ref.name}", lambda: self.spark.sql(stmt)))
+            return rows - len(deletes) if mode == "upsert" and has_deletes(deletes) else rows
         finally:
             self.spark.catalog.dropTempView(view)
 
@@ -215,7 +226,7 @@ class SparkDeltaStore(TableStore):
             log.info("create %s: another run created it first", ref.name)
         if self.warehouse is not None:
             self._wait_for_first_commit(ref)
-        self._set_stats_columns(ref, S.column_names(step))
+        self._set_managed_properties(ref, S.column_names(step))
 
     # How long a first run waits for another writer's creating commit (see exists).
     creation_wait_seconds = 60.0
@@ -233,13 +244,15 @@ class SparkDeltaStore(TableStore):
                     "table, and run again")
             time.sleep(0.1)
 
-    def _set_stats_columns(self, ref: TableRef, names) -> None:
+    def _set_managed_properties(self, ref: TableRef, names) -> None:
         """An ALTER only where the setting differs (older tables): its older log files keep their
         statistics until the table is rewritten."""
-        (key, value), = S.stats_property(names).items()
         props = self.spark.sql(f"SHOW TBLPROPERTIES {self.ident(ref)}").collect()
-        if {r["key"]: r["value"] for r in props}.get(key) != value:  # two runs may both ALTER
-            alter = f"ALTER TABLE {self.ident(ref)} SET TBLPROPERTIES ({S.sql_string(key)} = {S.sql_string(value)})"
+        have = {r["key"]: r["value"] for r in props}
+        missing = {k: v for k, v in S.managed_properties(names).items() if have.get(k) != v}
+        if missing:  # two runs may both ALTER
+            pairs = ", ".join(f"{S.sql_string(k)} = {S.sql_string(v)}" for k, v in missing.items())
+            alter = f"ALTER TABLE {self.ident(ref)} SET TBLPROPERTIES ({pairs})"
             retry_on_conflict(f"set properties of {ref.name}", lambda: self.spark.sql(alter))
 
     def _committed_rows(self, ref: TableRef, mode: str, nonce: str | None = None, after_version: int = -1) -> int:
@@ -252,7 +265,13 @@ class SparkDeltaStore(TableStore):
         for r in sorted(rows, key=lambda r: r["version"]):
             if (nonce and r["userMetadata"] and nonce in r["userMetadata"]) or (
                     nonce is None and r["version"] > after_version):
-                return int((r["operationMetrics"] or {}).get(key, 0))
+                metrics = r["operationMetrics"] or {}
+                if mode == "upsert":
+                    self.last_merge = {k: int(metrics[m]) if m in metrics else None for k, m in (
+                        ("inserted", "numTargetRowsInserted"), ("updated", "numTargetRowsUpdated"),
+                        ("deleted", "numTargetRowsDeleted"), ("files_added", "numTargetFilesAdded"),
+                        ("files_removed", "numTargetFilesRemoved"))}
+                return int(metrics.get(key, 0))
         # Delta makes no commit when there is nothing to change: an empty source (MERGE), or an
         # empty source overwriting an empty table.
         if mode == "upsert" or self.count(ref) == 0:
@@ -297,14 +316,17 @@ def create_table_sql(table: TableRef | str, step: str = "publish") -> str:
     )
 
 
-def merge_sql(table: TableRef | str, source_view: str, columns: list[str]) -> str:
+def merge_sql(table: TableRef | str, source_view: str, columns: list[str], deletes: bool = False) -> str:
+    """Upsert on `path`; with `deletes`, the source's rows flagged DELETE_FLAG delete their match."""
     sets = ", ".join(f"t.`{c}` = s.`{c}`" for c in columns)
     names = ", ".join(f"`{c}`" for c in columns)
     values = ", ".join(f"s.`{c}`" for c in columns)
+    flag = f"s.`{DELETE_FLAG}`"
     return (
         f"MERGE INTO {_name(table)} AS t USING `{source_view}` AS s ON t.`{KEY}` = s.`{KEY}`\n"
-        f"WHEN MATCHED THEN UPDATE SET {sets}\n"
-        f"WHEN NOT MATCHED THEN INSERT ({names}) VALUES ({values})"
+        + (f"WHEN MATCHED AND {flag} THEN DELETE\n" if deletes else "")
+        + f"WHEN MATCHED{f' AND NOT {flag}' if deletes else ''} THEN UPDATE SET {sets}\n"
+        f"WHEN NOT MATCHED{f' AND NOT {flag}' if deletes else ''} THEN INSERT ({names}) VALUES ({values})"
     )
 
 

@@ -22,6 +22,8 @@ from dicom_lakehouse.tables.ref import TableRef
 log = logging.getLogger(__name__)
 
 KEY = "path"
+# The merge source's column that marks a row to delete (mode=sync); never written to the table.
+DELETE_FLAG = "_dl_delete"
 COMMIT_RETRIES = 8
 
 
@@ -43,8 +45,9 @@ class TableStore(ABC):
         ...
 
     @abstractmethod
-    def write(self, df, ref: TableRef, mode: str, metadata: dict, step: str = "publish") -> int:
-        """Write in one commit. mode: overwrite | upsert (on `path`). Returns rows written."""
+    def write(self, df, ref: TableRef, mode: str, metadata: dict, step: str = "publish", deletes=None) -> int:
+        """Write in one commit. mode: overwrite | upsert (on `path`); an upsert also deletes the rows
+        whose `path` is in `deletes` (an Arrow array), in the same commit. Returns rows written."""
         ...
 
     @abstractmethod
@@ -76,11 +79,14 @@ class TableStore(ABC):
         df = self.read(ref, step)
         return (df.select(*columns) if columns else df).toArrow()
 
-    def write_arrow(self, table, ref: TableRef, mode: str, metadata: dict, step: str = "publish") -> int:
+    def write_arrow(self, table, ref: TableRef, mode: str, metadata: dict, step: str = "publish", deletes=None) -> int:
         """`write` for rows already in this process. Returns rows written."""
         df = self.spark.createDataFrame(table) if table.num_rows else \
             self.spark.createDataFrame([], S.spark_schema(step).simpleString())
-        return self.write(df, ref, mode, metadata, step)
+        return self.write(df, ref, mode, metadata, step, deletes)
+
+    # What the last upsert's commit did: rows inserted, updated and deleted, data files added and removed.
+    last_merge: dict = {}
 
     def value_counts(self, ref: TableRef, column: str, step: str = "publish") -> dict:
         """Rows per value of one column (status counts)."""
@@ -96,6 +102,20 @@ class TableStore(ABC):
         `column` (`values`: those expected)."""
         rows = self.write(df, ref, "overwrite", metadata, step)
         return rows, self.value_counts(ref, column, step)
+
+
+def has_deletes(deletes) -> bool:
+    return deletes is not None and len(deletes) > 0
+
+
+def deletion_rows(paths, arrow_schema):
+    """The rows a MERGE source carries for the table rows to delete: the path, nulls, the delete flag."""
+    import pyarrow as pa
+
+    flagged = arrow_schema.append(pa.field(DELETE_FLAG, pa.bool_()))
+    n = len(paths)
+    return pa.Table.from_arrays([pa.array(paths, pa.string()), *[pa.nulls(n, f.type) for f in arrow_schema][1:],
+                                 pa.array([True] * n)], schema=flagged)
 
 
 def user_metadata(metadata: dict) -> str:

@@ -1,0 +1,163 @@
+"""mode=sync on both engines: new files inserted, changed ones updated, rows of deleted files deleted,
+in one commit of the published table, only under the run's `path`; Delta's change data feed holds
+exactly those changes; the safety valve stops a sync that would delete too much, before any change."""
+
+import os
+import time
+
+import pyarrow as pa
+import pytest
+from conftest import copy_dicom_files
+from deltalake import DeltaTable
+
+from dicom_lakehouse.params import ParameterError, validate
+from dicom_lakehouse.steps.pipeline import STEP_FUNCS
+from dicom_lakehouse.steps.stage import StepError, stage_ref, target_ref
+from dicom_lakehouse.tables.delta_rs import DeltaRsStore
+from dicom_lakehouse.tables.schema import CDF_PROPERTY
+from dicom_lakehouse.tables.spark_delta import SparkDeltaStore
+
+STEPS = ("catalog", "extract_meta", "thumbnail", "publish")
+NAMES = ["CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "JPEG2000.dcm"]
+
+
+@pytest.fixture(params=["spark", "delta-rs"])
+def store(request, spark, tmp_path):
+    return (SparkDeltaStore if request.param == "spark" else DeltaRsStore)(spark, tmp_path / "wh")
+
+
+def params(path, mode, run_id, **more):
+    return validate({"path": str(path), "catalog": "main", "schema": "pixels", "table": "t", "mode": mode,
+                     "run_id": run_id, "thumbnail_size": "32", **more})
+
+
+def run(spark, store, conf, p):
+    c = {**conf, "driver_max_files": 100}
+    return {s: STEP_FUNCS[s](spark, store, p, c) for s in (*STEPS[:3], "deidentify", "publish")}
+
+
+def table_rows(store, p) -> dict:
+    t = DeltaTable(str(store.location(target_ref(p))))
+    return {r["path"]: r for r in t.to_pyarrow_dataset().to_table(columns=["path", "run_id", "length"]).to_pylist()}
+
+
+def feed_rows(dt, start: int) -> list[dict]:
+    return pa.RecordBatchReader.from_stream(dt.load_cdf(starting_version=start, columns=["path", "_change_type"])).read_all().to_pylist()
+
+
+def changes(folder, since: int) -> list[tuple[str, str]]:
+    """(change type, file name) of every change-feed row committed after version `since`."""
+    dt = DeltaTable(str(folder))
+    if dt.version() <= since:
+        return []
+    feed = feed_rows(dt, since + 1)
+    return sorted((r["_change_type"], r["path"].rsplit("/", 1)[-1]) for r in feed)
+
+
+def test_sync_inserts_updates_and_deletes_under_its_path_only(spark, store, conf, tmp_path, monkeypatch):
+    """A first sync of a folder with two subfolders a/ and b/; then syncs of a/ alone, with de-identified
+    copies: a/'s changes go in one commit, b/'s rows stay, the change feed holds exactly the changes,
+    {table}_deid follows, and a sync that would delete too much stops first."""
+    monkeypatch.setenv("DICOM_LAKEHOUSE_DEID_KEY", "s" * 32)
+    src, out = tmp_path / "src", tmp_path / "copies"
+    a, b = src / "a", src / "b"
+    copy_dicom_files(a, NAMES)
+    copy_dicom_files(b, NAMES[:2])
+    deid = {"deid": "basic", "deid_path": str(out)}
+    run(spark, store, conf, params(src, "sync", "s1", **deid))  # a first sync creates the tables
+    ref, deid_ref = target_ref(params(a, "sync", "s1")), target_ref(params(a, "sync", "s1")).derived("deid")
+    assert DeltaTable(str(store.location(ref))).metadata().configuration[CDF_PROPERTY] == "true"
+    assert DeltaTable(str(store.location(deid_ref))).metadata().configuration[CDF_PROPERTY] == "true"
+    before = table_rows(store, params(a, "sync", "s1"))
+    assert len(before) == 6 and len(list(out.rglob("*.dcm"))) == 5  # JPEG2000.dcm is refused: no copy
+    version, deid_version = (DeltaTable(str(store.location(r))).version() for r in (ref, deid_ref))
+    # in a: two files deleted, one changed, one new
+    (a / "rtplan.dcm").unlink()
+    (a / "JPEG2000.dcm").unlink()
+    copy_dicom_files(a, ["MR_small_RLE.dcm"])
+    changed = a / "CT_small.dcm"
+    changed.write_bytes(changed.read_bytes() + b"\0\0")
+    os.utime(changed, (time.time() + 5, time.time() + 5))
+    # the safety valve: 2 of a/'s 4 rows to delete is more than a quarter; nothing is changed
+    with pytest.raises(StepError, match=r"^mode sync would delete 2 of the 4 rows under --path \(more than "
+                                        r"sync_max_delete=0.25\)"):
+        STEP_FUNCS["catalog"](spark, store, params(a, "sync", "s2", sync_max_delete="0.25"),
+                              {**conf, "driver_max_files": 100})
+    assert DeltaTable(str(store.location(ref))).version() == version
+    p = params(a, "sync", "s3", **deid)
+    out_rows = run(spark, store, conf, p)
+    cat, pub = out_rows["catalog"], out_rows["publish"]
+    assert (cat["new"], cat["changed"], cat["unchanged"], cat["deleted"]) == (1, 1, 1, 2)
+    assert (pub["rows_out"], pub["deleted"], pub["table_rows"]) == (2, 2, 5)
+    assert {k: pub["merge"][k] for k in ("inserted", "updated", "deleted")} == \
+        {"inserted": 1, "updated": 1, "deleted": 2}
+    after = table_rows(store, p)
+    assert sorted(x.rsplit("/", 1)[-1] for x in after if x.startswith(f"file:{a}/")) == [
+        "CT_small.dcm", "MR_small.dcm", "MR_small_RLE.dcm"]
+    assert after[f"file:{a}/CT_small.dcm"]["run_id"] == "s3" and after[f"file:{a}/MR_small.dcm"]["run_id"] == "s1"
+    assert after[f"file:{a}/CT_small.dcm"]["length"] == before[f"file:{a}/CT_small.dcm"]["length"] + 2
+    # the other folder's rows are untouched
+    assert {k: v for k, v in after.items() if k.startswith(f"file:{b}/")} == \
+        {k: v for k, v in before.items() if k.startswith(f"file:{b}/")}
+    # one commit, and the change feed holds exactly this sync's changes: no unchanged row
+    assert DeltaTable(str(store.location(ref))).version() == version + 1
+    assert changes(store.location(ref), version) == [
+        ("delete", "JPEG2000.dcm"), ("delete", "rtplan.dcm"), ("insert", "MR_small_RLE.dcm"),
+        ("update_postimage", "CT_small.dcm"), ("update_preimage", "CT_small.dcm")]
+    # {table}_deid follows: the deleted sources' rows and copies go (after the commit), the rest stays
+    assert (pub["deid"]["deleted"], pub["deid"]["copies_removed"]) == (2, 1)  # rtplan's copy; JPEG2000 had none
+    assert DeltaTable(str(store.location(deid_ref))).version() == deid_version + 1
+    assert sorted(t for t, _ in changes(store.location(deid_ref), deid_version)) == [
+        "delete", "delete", "insert", "update_postimage", "update_preimage"]
+    deid_rows = DeltaTable(str(store.location(deid_ref))).to_pyarrow_dataset().to_table(columns=["path"])
+    assert deid_rows.num_rows == 5
+    assert sorted(f"file:{f}" for f in out.rglob("*.dcm")) == sorted(deid_rows.column("path").to_pylist())
+    # a second sync with nothing changed reads no file, commits nothing, adds no change rows
+    again = run(spark, store, conf, params(a, "sync", "s4", **deid))
+    assert (again["catalog"]["rows_out"], again["catalog"]["deleted"], again["publish"]["committed"]) == (0, 0, False)
+    assert changes(store.location(ref), version + 1) == changes(store.location(deid_ref), deid_version + 1) == []
+    assert not store.exists(stage_ref(p, "gone"))  # the list of paths to delete, dropped with the other stages
+
+
+def test_the_safety_valve_stops_a_sync_before_any_change(spark, conf, tmp_path):
+    """The valve's message, and a sync allowed to delete (the valve on Spark's Delta: the test above)."""
+    store = DeltaRsStore(spark, tmp_path / "wh")
+    a = tmp_path / "a"
+    copy_dicom_files(a, NAMES)
+    run(spark, store, conf, params(a, "overwrite", "v1"))
+    ref = target_ref(params(a, "sync", "v1"))
+    version = DeltaTable(str(store.location(ref))).version()
+    for name in NAMES[:3]:  # 3 of 4 gone, as if most of a volume were unmounted
+        (a / name).unlink()
+    with pytest.raises(StepError) as e:
+        STEP_FUNCS["catalog"](spark, store, params(a, "sync", "v2"), {**conf, "driver_max_files": 100})
+    assert str(e.value) == (
+        "mode sync would delete 3 of the 4 rows under --path (more than sync_max_delete=0.5): check that the "
+        "source is mounted and complete; to allow it, run with sync_max_delete=1. Nothing was changed")
+    assert str(a) not in str(e.value)  # no folder names (they can name patients)
+    assert DeltaTable(str(store.location(ref))).version() == version
+    # allowed explicitly, the same sync goes through
+    out = run(spark, store, conf, params(a, "sync", "v3", sync_max_delete="1"))
+    assert (out["catalog"]["deleted"], out["publish"]["table_rows"]) == (3, 1)
+
+
+def test_sync_parameters_are_checked_before_any_work(tmp_path):
+    copy_dicom_files(tmp_path / "a", NAMES[:1])
+    with pytest.raises(ParameterError, match="not the glob"):
+        params(tmp_path / "a" / "*.dcm", "sync", "x")
+    for bad in ("2", "-0.1", "half"):
+        with pytest.raises(ParameterError, match="sync_max_delete"):
+            params(tmp_path / "a", "sync", "x", sync_max_delete=bad)
+    assert params(tmp_path / "a", "sync", "x").sync_max_delete == 0.5
+
+
+def test_a_table_from_before_the_change_feed_gets_it_on_its_next_run(spark, conf, tmp_path):
+    a = tmp_path / "a"
+    copy_dicom_files(a, NAMES[:2])
+    store = DeltaRsStore(spark, tmp_path / "wh")
+    run(spark, store, conf, params(a, "overwrite", "c1"))
+    folder = str(store.location(target_ref(params(a, "overwrite", "c1"))))
+    DeltaTable(folder).alter.set_table_properties({CDF_PROPERTY: "false"})
+    copy_dicom_files(a, NAMES[2:3])
+    run(spark, store, conf, params(a, "append", "c2"))
+    assert DeltaTable(folder).metadata().configuration[CDF_PROPERTY] == "true"
