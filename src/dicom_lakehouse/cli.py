@@ -262,6 +262,56 @@ def schedule(ctx, params, cron, max_runs):
 
 
 @main.command()
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="Override a job parameter.")
+@click.option("--mode", type=click.Choice(["sync", "append"]), default="sync", show_default=True,
+              help="sync also deletes the rows of files gone from path; append keeps them.")
+@click.option("--debounce", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="Seconds without a file event before a run starts (a burst of files makes one run).")
+@click.option("--poll", "poll", is_flag=True, default=None,
+              help="Poll the folder instead of waiting for file events (automatic on FUSE and network mounts).")
+@click.option("--max-runs", type=click.IntRange(min=1), default=None, help="Stop after this many runs.")
+@click.pass_context
+def watch(ctx, params, mode, debounce, poll, max_runs):
+    """Run the job locally whenever files arrive, change or go under its `path`, until Ctrl-C."""
+    import threading
+
+    from dicom_lakehouse.files.paths import is_remote_path, local_path_of
+    from dicom_lakehouse.jobs.runner import guarded_echo, run_job
+    from dicom_lakehouse.jobs.watcher import WatchError
+    from dicom_lakehouse.jobs.watcher import watch as watch_folder
+
+    try:
+        resolved = resolve(ctx.obj.get("target") or "local")
+        if not _is_local_target(resolved):
+            raise click.UsageError("watch runs local targets; on Databricks use a file-arrival trigger "
+                                   "(see docs/incremental.md)")
+        conf = load_conf(resolved.variables.get("target_conf", resolved.target))
+        key, settings = next(iter(resolved.jobs.items()))
+        overrides = {**_pairs(params, "--param"), "mode": mode}
+        path = overrides.get("path") or next((p.get("default") for p in settings.get("parameters") or []
+                                              if p.get("name") == "path"), None)
+        if not path or is_remote_path(path):
+            raise WatchError(f"watch needs a local folder as path; {'object storage' if path else 'no path'} "
+                             "has no file events: use the job's file-arrival trigger on Databricks "
+                             "(see docs/incremental.md)")
+        folder = os.path.abspath(local_path_of(path))
+        build = repo_root() / conf.get("build_dir", "build") / resolved.target
+        stop = threading.Event()
+        echo = guarded_echo(click.echo, stop)
+
+        def once(stop):
+            rec = run_job(settings, conf, target=resolved.target, job_key=key, root=resolved.bundle.root,
+                          build_dir=build, overrides={**overrides, "path": folder},
+                          warehouse=ctx.obj.get("warehouse"), echo=echo, stop=stop)
+            return f"{rec.status} ({rec.run_id})"
+
+        watch_folder(folder, once, echo=echo, debounce=debounce, max_runs=max_runs, stop=stop, polling=poll)
+    except (BundleError, ConfigError, ParameterError, WatchError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+@main.command()
 @click.option("--table", "table_name", default="main.pixels.object_catalog", show_default=True,
               help="Published table (three-part name).")
 @click.option("--where", default=None, help="SQL condition, e.g. \"modality = 'CT'\".")
