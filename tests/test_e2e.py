@@ -95,7 +95,7 @@ def _result_line(log) -> str:
 
 
 @pytest.mark.parametrize("param, message", [
-    ("mode=upsert", "--mode 'upsert' is not allowed: use one of overwrite, append"),
+    ("mode=upsert", "--mode 'upsert' is not allowed: use one of overwrite, append, sync"),
     ("table=x; DROP TABLE y", "--table 'x; DROP TABLE y' is not a safe identifier"),
     ("schema=a.b", "--schema 'a.b' is not a safe identifier"),
     ("path=/does/not/exist", "--path '/does/not/exist' does not exist"),

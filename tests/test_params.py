@@ -24,7 +24,7 @@ def test_missing_path_and_unknown_mode(tmp_path):
         validate({**GOOD})
     with pytest.raises(ParameterError, match="does not exist"):
         validate({**GOOD, "path": str(tmp_path / "nope")})
-    with pytest.raises(ParameterError, match="--mode 'upsert' is not allowed: use one of overwrite, append"):
+    with pytest.raises(ParameterError, match="--mode 'upsert' is not allowed: use one of overwrite, append, sync"):
         validate({**GOOD, "path": str(tmp_path), "mode": "upsert"})
 
 
