@@ -156,7 +156,7 @@ def _quiet_env(monkeypatch):
 # the run does not end on one worker with a long file while the other is idle.
 LONGEST_FIRST = ("test_cluster.py", "test_spark_where_asked.py", "test_pipeline.py", "test_databricks_run.py",
                  "test_exit_status.py", "test_prewarm.py", "test_deploy.py", "test_e2e.py", "test_spark_engine.py",
-                 "test_small_runs.py", "test_run_crash.py")
+                 "test_small_runs.py", "test_sync.py", "test_run_crash.py", "test_watch.py")
 
 
 def pytest_collection_modifyitems(config, items):
