@@ -130,6 +130,10 @@ def test_a_retried_publish_does_not_commit_its_runs_rows_twice(spark, conf, samp
     assert [h["operation"] for h in history] == ["WRITE"]  # one commit: the first attempt's
     assert again["rows_out"] == first["rows_out"] == again["table_rows"] == 13
     assert not any((tmp_path / "wh" / "main" / "pixels").glob("t__*"))  # the retry dropped the stages
+    # an attempt killed after it dropped the stages: the next one finds the run's commit and is done
+    third = STEP_FUNCS["publish"](spark, store, p, c)
+    assert [h["operation"] for h in DeltaTable(str(store.location(target_ref(p)))).history()] == ["WRITE"]
+    assert (third["table_rows"], third["committed"], third["status"]["not_dicom"]) == (13, True, 1)
 
 
 def test_the_demo_summary_without_a_jvm_equals_spark_sqls(spark, conf, sample_dir, tmp_path):

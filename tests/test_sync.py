@@ -161,3 +161,40 @@ def test_a_table_from_before_the_change_feed_gets_it_on_its_next_run(spark, conf
     copy_dicom_files(a, NAMES[2:3])
     run(spark, store, conf, params(a, "append", "c2"))
     assert DeltaTable(folder).metadata().configuration[CDF_PROPERTY] == "true"
+
+
+def test_sync_keeps_rows_it_cannot_see_and_other_folders_of_similar_names(spark, conf, tmp_path):
+    """Rows below a zip that cannot be opened stay; so do the rows of folders `a!` and `ab` when `a` is
+    synced. A retried catalog task decides its deletions afresh (an earlier attempt's list is dropped)."""
+    import zipfile
+
+    from conftest import dicom_file
+
+    store = DeltaRsStore(spark, tmp_path / "wh")
+    src = tmp_path / "src"
+    a = src / "a"
+    for folder in (a, src / "a!", src / "ab"):
+        copy_dicom_files(folder, NAMES[:2])
+    with zipfile.ZipFile(a / "study.zip", "w") as z:
+        z.write(dicom_file("rtplan.dcm"), "rtplan.dcm")
+        z.write(dicom_file("JPEG2000.dcm"), "JPEG2000.dcm")
+    run(spark, store, conf, params(src, "sync", "k1"))
+    ref = target_ref(params(a, "sync", "k1"))
+    assert len(table_rows(store, params(a, "sync", "k1"))) == 8
+    version = DeltaTable(str(store.location(ref))).version()
+    (a / "study.zip").write_bytes(b"PK\x03\x04 not a zip any more")  # a half-copied archive
+    out = run(spark, store, conf, params(a, "sync", "k2", sync_max_delete="1"))
+    # the archive's own row is new (an error row); its members' rows are kept, nothing deleted
+    assert (out["catalog"]["deleted"], out["catalog"]["new"], out["publish"]["deleted"]) == (0, 1, 0)
+    rows = table_rows(store, params(a, "sync", "k2"))
+    assert sum(x.startswith(f"file:{a}/study.zip!/") for x in rows) == 2
+    assert sum(x.startswith((f"file:{src}/a!/", f"file:{src}/ab/")) for x in rows) == 4
+    assert DeltaTable(str(store.location(ref))).version() == version + 1
+    # a retried catalog: the first attempt listed a file as gone, the file is back before the retry
+    (a / "MR_small.dcm").rename(tmp_path / "away.dcm")
+    c = {**conf, "driver_max_files": 100}
+    p = params(a, "sync", "k3", sync_max_delete="1")
+    assert STEP_FUNCS["catalog"](spark, store, p, c)["deleted"] == 1
+    (tmp_path / "away.dcm").rename(a / "MR_small.dcm")
+    assert STEP_FUNCS["catalog"](spark, store, p, c)["deleted"] == 0
+    assert not store.exists(stage_ref(p, "gone"))

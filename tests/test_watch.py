@@ -80,3 +80,10 @@ def test_object_storage_is_refused_with_one_line():
     assert r.stderr.strip().splitlines() == [
         "error: watch needs a local folder as path; object storage has no file events: use the job's "
         "file-arrival trigger on Databricks (see docs/incremental.md)"]
+
+
+def test_mode_given_twice_must_agree():
+    r = subprocess.run([sys.executable, str(ROOT / "RUNME.py"), "watch", "--mode", "sync", "--param", "mode=append",
+                        "--param", f"path={ROOT}"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 2
+    assert "--mode sync and --param mode=append disagree: give one" in r.stderr

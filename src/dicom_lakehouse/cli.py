@@ -263,8 +263,8 @@ def schedule(ctx, params, cron, max_runs):
 
 @main.command()
 @click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="Override a job parameter.")
-@click.option("--mode", type=click.Choice(["sync", "append"]), default="sync", show_default=True,
-              help="sync also deletes the rows of files gone from path; append keeps them.")
+@click.option("--mode", type=click.Choice(["sync", "append"]), default=None,
+              help="sync (default) also deletes the rows of files gone from path; append keeps them.")
 @click.option("--debounce", type=click.FloatRange(min=0), default=5.0, show_default=True,
               help="Seconds without a file event before a run starts (a burst of files makes one run).")
 @click.option("--poll", "poll", is_flag=True, default=None,
@@ -287,7 +287,10 @@ def watch(ctx, params, mode, debounce, poll, max_runs):
                                    "(see docs/incremental.md)")
         conf = load_conf(resolved.variables.get("target_conf", resolved.target))
         key, settings = next(iter(resolved.jobs.items()))
-        overrides = {**_pairs(params, "--param"), "mode": mode}
+        overrides = _pairs(params, "--param")
+        if mode and overrides.get("mode", mode) != mode:
+            raise click.UsageError(f"--mode {mode} and --param mode={overrides['mode']} disagree: give one")
+        overrides["mode"] = mode or overrides.get("mode") or "sync"
         path = overrides.get("path") or next((p.get("default") for p in settings.get("parameters") or []
                                               if p.get("name") == "path"), None)
         if not path or is_remote_path(path):

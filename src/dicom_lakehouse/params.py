@@ -194,7 +194,7 @@ def validate(raw: dict, allowed_roots: list[str] | None = None) -> JobParams:
     path = check_path(raw.get("path"), allowed_roots)
     deid, deid_path = check_deid(raw, path)
     mode = check_mode(raw.get("mode"))
-    if mode == "sync" and not is_remote_path(path) and has_glob(local_path_of(path)):
+    if mode == "sync" and has_glob(path if is_remote_path(path) else local_path_of(path)):
         raise ParameterError(f"--mode sync needs a folder or a file as --path, not the glob {path!r}: "
                              "its deletions are scoped to one folder (filter it with --include/--exclude).")
     return JobParams(

@@ -40,6 +40,11 @@ def mount_type(path: str) -> str:
     return kind
 
 
+def hidden(relative: str) -> bool:
+    """A path below the watched folder with a part starting with '.' (the folder itself is '.')."""
+    return any(part.startswith(".") and part not in (".", "..") for part in relative.split(os.sep))
+
+
 def needs_polling(path: str) -> bool:
     real = os.path.realpath(path)
     return real.startswith(POLLED_PREFIXES) or mount_type(real).startswith(POLLED_FS)
@@ -63,7 +68,9 @@ def watch(folder: str, run_once, echo=print, debounce: float = 5.0, max_runs: in
         def on_any_event(self, event):
             if event.event_type in ("opened", "closed_no_write"):
                 return  # reads, the job's own among them
-            if any(part.startswith(".") for part in os.path.relpath(event.src_path, folder).split(os.sep)):
+            # a rename counts by where it lands (an uploader's .part renamed to its name)
+            where = getattr(event, "dest_path", "") or event.src_path
+            if hidden(os.path.relpath(where, folder)):
                 return  # hidden files and folders: partial uploads, a receiver's .incoming
             with changed:
                 state["last"], state["pending"] = time.monotonic(), True

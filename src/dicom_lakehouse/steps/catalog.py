@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import pyarrow as pa
@@ -33,6 +34,8 @@ def run_catalog(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
     stats = {"files_listed": listed, "listing_seconds": round(t_list, 2)}
     target = target_ref(p)
     meta = commit_metadata(p.run_id, p.as_dict(), "catalog")
+    if store.exists(stage_ref(p, "gone")):  # an earlier attempt's list: this attempt decides afresh
+        store.drop(stage_ref(p, "gone"))
     diff = p.mode in ("append", "sync") and store.exists(target)
     if not diff:  # the listing is in this process already: no Spark job needed to stage it
         rows = store.write_arrow(table, stage_ref(p, "catalog"), "overwrite", meta, step="files")
@@ -64,28 +67,29 @@ def sync_root(p: JobParams) -> str:
     return (p.path if is_remote_path(p.path) else as_uri(p.path)).rstrip("/")
 
 
-def under_root(paths: pa.Array, root: str) -> pa.Array:
-    """The root itself (a file), files below it, and the members of a zip archive given as `path`."""
-    return pc.or_(pc.or_(pc.equal(paths, root), pc.starts_with(paths, root + "/")),
-                  pc.starts_with(paths, root + ARCHIVE_SEP))
+def under_root(paths: pa.Array, root: str, root_is_file: bool) -> pa.Array:
+    """Rows below the root folder; or the root file itself and, for a zip archive given as `path`, its
+    members (a folder named `a!` is another folder than `a`: a `!` is only a member's mark after a file)."""
+    if root_is_file:
+        return pc.or_(pc.equal(paths, root), pc.starts_with(paths, root + ARCHIVE_SEP))
+    return pc.starts_with(paths, root + "/")
 
 
 def gone_files(p: JobParams, listing: pa.Table, catalogued: pa.Table) -> pa.Array:
     """The table's rows under this run's `path` (and its include/exclude filters) whose files the listing
-    no longer has. Rows of other folders are never in scope. Stops (StepError) before any change when
-    the listing cannot be trusted to say what is gone, or when the share of rows to delete is above
-    the run's sync_max_delete: an unmounted volume must not empty the catalog."""
+    no longer has. Rows of other folders are never in scope, nor rows below a listing error (a folder
+    that cannot be listed, a zip that cannot be opened, a broken folder link): those files may well be
+    there. Stops (StepError) before any change when the listing is outside the path's prefix, or when
+    the share of rows to delete is above the run's sync_max_delete: an unmounted volume must not empty
+    the catalog."""
     root = sync_root(p)
+    root_is_file = root.lower().endswith(".zip") if is_remote_path(p.path) else os.path.isfile(p.path)
     listed = listing.column("path").combine_chunks()
-    if listing.num_rows and not pc.all(under_root(listed, root)).as_py():
+    if listing.num_rows and not pc.all(under_root(listed, root, root_is_file)).as_py():
         raise StepError("mode sync: the listing names files outside --path's prefix, so the rows it covers "
                         "cannot be told apart: run append or overwrite for this path")
-    unlisted = pc.filter(listing.column("error"), pc.starts_with(listing.column("error"), "folder cannot be listed"))
-    if len(unlisted):
-        raise StepError(f"mode sync: {len(unlisted)} folder(s) under --path cannot be listed, so the rows of their "
-                        "files would be deleted: fix their permissions or mounts, or run append; nothing was changed")
     paths = catalogued.column("path").combine_chunks()
-    scope = pc.filter(paths, pc.fill_null(under_root(paths, root), False))
+    scope = pc.filter(paths, pc.fill_null(under_root(paths, root, root_is_file), False))
     if p.include or p.exclude:  # the filters apply to the path below the root, as in the listing
         from dicom_lakehouse.steps.listing import keeps
 
@@ -93,6 +97,14 @@ def gone_files(p: JobParams, listing: pa.Table, catalogued: pa.Table) -> pa.Arra
         rel = [x[len(root) + 1:] if x.startswith(root + "/") else base + x[len(root):] for x in scope.to_pylist()]
         scope = pc.filter(scope, pa.array([keeps(r, p.include, p.exclude) for r in rel], pa.bool_()))
     gone = pc.filter(scope, pc.invert(pc.is_in(scope, value_set=listed)))
+    errors = pc.filter(listed, pc.fill_null(pc.equal(listing.column("status").combine_chunks(), "error"), False))
+    if len(gone) and len(errors):  # keep what lies below an entry the listing could not look into
+        hidden = pa.array([False] * len(gone))
+        for e in errors.to_pylist():
+            hidden = pc.or_(hidden, pc.or_(pc.starts_with(gone, e + "/"), pc.starts_with(gone, e + ARCHIVE_SEP)))
+        if pc.any(hidden).as_py():
+            log.info("sync: %d rows kept below %d listing errors", pc.sum(hidden).as_py(), len(errors))
+        gone = pc.filter(gone, pc.invert(hidden))
     if len(gone) > p.sync_max_delete * len(scope):
         raise StepError(f"mode sync would delete {len(gone)} of the {len(scope)} rows under --path "
                         f"(more than sync_max_delete={p.sync_max_delete:g}): check that the source is mounted and "

@@ -145,10 +145,21 @@ def copies_of(store: TableStore, p: JobParams, conf: dict, sources) -> list[str]
 def remove_copies(p: JobParams, paths: list[str]) -> int:
     """Remove the de-identified copies of deleted sources, once the commit that dropped their rows is
     in (never before: a failed commit must leave rows and copies together)."""
+    from dicom_lakehouse.files.paths import UnsafePath
     from dicom_lakehouse.files.sources import remove_file
 
-    root = as_uri(p.deid_path)
-    return sum(remove_file(x, root) for x in paths if not x.startswith(NOT_COPIED))
+    root, removed, elsewhere = as_uri(p.deid_path), 0, 0
+    for x in paths:
+        if x.startswith(NOT_COPIED):
+            continue
+        try:
+            removed += remove_file(x, root)
+        except UnsafePath:  # written under another deid_path by an earlier run: not this run's to remove
+            elsewhere += 1
+    if elsewhere:
+        log.warning("deidentify: %d copies of deleted sources lie outside this run's deid_path and were kept",
+                    elsewhere)
+    return removed
 
 
 def publish_deid(store: TableStore, p: JobParams, mode: str, meta: dict, in_process: bool,

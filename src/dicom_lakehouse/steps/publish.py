@@ -81,8 +81,15 @@ def drop_stages(store: TableStore, p: JobParams, conf: dict) -> None:
 
 
 def run_publish(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
-    thumbs, rows_in, _ = stage_rows(store, p, "thumbnail")
     target = target_ref(p)
+    if not store.exists(stage_ref(p, "thumbnail")) and published_by(store, target, p.run_id):
+        # An earlier attempt committed, refreshed and dropped the stages, and was killed before it
+        # reported: nothing is left to do.
+        counts = store.value_counts(target, "status")
+        log.info("publish: an earlier attempt of run %s finished its work and ended before it reported", p.run_id)
+        return {"files_in": None, "rows_out": None, "table_rows": sum(counts.values()), "errors": counts.get("error", 0),
+                "status": counts, "derived": {}, "mode": p.mode, "deid": None, "committed": True, "deleted": None}
+    thumbs, rows_in, _ = stage_rows(store, p, "thumbnail")
     mode = "overwrite" if p.mode == "overwrite" else "upsert"
     meta = commit_metadata(p.run_id, p.as_dict(), "publish")
     counts = None  # the table's rows per status, when the write counted them
@@ -106,6 +113,7 @@ def run_publish(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
             rows = store.write(df, target, mode, meta, step="publish", deletes=deletes)
     if rows != rows_in:
         raise StepError(f"publish read {rows_in} rows but wrote {rows}")
+    merged = dict(store.last_merge)  # the _deid table's upsert below makes its own
     if counts is None:
         counts = store.value_counts(target, "status")  # one pass: the table's rows are their sum
     total = sum(counts.values())
@@ -135,4 +143,4 @@ def run_publish(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
     drop_stages(store, p, conf)
     return {"files_in": rows_in, "rows_out": rows, "table_rows": total, "errors": counts.get("error", 0),
             "status": counts, "derived": derived, "mode": mode, "deid": deid, "committed": True,
-            "deleted": len(deletes), **({"merge": store.last_merge} if mode == "upsert" else {})}
+            "deleted": len(deletes), **({"merge": merged} if mode == "upsert" else {})}

@@ -167,8 +167,8 @@ class DeltaRsStore(TableStore):
         self._set_managed_properties(ref, S.column_names(step), metadata)
 
     def _set_managed_properties(self, ref: TableRef, names, metadata: dict) -> None:
-        """Give a table written before the statistics setting that setting (its older log files keep
-        their statistics until the table is rewritten)."""
+        """Give a table written before a managed setting (statistics columns, the change data feed) that
+        setting; its older log files keep their statistics until the table is rewritten."""
         from deltalake import DeltaTable
 
         want = S.managed_properties(names)

@@ -208,7 +208,8 @@ class SparkDeltaStore(TableStore):
                 insert_overwrite_sql(target, view, cols)
             rows = self._commit(ref, metadata, mode,
                                 lambda: retry_on_conflict(f"{mode} {ref.name}", lambda: self.spark.sql(stmt)))
-            return rows - len(deletes) if mode == "upsert" and has_deletes(deletes) else rows
+            # the source's deletion rows are not rows written (a MERGE that changed nothing has no commit: 0)
+            return max(rows - len(deletes), 0) if mode == "upsert" and has_deletes(deletes) else rows
         finally:
             self.spark.catalog.dropTempView(view)
 
@@ -245,8 +246,8 @@ class SparkDeltaStore(TableStore):
             time.sleep(0.1)
 
     def _set_managed_properties(self, ref: TableRef, names) -> None:
-        """An ALTER only where the setting differs (older tables): its older log files keep their
-        statistics until the table is rewritten."""
+        """An ALTER only where a managed setting (statistics columns, the change data feed) differs
+        (older tables); their older log files keep their statistics until the table is rewritten."""
         props = self.spark.sql(f"SHOW TBLPROPERTIES {self.ident(ref)}").collect()
         have = {r["key"]: r["value"] for r in props}
         missing = {k: v for k, v in S.managed_properties(names).items() if have.get(k) != v}
