@@ -198,3 +198,23 @@ def test_sync_keeps_rows_it_cannot_see_and_other_folders_of_similar_names(spark,
     (tmp_path / "away.dcm").rename(a / "MR_small.dcm")
     assert STEP_FUNCS["catalog"](spark, store, p, c)["deleted"] == 0
     assert not store.exists(stage_ref(p, "gone"))
+
+
+def test_an_incremental_run_reads_only_the_keys_under_its_path(store, tmp_path):
+    """The keys an append or sync compares its listing with are filtered where the rows are: a table
+    that catalogues many folders sends only this run's folder's keys to the task process."""
+    from dicom_lakehouse.steps.catalog import scan_prefix
+    from dicom_lakehouse.tables import schema as S
+
+    rows = pa.table({"path": ["file:/d/a/1.dcm", "file:/d/a/x/2.dcm", "file:/d/b/3.dcm"],
+                     "file_key": ["k1", "k2", "k3"]})
+    full = pa.table({f.name: rows.column(f.name) if f.name in rows.column_names else pa.nulls(3, f.type)
+                     for f in S.arrow_schema("files")})
+    ref = target_ref(params(tmp_path, "append", "p1"))
+    store.write_arrow(full, ref, "overwrite", {"dicom_lakehouse.run_id": "p1"}, step="files")
+    keys = store.keys_under(ref, "file:/d/a")
+    assert sorted(zip(keys.column("path").to_pylist(), keys.column("file_key").to_pylist(), strict=True)) == [
+        ("file:/d/a/1.dcm", "k1"), ("file:/d/a/x/2.dcm", "k2")]
+    copy_dicom_files(tmp_path / "src", NAMES[:1])
+    assert scan_prefix(params(tmp_path / "src", "append", "p2")) == f"file:{tmp_path}/src"
+    assert scan_prefix(params(f"{tmp_path}/s*/*.dcm", "append", "p3")) == f"file:{tmp_path}/s"

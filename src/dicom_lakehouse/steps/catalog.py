@@ -44,7 +44,7 @@ def run_catalog(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
     # append or sync on an existing table: only new and changed files go on. The table's keys come to
     # this process (about 100 bytes a row; the listing is here already), read by delta-rs without a
     # JVM on the local default.
-    catalogued = store.read_arrow(target, columns=("path", "file_key"))
+    catalogued = store.keys_under(target, scan_prefix(p))
     todo, counts = changed_files(table, catalogued)
     stats.update(counts, deleted=0)
     if p.mode == "sync":
@@ -60,6 +60,14 @@ def write_gone(store: TableStore, p: JobParams, paths, meta: dict) -> None:
     no stage when there are none."""
     if len(paths):
         store.write_arrow(pa.table({"path": paths}), stage_ref(p, "gone"), "overwrite", meta, step=S.GONE_STAGE)
+
+
+def scan_prefix(p: JobParams) -> str:
+    """A prefix of the `path` of every file this run can list (`path` up to its first glob character):
+    only the table's rows under it can match the listing."""
+    root = sync_root(p)
+    cut = min((i for i in (root.find(c) for c in "*?[") if i >= 0), default=len(root))
+    return root[:cut]
 
 
 def sync_root(p: JobParams) -> str:

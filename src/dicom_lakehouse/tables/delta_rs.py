@@ -221,6 +221,12 @@ class DeltaRsStore(TableStore):
     def read_arrow(self, ref: TableRef, step: str = "publish", columns: tuple[str, ...] | None = None):
         return read_delta(self.location(ref), list(columns) if columns else None)
 
+    def keys_under(self, ref: TableRef, prefix: str):
+        import pyarrow.compute as pc
+
+        t = self.read_arrow(ref, columns=("path", "file_key"))
+        return t.filter(pc.fill_null(pc.starts_with(t.column("path"), prefix), False))
+
     def write_arrow(self, table, ref: TableRef, mode: str, metadata: dict, step: str = "publish", deletes=None) -> int:
         """Rows in this process go to delta-rs directly: no Spark job, no Parquet files handed over."""
         from deltalake import write_deltalake

@@ -79,6 +79,14 @@ class TableStore(ABC):
         df = self.read(ref, step)
         return (df.select(*columns) if columns else df).toArrow()
 
+    def keys_under(self, ref: TableRef, prefix: str):
+        """The table's (path, file_key) rows whose path starts with `prefix`, as Arrow in this process:
+        what an append or sync compares its listing with. The filter runs where the rows are (on the
+        executors with Spark), so a table that catalogues many folders sends only this one's keys."""
+        from pyspark.sql import functions as F
+
+        return self.read(ref).where(F.col("path").startswith(prefix)).select("path", "file_key").toArrow()
+
     def write_arrow(self, table, ref: TableRef, mode: str, metadata: dict, step: str = "publish", deletes=None) -> int:
         """`write` for rows already in this process. Returns rows written."""
         df = self.spark.createDataFrame(table) if table.num_rows else \
