@@ -122,7 +122,7 @@ def gone_files(p: JobParams, listing: pa.Table, catalogued: pa.Table) -> pa.Arra
 
 def changed_files(listing: pa.Table, catalogued: pa.Table) -> tuple[pa.Table, dict]:
     """The listed files that are new or changed (another file key) against the table's (path, file_key)
-    rows, in listing order, and how many of each: the same answer as the Spark join above."""
+    rows, in listing order, and how many of each."""
     at = pc.index_in(listing.column("path"), value_set=catalogued.column("path").combine_chunks())
     new = pc.is_null(at)
     same = pc.fill_null(pc.equal(pc.take(catalogued.column("file_key"), at), listing.column("file_key")), False)

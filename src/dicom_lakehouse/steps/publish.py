@@ -61,16 +61,22 @@ def nothing_changed(store: TableStore, p: JobParams, conf: dict, target: TableRe
     """An incremental run that found no new or changed file commits nothing: the table, its derived
     tables and its de-identified table keep their versions, so a daily run over an unchanged folder
     leaves no empty commits in their history (its run record says what it found)."""
-    counts = store.value_counts(target, "status")
-    total = sum(counts.values())
-    log.info("publish: nothing new or changed: %s left as it was (%d rows, no commit)", target.name, total)
     deid = None
     if p.deidentifies:
         ref = target.derived("deid")
         deid = {"table": ref.name, "rows_out": 0, "table_rows": store.count(ref) if store.exists(ref) else 0}
     drop_stages(store, p, conf)
-    return {"files_in": 0, "rows_out": 0, "table_rows": total, "errors": counts.get("error", 0), "status": counts,
-            "derived": {}, "mode": "upsert", "deid": deid, "committed": False, "deleted": 0}
+    result = as_it_is(store, target, files_in=0, rows_out=0, mode="upsert", deid=deid, committed=False, deleted=0)
+    log.info("publish: nothing new or changed: %s left as it was (%d rows, no commit)", target.name,
+             result["table_rows"])
+    return result
+
+
+def as_it_is(store: TableStore, target: TableRef, **fields) -> dict:
+    """The result of a publish that commits nothing: the table's rows and status counts as they are."""
+    counts = store.value_counts(target, "status")
+    return {"table_rows": sum(counts.values()), "errors": counts.get("error", 0), "status": counts, "derived": {},
+            **fields}
 
 
 def drop_stages(store: TableStore, p: JobParams, conf: dict) -> None:
@@ -85,10 +91,9 @@ def run_publish(spark, store: TableStore, p: JobParams, conf: dict) -> dict:
     if not store.exists(stage_ref(p, "thumbnail")) and published_by(store, target, p.run_id):
         # An earlier attempt committed, refreshed and dropped the stages, and was killed before it
         # reported: nothing is left to do.
-        counts = store.value_counts(target, "status")
         log.info("publish: an earlier attempt of run %s finished its work and ended before it reported", p.run_id)
-        return {"files_in": None, "rows_out": None, "table_rows": sum(counts.values()), "errors": counts.get("error", 0),
-                "status": counts, "derived": {}, "mode": p.mode, "deid": None, "committed": True, "deleted": None}
+        return as_it_is(store, target, files_in=None, rows_out=None, mode=p.mode, deid=None, committed=True,
+                        deleted=None)
     thumbs, rows_in, _ = stage_rows(store, p, "thumbnail")
     mode = "overwrite" if p.mode == "overwrite" else "upsert"
     meta = commit_metadata(p.run_id, p.as_dict(), "publish")

@@ -187,8 +187,8 @@ class DeltaRsStore(TableStore):
         from deltalake import DeltaTable
 
         if has_deletes(deletes):
-            flagged = arrow_schema.append(pa.field(DELETE_FLAG, pa.bool_()))
             gone = deletion_rows(deletes, arrow_schema)
+            flagged = gone.schema  # the table's columns and the delete flag
             plain = batches
 
             def batches():
