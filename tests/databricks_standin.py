@@ -70,7 +70,10 @@ class StandIn:
         self.jobs: dict[int, dict] = {}
         self.runs: dict[int, dict] = {}
         self.files: dict[str, bytes] = {}
-        self.dirs: set[str] = set()
+        # A workspace starts with its root and the user's home folder: the CLI's folder-permission check
+        # walks up from a bundle folder to the closest one that exists, racing its own mkdirs.
+        self.dirs: set[str] = {"/"}
+        self._mkdirs(f"/Workspace/Users/{user}")
         self.catalogs = {"main"}  # a workspace's Unity Catalog metastore has `main`
         self.schemas: dict[str, dict] = {}
         self.volumes: dict[str, dict] = {}
