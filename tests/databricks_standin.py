@@ -49,6 +49,11 @@ def check_call(method, body: dict) -> str | None:
 def check_settings(settings: dict) -> str | None:
     if _norm(JobSettings.from_dict(settings).as_dict()) != _norm(settings):
         return "payload does not round-trip through JobSettings"
+    if sum(k in settings for k in ("schedule", "trigger", "continuous")) > 1:
+        return "a job has at most one of schedule, trigger and continuous"
+    arrival = (settings.get("trigger") or {}).get("file_arrival") or {}
+    if any(arrival.get(k, 60) < 60 for k in ("min_time_between_triggers_seconds", "wait_after_last_change_seconds")):
+        return "file_arrival's waits are at least 60 seconds"
     dag = {t.get("task_key"): [d["task_key"] for d in t.get("depends_on") or []] for t in settings.get("tasks") or []}
     if dag != EXPECTED_DAG:
         return f"unexpected tasks/depends_on: {dag}"

@@ -2,6 +2,7 @@ import copy
 
 import pytest
 from conftest import ROOT, SCHEMA
+from databricks_standin import check_settings
 
 from dicom_lakehouse.jobs.bundle import (
     BundleError,
@@ -49,7 +50,7 @@ def test_job_spec_has_the_task_dag():
         assert "{{job.parameters.path}}" in t["spark_python_task"]["parameters"]
 
 
-@pytest.mark.parametrize("target", ["local", "cluster", "dev", "prod"])
+@pytest.mark.parametrize("target", ["local", "cluster", "dev", "prod", "prod_arrival"])
 def test_resolved_settings_round_trip_through_databricks_sdk(target):
     r = resolve(target, root=ROOT, user_name="ana@example.com", file_path="/Workspace/b/files")
     settings = r.jobs["dicom_lakehouse"]
@@ -62,6 +63,9 @@ def test_resolved_settings_round_trip_through_databricks_sdk(target):
     if target == "prod":
         assert settings["name"] == "dicom-lakehouse-prod"
         assert settings["schedule"]["pause_status"] == "UNPAUSED"
+    # one schedule or one trigger per job: prod_arrival has the trigger, the others the daily schedule
+    assert ("trigger" in settings, "schedule" in settings) == ((True, False) if target == "prod_arrival" else (False, True))
+    assert check_settings(settings) is None
 
 
 def test_unknown_target_and_variable_are_clear_errors():

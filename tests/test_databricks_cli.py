@@ -83,10 +83,14 @@ def test_the_committed_bundle_schema_is_the_pinned_clis():
     assert committed == databricks_cli.bundle_schema(CLI)
 
 
-@pytest.mark.parametrize("target", ["local", "cluster", "dev", "prod"])
-def test_bundle_validate_passes_strictly_for_every_target(bundle_copy, tmp_path, target):
+@pytest.mark.parametrize(("target", "variables"), [
+    ("local", {}), ("cluster", {}), ("dev", {}), ("prod", {}), ("prod_arrival", {}),
+    # development mode pauses only what the bundle leaves unset: an explicit UNPAUSED stays
+    ("dev", {"schedule_pause_status": "UNPAUSED"})])
+def test_bundle_validate_passes_strictly_for_every_target(bundle_copy, tmp_path, target, variables):
     with StandIn(token=TOKEN, user=USER) as s:
-        r = cli(s, "bundle", "validate", "--strict", "-t", target, "-o", "json", cwd=bundle_copy, home=tmp_path)
+        r = cli(s, "bundle", "validate", "--strict", "-t", target, "-o", "json",
+                *(f"--var={k}={v}" for k, v in variables.items()), cwd=bundle_copy, home=tmp_path)
     assert r.returncode == 0, r.stderr
     schema = {"dev": "dev_ana_maria_pixels"}.get(target, "pixels")
     # validate leaves references to resources for deploy to fill in: fill in the schema's name
@@ -94,16 +98,25 @@ def test_bundle_validate_passes_strictly_for_every_target(bundle_copy, tmp_path,
     job = config["resources"]["jobs"]["dicom_lakehouse"]
     params = {p["name"]: p["default"] for p in job["parameters"]}
     assert params["schema"] == schema
-    if target in ("dev", "prod"):  # the Databricks targets declare the schema and the input volume
+    if target != "prod_arrival":
+        assert job["schedule"]["pause_status"] == ("UNPAUSED" if target == "prod" else
+                                                   variables.get("schedule_pause_status", "PAUSED"))
+        assert "trigger" not in job
+    else:  # a job has a schedule or a trigger: this target swaps the schedule for file arrival
+        assert "schedule" not in job
+        assert job["trigger"]["pause_status"] == "PAUSED"
+        assert job["trigger"]["file_arrival"]["url"] == "/Volumes/main/pixels/dicom/"
+    if target in ("dev", "prod", "prod_arrival"):  # the Databricks targets declare the schema and the input volume
         assert config["resources"]["schemas"]["pixels"]["name"] == schema
         assert params["path"] == f"/Volumes/main/{schema}/dicom"
         assert config["resources"]["volumes"]["dicom"]["schema_name"] == schema
     else:
         assert "schemas" not in config["resources"]
-    prefix = "" if target == "prod" else "[dev ana_maria] "  # every target but prod is development mode
+    prefix = "" if target.startswith("prod") else "[dev ana_maria] "  # development mode but for prod
     assert job["name"] == f"{prefix}dicom-lakehouse-{target}"
     # RUNME's resolver makes the same job from the same bundle (before the wheel is uploaded).
-    ours = resolve(target, root=bundle_copy, user_name=USER, file_path=config["workspace"]["file_path"])
+    ours = resolve(target, root=bundle_copy, user_name=USER, file_path=config["workspace"]["file_path"],
+                   variables=variables)
     theirs = {k: v for k, v in job.items() if k not in ("deployment", "edit_mode", "permissions")}
     acl = [{("permission_level" if k == "level" else k): v for k, v in e.items()} for e in job.get("permissions", [])]
     assert (job_acl(ours.permissions, USER) if ours.permissions else []) == acl
@@ -124,7 +137,7 @@ def test_bundle_validate_fails_on_a_broken_reference(bundle_copy, tmp_path):
     assert "num_workerz" in r.stdout + r.stderr
 
 
-@pytest.mark.parametrize("target", ["dev", "prod"])
+@pytest.mark.parametrize("target", ["dev", "prod", "prod_arrival"])
 def test_cli_deploy_and_runme_make_the_same_job(bundle_copy, tmp_path, target):
     with StandIn(token=TOKEN, user=USER) as by_cli:
         r = cli(by_cli, "bundle", "deploy", "-t", target, cwd=bundle_copy, home=tmp_path)
@@ -138,7 +151,7 @@ def test_cli_deploy_and_runme_make_the_same_job(bundle_copy, tmp_path, target):
     (cli_job,), (runme_job,) = by_cli.jobs.values(), by_runme.jobs.values()
     assert canonical(runme_job) == canonical(cli_job)
     schema = "dev_ana_maria_pixels" if target == "dev" else "pixels"
-    assert cli_job["name"] == ("[dev ana_maria] dicom-lakehouse-dev" if target == "dev" else "dicom-lakehouse-prod")
+    assert cli_job["name"] == ("[dev ana_maria] dicom-lakehouse-dev" if target == "dev" else f"dicom-lakehouse-{target}")
     assert {p["name"]: p["default"] for p in cli_job["parameters"]}["schema"] == schema
     assert cli_job["queue"] == {"enabled": True} and cli_job["edit_mode"] == "UI_LOCKED"
     assert cli_job["deployment"]["metadata_file_path"].endswith(f"/.bundle/dicom-lakehouse/{target}/state/metadata.json")
@@ -147,9 +160,14 @@ def test_cli_deploy_and_runme_make_the_same_job(bundle_copy, tmp_path, target):
         assert made == {k: {f: v[f] for f in ("catalog_name", "name", "comment")}
                         for k, v in getattr(by_runme, store).items()}
     assert set(by_cli.schemas) == {f"main.{schema}"} and set(by_cli.volumes) == {f"main.{schema}.dicom"}
-    if target == "prod":
+    if target == "prod_arrival":  # the same as prod, but run on file arrival (paused until turned on)
+        assert "schedule" not in cli_job
+        assert cli_job["trigger"] == {"pause_status": "PAUSED", "file_arrival": {
+            "url": "/Volumes/main/pixels/dicom/", "wait_after_last_change_seconds": 120,
+            "min_time_between_triggers_seconds": 300}}
+    if target.startswith("prod"):
         assert cli_job["run_as"] == {"user_name": USER}
-        assert cli_job["schedule"]["pause_status"] == "UNPAUSED"
+        assert target == "prod_arrival" or cli_job["schedule"]["pause_status"] == "UNPAUSED"
         acl = {k.split("/")[0]: v for k, v in by_cli.permissions.items()}
         assert acl == {k.split("/")[0]: v for k, v in by_runme.permissions.items()}
         assert {"group_name": "admins", "permission_level": "CAN_MANAGE"} in acl["jobs"]

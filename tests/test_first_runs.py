@@ -1,5 +1,6 @@
-"""Two first runs into one new table, started together: both runs' rows end up in it (the table is
-created if absent in a commit of its own, then each run merges), on both engines."""
+"""Writers of one table at once. Two first runs into one new table, started together: both runs' rows
+end up in it (the table is created if absent in a commit of its own, then each run merges). Two syncs
+of one table at once: both land, nothing lost or doubled. On both engines."""
 
 from __future__ import annotations
 
@@ -134,3 +135,71 @@ def test_a_first_run_waits_for_the_creating_commit_of_another(spark, tmp_path, m
         f"table main.pixels.object_catalog was never created: {abandoned.location(REF)} has no Delta commit "
         "after 1 s (an interrupted first run leaves an empty _delta_log folder; other files there are not a "
         "Delta table): empty that folder or choose another table, and run again")
+
+
+def synced(folder: str) -> tuple[pa.Table, list[str]]:
+    """What a sync of `folder` publishes after its file 0 was deleted, 2 changed and 3 added."""
+    rows = rows_of(folder, 4).slice(2)
+    rows = rows.set_column(rows.schema.get_field_index("run_id"), "run_id", pa.array([f"{folder}-sync"] * 2))
+    return rows, [f"file:/data/{folder}/0.dcm"]
+
+
+def expected_after_syncs() -> list[tuple[str, str]]:
+    return sorted([(f, f"file:/data/{f}/1.dcm") for f in ("a", "b")] +
+                  [(f"{f}-sync", f"file:/data/{f}/{i}.dcm") for f in ("a", "b") for i in (2, 3)])
+
+
+def _delta_rs_syncs(root: str, folder: str, barrier) -> None:
+    rows, gone = synced(folder)
+    for n in range(ROUNDS):
+        barrier.wait(120)
+        DeltaRsStore(None, f"{root}/wh{n}").write_arrow(
+            rows, REF, "upsert", commit_metadata(f"{folder}-sync", {"path": folder}, "publish"), deletes=gone)
+
+
+def test_two_syncs_of_one_table_at_once_both_land_on_delta_rs(tmp_path):
+    """Two syncs of one table (of its two folders) commit at the same moment: the conflicting MERGE is
+    retried on the new version, so each sync's inserts, updates and deletes are there once, and the
+    other folder's rows are untouched."""
+    for n in range(ROUNDS):
+        DeltaRsStore(None, tmp_path / f"wh{n}").write_arrow(
+            pa.concat_tables([rows_of("a"), rows_of("b")]), REF, "overwrite", commit_metadata("0", {}, "publish"))
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_delta_rs_syncs, args=(str(tmp_path), f, barrier)) for f in ("a", "b")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    assert [p.exitcode for p in procs] == [0, 0]
+    for n in range(ROUNDS):
+        got = read_delta(tmp_path / f"wh{n}" / "main" / "pixels" / "object_catalog", ["path", "run_id"]).to_pylist()
+        assert sorted((r["run_id"], r["path"]) for r in got) == expected_after_syncs(), n
+
+
+def test_two_syncs_of_one_table_at_once_both_land_on_spark_delta(spark, tmp_path):
+    """The same on Spark's Delta: two publish MERGEs in one JVM at once (Delta's
+    ConcurrentAppendException / ConcurrentDeleteReadException is retried)."""
+    store = SparkDeltaStore(spark, tmp_path / "wh")
+    store.write(spark.createDataFrame(pa.concat_tables([rows_of("a"), rows_of("b")])), REF, "overwrite",
+                commit_metadata("0", {}, "publish"))
+    barrier, errors = threading.Barrier(2), []
+
+    def run(folder):
+        rows, gone = synced(folder)
+        try:
+            frame = spark.createDataFrame(rows)
+            barrier.wait(60)
+            store.write(frame, REF, "upsert", commit_metadata(f"{folder}-sync", {"path": folder}, "publish"),
+                        deletes=gone)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(f"{type(e).__name__}: {str(e)[:300]}")
+
+    threads = [threading.Thread(target=run, args=(f,)) for f in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert errors == []
+    got = read_delta(store.location(REF), ["path", "run_id"]).to_pylist()
+    assert sorted((r["run_id"], r["path"]) for r in got) == expected_after_syncs()

@@ -240,8 +240,11 @@ def resolve(
         if mode == "development":
             settings["name"] = job_prefix + settings["name"]
             settings["tags"] = {**(settings.get("tags") or {}), "dev": short}
-            if "schedule" in settings:
-                settings["schedule"]["pause_status"] = "PAUSED"
+            # As the CLI's development preset: a schedule or trigger without a pause status starts paused;
+            # one the bundle sets explicitly (a variable) is kept.
+            for when in ("schedule", "trigger", "continuous"):
+                if when in settings and not settings[when].get("pause_status"):
+                    settings[when]["pause_status"] = "PAUSED"
         if "run_as" in doc:
             settings["run_as"] = refs.sub(doc["run_as"])
         # The CLI's defaults for a job it deploys.
