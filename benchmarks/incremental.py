@@ -8,6 +8,11 @@
    its MERGE's metrics.
 
     python benchmarks/incremental.py --files 10000 --json benchmarks/results/incremental-10000-$(date +%F).json
+    python benchmarks/incremental.py --files 10000 --changes clustered \
+        --json benchmarks/results/incremental-10000-clustered-$(date +%F).json
+
+`--changes clustered` changes and deletes whole series folders instead of files anywhere; `rewrite` in
+the results says how many of the table's data files (and megabytes) the sync's MERGE rewrote.
 
 The corpus (make_corpus.py, pydicom's files) is built once under benchmarks/corpus/<files> and copied
 for each sitting, since the sync changes the tree. `job_s` is the run record's seconds.
@@ -52,13 +57,33 @@ def runme(path: Path, warehouse: Path, mode: str, table: str = "inc") -> dict:
             "spark_session": any(x.get("spark_session") for x in results.values())}
 
 
-def change_tree(root: Path, share: float, seed: int = 7) -> dict:
-    """Change, add and delete `share` of the files each; returns the new and changed files' paths."""
+def pick(files: list[Path], n: int, changes: str, rng: random.Random) -> list[list[Path]]:
+    """Three disjoint picks of about `n` files: spread over the whole tree, or whole series folders
+    (a re-sent series, a study removed by a retention rule)."""
+    if changes == "spread":
+        picked = rng.sample(files, 3 * n)
+        return [picked[:n], picked[n:2 * n], picked[2 * n:]]
+    by_folder: dict[Path, list[Path]] = {}
+    for f in files:
+        by_folder.setdefault(f.parent, []).append(f)
+    folders = list(by_folder)
+    rng.shuffle(folders)
+    out: list[list[Path]] = [[], [], []]
+    for folder in folders:
+        short = next((part for part in out if len(part) < n), None)
+        if short is None:
+            break
+        short.extend(by_folder[folder][:n - len(short)])
+    return out
+
+
+def change_tree(root: Path, share: float, changes: str = "spread", seed: int = 7) -> dict:
+    """Change, add and delete `share` of the files each; returns the new and changed files' paths.
+    The new files arrive in one new folder either way."""
     rng = random.Random(seed)
     files = sorted(p for p in root.rglob("*") if p.is_file())
     n = max(1, int(len(files) * share))
-    picked = rng.sample(files, 3 * n)
-    changed, deleted, templates = picked[:n], picked[n:2 * n], picked[2 * n:]
+    changed, deleted, templates = pick(files, n, changes, rng)
     later = time.time() + 60
     for p in changed:
         with open(p, "ab") as f:
@@ -76,10 +101,21 @@ def change_tree(root: Path, share: float, seed: int = 7) -> dict:
     return {"changed": changed, "added": added, "deleted": len(deleted)}
 
 
+def data_files(table: Path) -> dict[str, int]:
+    """The table's current data files and their sizes, from its Delta log."""
+    import pyarrow as pa
+    from deltalake import DeltaTable
+
+    adds = pa.table(DeltaTable(str(table)).get_add_actions(flatten=True)).to_pydict()
+    return dict(zip(adds["path"], adds["size_bytes"], strict=True))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--files", type=int, default=10_000)
     ap.add_argument("--share", type=float, default=0.01, help="share of files changed, added and deleted each")
+    ap.add_argument("--changes", choices=("spread", "clustered"), default="spread",
+                    help="changed and deleted files picked anywhere, or as whole series folders")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT / "src"))
@@ -89,7 +125,7 @@ def main(argv=None) -> None:
     if not corpus.exists():
         build(a.files, corpus)
     res = {"date": dt.date.today().isoformat(), "cores": os.cpu_count(), "files": a.files, "share": a.share,
-           "way": "local default (RUNME.py --run, local target)"}
+           "changes": a.changes, "way": "local default (RUNME.py --run, local target)"}
     with tempfile.TemporaryDirectory(dir=corpus.parent) as tmp:  # beside the corpus (git-ignored)
         tree, wh = Path(tmp) / "tree", Path(tmp) / "wh"
         shutil.copytree(corpus, tree)
@@ -97,8 +133,14 @@ def main(argv=None) -> None:
         runs["first_overwrite"] = runme(tree, wh, "overwrite")
         runs["append_unchanged"] = runme(tree, wh, "append")
         runs["sync_unchanged"] = runme(tree, wh, "sync")
-        todo = change_tree(tree, a.share)
+        todo = change_tree(tree, a.share, a.changes)
+        before = data_files(wh / "main" / "pixels" / "inc")
         runs["sync_changed"] = runme(tree, wh, "sync")
+        after = data_files(wh / "main" / "pixels" / "inc")
+        gone = set(before) - set(after)
+        res["rewrite"] = {"data_files_before": len(before), "table_mb_before": round(sum(before.values()) / 1e6, 1),
+                          "data_files_removed": len(gone), "mb_removed": round(sum(before[f] for f in gone) / 1e6, 1),
+                          "data_files_added": len(set(after) - set(before))}
         ref_dir = Path(tmp) / "only-new-and-changed"
         for i, p in enumerate(todo["changed"] + todo["added"]):
             (ref_dir / f"{i // 1000}").mkdir(parents=True, exist_ok=True)

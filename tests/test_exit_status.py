@@ -80,6 +80,14 @@ def test_readme_reader_example(warehouse):
     _repeat([sys.executable, "-c", code], lambda out: out.strip().endswith("13"))
 
 
+def test_readme_change_feed_example(warehouse):
+    m = re.search(r"<!-- change-feed-example -->\s*```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert m, "README.md lost its change-feed example"
+    code = m.group(1).replace(".warehouse/", f"{warehouse}/")
+    assert str(warehouse) in code
+    _repeat([sys.executable, "-c", code], lambda out: out.strip().endswith("Counter({'insert': 13})"), 1)
+
+
 def test_sql_command(warehouse, connect_url):
     q = "SELECT count(*) AS n FROM main.pixels.object_catalog WHERE status IN ('ok', 'ok_with_warnings')"
 

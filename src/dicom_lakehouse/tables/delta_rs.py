@@ -140,7 +140,7 @@ class DeltaRsStore(TableStore):
             else:
                 create_table_with_add_actions(
                     str(root), delta_schema, adds, mode="overwrite", name=ref.table,
-                    description=S.TABLE_COMMENT, configuration=S.table_properties(step), commit_properties=props,
+                    description=S.TABLE_COMMENT, configuration=S.table_properties(step, self.engine), commit_properties=props,
                 )
 
         retry_on_conflict(f"overwrite {ref.name}", commit)
@@ -160,7 +160,7 @@ class DeltaRsStore(TableStore):
             if not self.exists(ref):
                 root.mkdir(parents=True, exist_ok=True)
                 DeltaTable.create(str(root), S.arrow_schema(step), mode="ignore", name=ref.table,
-                                  description=S.TABLE_COMMENT, configuration=S.table_properties(step),
+                                  description=S.TABLE_COMMENT, configuration=S.table_properties(step, self.engine),
                                   commit_properties=props)
 
         retry_on_conflict(f"create {ref.name}", create)
@@ -171,7 +171,7 @@ class DeltaRsStore(TableStore):
         setting; its older log files keep their statistics until the table is rewritten."""
         from deltalake import DeltaTable
 
-        want = S.managed_properties(names)
+        want = S.managed_properties(names, self.engine)
         dt = DeltaTable(str(self.location(ref)))
         if all(dt.metadata().configuration.get(k) == v for k, v in want.items()):
             return
@@ -233,6 +233,8 @@ class DeltaRsStore(TableStore):
 
         arrow_schema = S.arrow_schema(step)
         table = table.select(S.column_names(step)).cast(arrow_schema)
+        if S.is_published(arrow_schema.names):  # the file layout a sync's rewrite needs (schema.FILE_SIZE)
+            table = table.sort_by("path")
         props = _delta_rs_commit(metadata)
         if mode == "upsert":
             self.last_merge = {}
@@ -245,7 +247,7 @@ class DeltaRsStore(TableStore):
         if self.exists(ref):
             self._set_managed_properties(ref, arrow_schema.names, metadata)
         new = {} if self.exists(ref) else {"name": ref.table, "description": S.TABLE_COMMENT,
-                                           "configuration": S.table_properties(step)}
+                                           "configuration": S.table_properties(step, self.engine)}
         retry_on_conflict(f"overwrite {ref.name}", lambda: write_deltalake(
             str(root), table, mode="overwrite", schema_mode="overwrite", commit_properties=props, **new))
         return table.num_rows
@@ -274,7 +276,7 @@ class DeltaRsStore(TableStore):
             finally:
                 self.spark.catalog.dropTempView(view)
         props = _delta_rs_commit(metadata)
-        new = {"configuration": S.managed_properties(arrow.schema.names)}
+        new = {"configuration": S.managed_properties(arrow.schema.names, self.engine)}
         if self.exists(ref):
             self._set_managed_properties(ref, arrow.schema.names, metadata)
             new = {}

@@ -12,6 +12,8 @@ import pyarrow.compute as pc
 # Columns of the catalog table that the derived objects read.
 INPUT = ("study_instance_uid", "series_instance_uid", "patient_id", "study_date", "study_description",
          "series_description", "series_number", "instance_number", "modality", "length", "thumbnail")
+STUDY_INPUT = ("study_instance_uid", "patient_id", "study_date", "study_description", "modality",
+               "series_instance_uid", "length")
 LAST_INSTANCE = 2147483647
 
 
@@ -37,6 +39,7 @@ FROM {source} WHERE series_instance_uid IS NOT NULL GROUP BY series_instance_uid
 
 def studies_arrow(t: pa.Table) -> pa.Table:
     """studies_sql's rows, computed in this process (first(x, true) = the first non-null value)."""
+    t = t.select(STUDY_INPUT)  # not the thumbnails: filtering them alone cost a second at 10,000 rows
     t = t.filter(pc.is_valid(t["study_instance_uid"]))
     g = t.group_by("study_instance_uid", use_threads=False).aggregate([
         ("patient_id", "first"), ("study_date", "min"), ("study_description", "first"), ("modality", "distinct"),
@@ -55,15 +58,19 @@ def studies_arrow(t: pa.Table) -> pa.Table:
 
 
 def series_arrow(t: pa.Table) -> pa.Table:
-    """series_sql's rows, computed in this process; the thumbnail is that of the lowest instance number."""
+    """series_sql's rows, computed in this process; the thumbnail is that of the lowest instance number.
+    The rows are sorted and grouped without their thumbnails (moving those cost a second at 10,000
+    rows); each series' chosen thumbnail is then taken by its row number."""
+    thumbnails = t["thumbnail"]
+    t = t.select([c for c in t.column_names if c != "thumbnail"])
+    t = t.append_column("_row", pa.array(range(t.num_rows), pa.int64()))
     t = t.filter(pc.is_valid(t["series_instance_uid"]))
     order = pc.coalesce(t["instance_number"], pa.scalar(LAST_INSTANCE, pa.int32()))
     t = t.append_column("_order", order).sort_by([("series_instance_uid", "ascending"), ("_order", "ascending")])
-    keep_nulls = pc.ScalarAggregateOptions(skip_nulls=False)
     g = t.group_by("series_instance_uid", use_threads=False).aggregate([
         ("study_instance_uid", "first"), ("patient_id", "first"), ("modality", "first"),
         ("series_description", "first"), ("series_number", "first"), ([], "count_all"), ("length", "sum"),
-        ("thumbnail", "first", keep_nulls)])
+        ("_row", "first")])
     schema = pa.schema([
         t.schema.field("series_instance_uid"), pa.field("study_instance_uid", pa.string()),
         pa.field("patient_id", pa.string()), pa.field("modality", pa.string()),
@@ -73,7 +80,7 @@ def series_arrow(t: pa.Table) -> pa.Table:
     return pa.Table.from_arrays([
         g["series_instance_uid"], g["study_instance_uid_first"], g["patient_id_first"], g["modality_first"],
         g["series_description_first"], g["series_number_first"], g["count_all"], g["length_sum"],
-        g["thumbnail_first"]], schema=schema)
+        thumbnails.take(g["_row_first"])], schema=schema)
 
 
 DERIVED = {"studies": (studies_sql, studies_arrow), "series": (series_sql, series_arrow)}

@@ -94,19 +94,34 @@ def stats_property(names) -> dict:
     return {STATS_PROPERTY: ",".join(kept)} if kept else {"delta.dataSkippingNumIndexedCols": "0"}
 
 
-def managed_properties(names) -> dict:
+# delta-rs writes no deletion vectors: its MERGE rewrites every data file that holds a row it updates or
+# deletes. So on delta-rs the published rows are written in `path` order, into files of about this size
+# (delta-rs closes a file once it is past it): a sync whose changes lie in a few folders rewrites a few
+# files, not the table. Spark's own Delta (OSS) does not know this Databricks property and refuses it.
+FILE_SIZE_PROPERTY = "delta.targetFileSize"
+FILE_SIZE = str(16 << 20)
+
+
+def is_published(names) -> bool:
+    """The published tables (the catalog and its _deid) are the ones with `path` and `ingested_at`."""
+    return {"path", "ingested_at"} <= set(names)
+
+
+def managed_properties(names, engine: str = "spark") -> dict:
     """The properties each write makes sure a table with these columns has (tables from before a
-    setting get it on their next run): the statistics columns, and on the published tables (the
-    catalog and its _deid, the ones with `path` and `ingested_at`) Delta's change data feed, so that
-    readers see each run's inserts, updates and deletes."""
+    setting get it on their next run): the statistics columns, and on the published tables Delta's
+    change data feed, so that readers see each run's inserts, updates and deletes (and, on delta-rs,
+    the file size above)."""
     props = stats_property(names)
-    if {"path", "ingested_at"} <= set(names):
+    if is_published(names):
         props[CDF_PROPERTY] = "true"
+        if engine == "delta-rs":
+            props[FILE_SIZE_PROPERTY] = FILE_SIZE
     return props
 
 
-def table_properties(step: str = "publish") -> dict:
-    return {**TABLE_PROPERTIES, **managed_properties(column_names(step))}
+def table_properties(step: str = "publish", engine: str = "spark") -> dict:
+    return {**TABLE_PROPERTIES, **managed_properties(column_names(step), engine)}
 
 
 TABLE_COMMENT = "DICOM object catalog: one row per file, with header (DICOM JSON) and thumbnail. Written by dicom-lakehouse."
