@@ -128,6 +128,13 @@ def test_the_safety_valve_stops_a_sync_before_any_change(spark, conf, tmp_path):
     run(spark, store, conf, params(a, "overwrite", "v1"))
     ref = target_ref(params(a, "sync", "v1"))
     version = DeltaTable(str(store.location(ref))).version()
+    aside = tmp_path / "aside"
+    a.rename(aside)
+    a.mkdir()  # the folder found empty: an unmounted volume's mount point
+    with pytest.raises(StepError, match="would delete 4 of the 4 rows under --path"):
+        STEP_FUNCS["catalog"](spark, store, params(a, "sync", "v2"), {**conf, "driver_max_files": 100})
+    a.rmdir()
+    aside.rename(a)
     for name in NAMES[:3]:  # 3 of 4 gone, as if most of a volume were unmounted
         (a / name).unlink()
     with pytest.raises(StepError) as e:
@@ -150,6 +157,8 @@ def test_sync_parameters_are_checked_before_any_work(tmp_path):
         with pytest.raises(ParameterError, match="sync_max_delete"):
             params(tmp_path / "a", "sync", "x", sync_max_delete=bad)
     assert params(tmp_path / "a", "sync", "x").sync_max_delete == 0.5
+    with pytest.raises(ParameterError, match="does not exist"):  # a missing folder: refused before any task
+        params(tmp_path / "gone", "sync", "x")
 
 
 def test_a_table_from_before_the_change_feed_gets_it_on_its_next_run(spark, conf, tmp_path):

@@ -87,3 +87,26 @@ def test_mode_given_twice_must_agree():
                         "--param", f"path={ROOT}"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 2
     assert "--mode sync and --param mode=append disagree: give one" in r.stderr
+
+
+def test_a_steady_stream_of_files_still_gets_a_run(tmp_path):
+    """Files arriving faster than the debounce must not hold the run back forever: it starts at the
+    latest `max_wait` after the first of them."""
+    started, stop = [], threading.Event()
+
+    def writer():
+        for i in range(40):  # one file every 0.1 s for 4 s: never quiet for the 1 s debounce
+            (tmp_path / f"f{i}.dcm").write_bytes(b"x")
+            time.sleep(0.1)
+
+    def run_once(_):
+        started.append(time.monotonic())
+        return "ok"
+
+    t0 = time.monotonic()
+    w = threading.Thread(target=lambda: (time.sleep(0.5), writer()))
+    w.start()
+    assert watch(str(tmp_path), run_once, echo=lambda _: None, debounce=1.0, max_wait=1.5, max_runs=1,
+                 stop=stop) == 1
+    w.join()
+    assert started and started[0] - t0 < 3.0  # writes went on until about 4.5 s

@@ -3,7 +3,9 @@
 watchdog reports file events (inotify on Linux). FUSE and network mounts (/Volumes, /dbfs, NFS, SMB)
 deliver no such events for changes made elsewhere, so there watchdog's polling observer compares
 listings instead. Events are debounced: a burst of files (a study arriving) makes one run, started
-once no event came for `debounce` seconds; runs never overlap, and events during a run make one more.
+once no event came for `debounce` seconds, or at the latest `max_wait` seconds after the first (a
+steady stream of files must not hold the catalog back forever); runs never overlap, and events during a
+run make one more.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ def needs_polling(path: str) -> bool:
 
 
 def watch(folder: str, run_once, echo=print, debounce: float = 5.0, max_runs: int | None = None,
-          stop: threading.Event | None = None, polling: bool | None = None, poll_seconds: float = 10.0) -> int:
+          stop: threading.Event | None = None, polling: bool | None = None, poll_seconds: float = 10.0,
+          max_wait: float | None = None) -> int:
     """Call run_once(stop_event) after each quiet burst of file events under `folder`, one run at a
     time, until Ctrl-C (or `max_runs`). Returns the number of runs."""
     from watchdog.events import FileSystemEventHandler
@@ -62,7 +65,8 @@ def watch(folder: str, run_once, echo=print, debounce: float = 5.0, max_runs: in
         raise WatchError(f"watch needs an existing folder as path, not {folder!r}")
     stop = stop or threading.Event()
     changed = threading.Condition()
-    state = {"last": 0.0, "pending": False}
+    state = {"first": 0.0, "last": 0.0, "pending": False}
+    max_wait = max(60.0, 12 * debounce) if max_wait is None else max_wait
 
     class Handler(FileSystemEventHandler):
         def on_any_event(self, event):
@@ -73,7 +77,10 @@ def watch(folder: str, run_once, echo=print, debounce: float = 5.0, max_runs: in
             if hidden(os.path.relpath(where, folder)):
                 return  # hidden files and folders: partial uploads, a receiver's .incoming
             with changed:
-                state["last"], state["pending"] = time.monotonic(), True
+                now = time.monotonic()
+                if not state["pending"]:
+                    state["first"] = now
+                state["last"], state["pending"] = now, True
                 changed.notify_all()
 
     polling = needs_polling(folder) if polling is None else polling
@@ -83,6 +90,12 @@ def watch(folder: str, run_once, echo=print, debounce: float = 5.0, max_runs: in
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             handlers[sig] = signal.signal(sig, lambda *_: _stop(stop, changed))
+    def due_in():  # seconds until a pending run is due (None: nothing pending); called holding `changed`
+        if not state["pending"]:
+            return None
+        now = time.monotonic()
+        return min(debounce - (now - state["last"]), max_wait - (now - state["first"]))
+
     runs = 0
     observer.start()
     how = f"polling every {poll_seconds:g} s" if polling else "file events"
@@ -91,8 +104,8 @@ def watch(folder: str, run_once, echo=print, debounce: float = 5.0, max_runs: in
     try:
         while not stop.is_set():
             with changed:
-                while not stop.is_set() and (not state["pending"] or time.monotonic() - state["last"] < debounce):
-                    wait = debounce - (time.monotonic() - state["last"]) if state["pending"] else None
+                while not stop.is_set() and (due_in() is None or due_in() > 0):
+                    wait = due_in()
                     changed.wait(timeout=max(0.05, wait) if wait is not None else 1.0)
                 if stop.is_set():
                     break
