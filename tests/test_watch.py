@@ -96,6 +96,8 @@ def test_a_steady_stream_of_files_still_gets_a_run(tmp_path):
 
     def writer():
         for i in range(40):  # one file every 0.1 s for 4 s: never quiet for the 1 s debounce
+            if started:
+                return
             (tmp_path / f"f{i}.dcm").write_bytes(b"x")
             time.sleep(0.1)
 
