@@ -1,5 +1,6 @@
-"""`RUNME.py watch`: one run for a burst of new files, Ctrl-C ends it with exit 0; polling where file
-events do not come (FUSE and network mounts); object storage refused with one line."""
+"""`RUNME.py watch`: a run at start for files that came before it, then one run for a burst of new files,
+Ctrl-C ends it with exit 0; polling where file events do not come (FUSE and network mounts); object
+storage refused with one line."""
 
 import json
 import re
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.e2e
 
 def test_a_burst_of_files_makes_one_run_and_ctrl_c_ends_the_watch(tmp_path):
     src, wh = tmp_path / "incoming", tmp_path / "wh"
-    src.mkdir()
+    copy_dicom_files(src / "before", ["JPEG2000.dcm"])  # came while nothing watched
     proc = subprocess.Popen([sys.executable, str(ROOT / "RUNME.py"), "--warehouse", str(wh), "watch", "--param",
                              f"path={src}", "--debounce", "1"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -38,11 +39,13 @@ def test_a_burst_of_files_makes_one_run_and_ctrl_c_ends_the_watch(tmp_path):
             assert time.time() < deadline and proc.poll() is None, "".join(lines) + proc.stderr.read()
             time.sleep(0.1)
         assert "(file events)" in lines[0]
-        copy_dicom_files(src / "study1", ["CT_small.dcm", "MR_small.dcm", "rtplan.dcm"])  # a burst
         deadline = time.time() + 240
-        while not any(x.startswith("run 1 ended: ") for x in lines):
-            assert time.time() < deadline and proc.poll() is None, "".join(lines) + proc.stderr.read()
-            time.sleep(0.2)
+        for n in (1, 2):
+            while not any(x.startswith(f"run {n} ended: ") for x in lines):
+                assert time.time() < deadline and proc.poll() is None, "".join(lines) + proc.stderr.read()
+                time.sleep(0.2)
+            if n == 1:  # the catch-up run has ended: now a burst
+                copy_dicom_files(src / "study1", ["CT_small.dcm", "MR_small.dcm", "rtplan.dcm"])
         time.sleep(2.5)  # longer than the debounce: a second run would have started
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
@@ -51,10 +54,12 @@ def test_a_burst_of_files_makes_one_run_and_ctrl_c_ends_the_watch(tmp_path):
             proc.kill()
     reader.join(timeout=10)
     out = "".join(lines)
-    assert re.findall(r"^run (\d+):", out, re.M) == ["1"], out
-    assert "run 1 ended: SUCCESS" in out and "watch stopped after 1 run(s)" in out, out
+    assert re.findall(r"^run (\d+):", out, re.M) == ["1", "2"], out
+    assert "run 1: catching up with files that came while nothing watched" in out, out
+    assert "run 1 ended: SUCCESS" in out and "run 2 ended: SUCCESS" in out, out
+    assert "watch stopped after 2 run(s)" in out, out
     table = DeltaTable(str(wh / "main" / "pixels" / "object_catalog"))
-    assert table.to_pyarrow_dataset().count_rows() == 3
+    assert table.to_pyarrow_dataset().count_rows() == 4
     params = json.loads(table.history(1)[0]["userMetadata"])["dicom_lakehouse.params"]
     assert json.loads(params)["mode"] == "sync"  # watch's default
 
@@ -65,7 +70,7 @@ def test_polling_sees_files_where_events_do_not_come(tmp_path):
     seen = []
     done = threading.Thread(target=lambda: seen.append(watch(
         str(tmp_path), lambda stop: "ok", echo=lambda _: None, debounce=0.2, max_runs=1, polling=True,
-        poll_seconds=0.3)))
+        poll_seconds=0.3, catch_up=False)))
     done.start()
     time.sleep(1.0)
     (tmp_path / "new.dcm").write_bytes(b"x")
@@ -109,6 +114,6 @@ def test_a_steady_stream_of_files_still_gets_a_run(tmp_path):
     w = threading.Thread(target=lambda: (time.sleep(0.5), writer()))
     w.start()
     assert watch(str(tmp_path), run_once, echo=lambda _: None, debounce=1.0, max_wait=1.5, max_runs=1,
-                 stop=stop) == 1
+                 stop=stop, catch_up=False) == 1
     w.join()
     assert started and started[0] - t0 < 3.0  # writes went on until about 4.5 s

@@ -270,8 +270,10 @@ def schedule(ctx, params, cron, max_runs):
 @click.option("--poll", "poll", is_flag=True, default=None,
               help="Poll the folder instead of waiting for file events (automatic on FUSE and network mounts).")
 @click.option("--max-runs", type=click.IntRange(min=1), default=None, help="Stop after this many runs.")
+@click.option("--catch-up/--no-catch-up", default=True, show_default=True,
+              help="Run once at start, for files that came while nothing watched.")
 @click.pass_context
-def watch(ctx, params, mode, debounce, poll, max_runs):
+def watch(ctx, params, mode, debounce, poll, max_runs, catch_up):
     """Run the job locally whenever files arrive, change or go under its `path`, until Ctrl-C."""
     import threading
 
@@ -308,7 +310,8 @@ def watch(ctx, params, mode, debounce, poll, max_runs):
                           warehouse=ctx.obj.get("warehouse"), echo=echo, stop=stop)
             return f"{rec.status} ({rec.run_id})"
 
-        watch_folder(folder, once, echo=echo, debounce=debounce, max_runs=max_runs, stop=stop, polling=poll)
+        watch_folder(folder, once, echo=echo, debounce=debounce, max_runs=max_runs, stop=stop, polling=poll,
+                     catch_up=catch_up)
     except (BundleError, ConfigError, ParameterError, WatchError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)

@@ -5,7 +5,8 @@ deliver no such events for changes made elsewhere, so there watchdog's polling o
 listings instead. Events are debounced: a burst of files (a study arriving) makes one run, started
 once no event came for `debounce` seconds, or at the latest `max_wait` seconds after the first (a
 steady stream of files must not hold the catalog back forever); runs never overlap, and events during a
-run make one more.
+run make one more. The first run starts at once (`catch_up`): files that arrived while nothing watched
+are catalogued without waiting for the next event.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def needs_polling(path: str) -> bool:
 
 def watch(folder: str, run_once, echo=print, debounce: float = 5.0, max_runs: int | None = None,
           stop: threading.Event | None = None, polling: bool | None = None, poll_seconds: float = 10.0,
-          max_wait: float | None = None) -> int:
+          max_wait: float | None = None, catch_up: bool = True) -> int:
     """Call run_once(stop_event) after each quiet burst of file events under `folder`, one run at a
     time, until Ctrl-C (or `max_runs`). Returns the number of runs."""
     from watchdog.events import FileSystemEventHandler
@@ -65,7 +66,8 @@ def watch(folder: str, run_once, echo=print, debounce: float = 5.0, max_runs: in
         raise WatchError(f"watch needs an existing folder as path, not {folder!r}")
     stop = stop or threading.Event()
     changed = threading.Condition()
-    state = {"first": 0.0, "last": 0.0, "pending": False}
+    start = time.monotonic()
+    state = {"first": start - debounce, "last": start - debounce, "pending": catch_up}
     max_wait = max(60.0, 12 * debounce) if max_wait is None else max_wait
 
     class Handler(FileSystemEventHandler):
@@ -111,7 +113,9 @@ def watch(folder: str, run_once, echo=print, debounce: float = 5.0, max_runs: in
                     break
                 state["pending"] = False
             runs += 1
-            echo(f"run {runs}: files changed under {folder}")
+            why = "catching up with files that came while nothing watched" if runs == 1 and catch_up else \
+                f"files changed under {folder}"
+            echo(f"run {runs}: {why}")
             echo(f"run {runs} ended: {run_once(stop)}")
             if max_runs is not None and runs >= max_runs:
                 break
