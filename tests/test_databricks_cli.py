@@ -216,11 +216,11 @@ def test_the_cli_honours_the_lock_runme_takes(bundle_copy, tmp_path):
         assert len(s.jobs) == 1 and f"{root}/state/deploy.lock" not in s.files
 
 
-@pytest.mark.parametrize("target", ["dev", "prod"])
+@pytest.mark.parametrize("target", ["dev", "prod_arrival"])
 def test_on_databricks_own_fake_workspace_the_cli_and_runme_deploy_the_same(bundle_copy, tmp_path, target):
     """The same comparison against the fake workspace Databricks wrote for the CLI's own tests
     (libs/testserver of the pinned version): its model of the API, not one written here. Each token
-    is a workspace of its own."""
+    is a workspace of its own. prod_arrival is prod (run_as, permissions) with the file-arrival trigger."""
     from databricks_fake import USER as FAKE_USER
 
     shutil.copy(ROOT / "RUNME.py", bundle_copy / "RUNME.py")
@@ -237,7 +237,8 @@ def test_on_databricks_own_fake_workspace_the_cli_and_runme_deploy_the_same(bund
         for token in (by_cli, by_runme):
             assert fake.get(token, f"/api/2.1/unity-catalog/schemas/main.{schema}")["name"] == schema
             assert fake.get(token, f"/api/2.1/unity-catalog/volumes/main.{schema}.dicom")["volume_type"] == "MANAGED"
-        if target == "prod":
+        if target == "prod_arrival":
+            assert cli_job["trigger"]["file_arrival"]["url"] == "/Volumes/main/pixels/dicom/"
             acl = [fake.get(t, f"/api/2.0/permissions/jobs/{i}")["access_control_list"]
                    for t, i in ((by_cli, cli_id), (by_runme, runme_id))]
             assert acl[0] == acl[1] and any(e.get("group_name") == "admins" for e in acl[0])
