@@ -154,7 +154,8 @@ def test_cli_deploy_and_runme_make_the_same_job(bundle_copy, tmp_path, target):
     assert cli_job["name"] == ("[dev ana_maria] dicom-lakehouse-dev" if target == "dev" else f"dicom-lakehouse-{target}")
     assert {p["name"]: p["default"] for p in cli_job["parameters"]}["schema"] == schema
     assert cli_job["queue"] == {"enabled": True} and cli_job["edit_mode"] == "UI_LOCKED"
-    assert cli_job["deployment"]["metadata_file_path"].endswith(f"/.bundle/dicom-lakehouse/{target}/state/metadata.json")
+    folder = "prod" if target == "prod_arrival" else target  # prod_arrival is prod's deployment
+    assert cli_job["deployment"]["metadata_file_path"].endswith(f"/.bundle/dicom-lakehouse/{folder}/state/metadata.json")
     for store in ("schemas", "volumes"):
         made = {k: {f: v[f] for f in ("catalog_name", "name", "comment")} for k, v in getattr(by_cli, store).items()}
         assert made == {k: {f: v[f] for f in ("catalog_name", "name", "comment")}
@@ -177,6 +178,24 @@ def test_cli_deploy_and_runme_make_the_same_job(bundle_copy, tmp_path, target):
     else:
         assert cli_job["tags"] == {"project": "dicom-lakehouse", "dev": "ana_maria"}
         assert cli_job["schedule"]["pause_status"] == "PAUSED" and by_cli.permissions == {}
+
+
+def test_prod_arrival_turns_prods_job_over_to_the_trigger_in_place(bundle_copy, tmp_path):
+    """prod_arrival is prod's deployment: after prod, deploying it (CLI, then RUNME) updates prod's one
+    job, which runs on file arrival instead of daily; deploying prod turns it back."""
+    # a checkout that has deployed to no other workspace (the CLI keeps each target's last state locally)
+    bundle = tmp_path / "b"
+    shutil.copytree(bundle_copy, bundle, ignore=shutil.ignore_patterns(".databricks"))
+    shutil.copy(ROOT / "RUNME.py", bundle / "RUNME.py")
+    with StandIn(token=TOKEN, user=USER) as s:
+        for target, tool in (("prod", cli), ("prod_arrival", cli), ("prod", runme), ("prod_arrival", runme)):
+            r = tool(s, "bundle", "deploy", "-t", target, cwd=bundle, home=tmp_path) if tool is cli else \
+                runme(s, target, cwd=bundle, home=tmp_path)
+            assert r.returncode == 0, f"{target}: {r.stdout}{r.stderr}"
+            ((job_id, job),) = s.jobs.items()
+            assert ("trigger" in job, "schedule" in job) == ((True, False) if target == "prod_arrival" else (False, True))
+            assert job["name"] == f"dicom-lakehouse-{target}"
+        assert set(s.schemas) == {"main.pixels"} and set(s.volumes) == {"main.pixels.dicom"}
 
 
 def test_runme_after_the_cli_updates_the_clis_job_by_id(bundle_copy, tmp_path):

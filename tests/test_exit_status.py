@@ -85,7 +85,7 @@ def test_readme_change_feed_example(warehouse):
     assert m, "README.md lost its change-feed example"
     code = m.group(1).replace(".warehouse/", f"{warehouse}/")
     assert str(warehouse) in code
-    _repeat([sys.executable, "-c", code], lambda out: out.strip().endswith("Counter({'insert': 13})"), 1)
+    _repeat([sys.executable, "-c", code], lambda out: out.strip().endswith("Counter({'insert': 13})"), COMMAND_RUNS)
 
 
 def test_sql_command(warehouse, connect_url):

@@ -42,19 +42,24 @@ def _delta_rs_runs(root: str, folder: str, barrier) -> None:
             table, REF, "upsert", commit_metadata(folder, {"path": folder}, "publish"))
 
 
-def test_two_first_runs_both_land_on_delta_rs(tmp_path):
+def race_on_delta_rs(writer, root) -> list[list[tuple[str, str]]]:
+    """Two writer processes (folders a and b), each round at the same moment; each round's table rows
+    as sorted (run_id, path)."""
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(2)
-    procs = [ctx.Process(target=_delta_rs_runs, args=(str(tmp_path), folder, barrier)) for folder in ("a", "b")]
+    procs = [ctx.Process(target=writer, args=(str(root), folder, barrier)) for folder in ("a", "b")]
     for p in procs:
         p.start()
     for p in procs:
         p.join(300)
     assert [p.exitcode for p in procs] == [0, 0]
-    for n in range(ROUNDS):
-        got = read_delta(tmp_path / f"wh{n}" / "main" / "pixels" / "object_catalog", ["path", "run_id"]).to_pylist()
-        assert sorted((r["run_id"], r["path"]) for r in got) == sorted(
-            (f, f"file:/data/{f}/{i}.dcm") for f in ("a", "b") for i in range(3)), n
+    return [sorted((r["run_id"], r["path"]) for r in read_delta(
+        root / f"wh{n}" / "main" / "pixels" / "object_catalog", ["path", "run_id"]).to_pylist()) for n in range(ROUNDS)]
+
+
+def test_two_first_runs_both_land_on_delta_rs(tmp_path):
+    both = sorted((f, f"file:/data/{f}/{i}.dcm") for f in ("a", "b") for i in range(3))
+    assert race_on_delta_rs(_delta_rs_runs, tmp_path) == [both] * ROUNDS
 
 
 def test_the_creating_commit_does_not_count_as_the_publish(tmp_path):
@@ -164,17 +169,7 @@ def test_two_syncs_of_one_table_at_once_both_land_on_delta_rs(tmp_path):
     for n in range(ROUNDS):
         DeltaRsStore(None, tmp_path / f"wh{n}").write_arrow(
             pa.concat_tables([rows_of("a"), rows_of("b")]), REF, "overwrite", commit_metadata("0", {}, "publish"))
-    ctx = mp.get_context("spawn")
-    barrier = ctx.Barrier(2)
-    procs = [ctx.Process(target=_delta_rs_syncs, args=(str(tmp_path), f, barrier)) for f in ("a", "b")]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(300)
-    assert [p.exitcode for p in procs] == [0, 0]
-    for n in range(ROUNDS):
-        got = read_delta(tmp_path / f"wh{n}" / "main" / "pixels" / "object_catalog", ["path", "run_id"]).to_pylist()
-        assert sorted((r["run_id"], r["path"]) for r in got) == expected_after_syncs(), n
+    assert race_on_delta_rs(_delta_rs_syncs, tmp_path) == [expected_after_syncs()] * ROUNDS
 
 
 def test_two_syncs_of_one_table_at_once_both_land_on_spark_delta(spark, tmp_path):

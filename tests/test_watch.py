@@ -96,24 +96,23 @@ def test_mode_given_twice_must_agree():
 
 def test_a_steady_stream_of_files_still_gets_a_run(tmp_path):
     """Files arriving faster than the debounce must not hold the run back forever: it starts at the
-    latest `max_wait` after the first of them."""
-    started, stop = [], threading.Event()
+    latest `max_wait` after the first of them (here 1.5 s, while the 5 s debounce never elapses)."""
+    started, writes = [], []
 
     def writer():
-        for i in range(40):  # one file every 0.1 s for 4 s: never quiet for the 1 s debounce
-            if started:
-                return
-            (tmp_path / f"f{i}.dcm").write_bytes(b"x")
+        time.sleep(0.5)
+        while not started and len(writes) < 100:  # one file every 0.1 s, for up to 10 s
+            (tmp_path / f"f{len(writes)}.dcm").write_bytes(b"x")
+            writes.append(time.monotonic())
             time.sleep(0.1)
 
     def run_once(_):
         started.append(time.monotonic())
         return "ok"
 
-    t0 = time.monotonic()
-    w = threading.Thread(target=lambda: (time.sleep(0.5), writer()))
+    w = threading.Thread(target=writer)
     w.start()
-    assert watch(str(tmp_path), run_once, echo=lambda _: None, debounce=1.0, max_wait=1.5, max_runs=1,
-                 stop=stop, catch_up=False) == 1
+    assert watch(str(tmp_path), run_once, echo=lambda _: None, debounce=5.0, max_wait=1.5, max_runs=1,
+                 catch_up=False) == 1
     w.join()
-    assert started and started[0] - t0 < 3.0  # writes went on until about 4.5 s
+    assert started[0] - writes[0] < 4.0  # the debounce alone would have waited until 5 s after the last
