@@ -57,6 +57,25 @@ def race_on_delta_rs(writer, root) -> list[list[tuple[str, str]]]:
         root / f"wh{n}" / "main" / "pixels" / "object_catalog", ["path", "run_id"]).to_pylist()) for n in range(ROUNDS)]
 
 
+def race_in_threads(write) -> None:
+    """Two writers in this process's JVM (folders a and b): `write(folder, go)` calls go() once ready,
+    and go() lets both through at the same moment. Neither may fail."""
+    barrier, errors = threading.Barrier(2), []
+
+    def run(folder):
+        try:
+            write(folder, lambda: barrier.wait(60))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(f"{type(e).__name__}: {str(e)[:300]}")
+
+    threads = [threading.Thread(target=run, args=(f,)) for f in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert errors == []
+
+
 def test_two_first_runs_both_land_on_delta_rs(tmp_path):
     both = sorted((f, f"file:/data/{f}/{i}.dcm") for f in ("a", "b") for i in range(3))
     assert race_on_delta_rs(_delta_rs_runs, tmp_path) == [both] * ROUNDS
@@ -80,21 +99,12 @@ def test_two_first_runs_both_land_on_spark_delta(spark, tmp_path):
     ProtocolChangedException) in 3 rounds of 3."""
     store = SparkDeltaStore(spark, tmp_path / "wh")
     frames = {f: spark.createDataFrame(rows_of(f)) for f in ("a", "b")}
-    barrier, errors = threading.Barrier(2), []
 
-    def run(folder):
-        try:
-            barrier.wait(60)
-            store.write(frames[folder], REF, "upsert", commit_metadata(folder, {"path": folder}, "publish"))
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(f"{type(e).__name__}: {str(e)[:300]}")
+    def write(folder, go):
+        go()
+        store.write(frames[folder], REF, "upsert", commit_metadata(folder, {"path": folder}, "publish"))
 
-    threads = [threading.Thread(target=run, args=(f,)) for f in ("a", "b")]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    assert errors == []
+    race_in_threads(write)
     got = read_delta(store.location(REF), ["path", "run_id"]).to_pylist()
     assert sorted(r["run_id"] for r in got) == ["a"] * 3 + ["b"] * 3
 
@@ -178,23 +188,14 @@ def test_two_syncs_of_one_table_at_once_both_land_on_spark_delta(spark, tmp_path
     store = SparkDeltaStore(spark, tmp_path / "wh")
     store.write(spark.createDataFrame(pa.concat_tables([rows_of("a"), rows_of("b")])), REF, "overwrite",
                 commit_metadata("0", {}, "publish"))
-    barrier, errors = threading.Barrier(2), []
 
-    def run(folder):
+    def write(folder, go):
         rows, gone = synced(folder)
-        try:
-            frame = spark.createDataFrame(rows)
-            barrier.wait(60)
-            store.write(frame, REF, "upsert", commit_metadata(f"{folder}-sync", {"path": folder}, "publish"),
-                        deletes=gone)
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(f"{type(e).__name__}: {str(e)[:300]}")
+        frame = spark.createDataFrame(rows)
+        go()
+        store.write(frame, REF, "upsert", commit_metadata(f"{folder}-sync", {"path": folder}, "publish"),
+                    deletes=gone)
 
-    threads = [threading.Thread(target=run, args=(f,)) for f in ("a", "b")]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    assert errors == []
+    race_in_threads(write)
     got = read_delta(store.location(REF), ["path", "run_id"]).to_pylist()
     assert sorted((r["run_id"], r["path"]) for r in got) == expected_after_syncs()

@@ -106,8 +106,10 @@ def watch(folder: str, run_once, echo=print, debounce: float = 5.0, max_runs: in
     try:
         while not stop.is_set():
             with changed:
-                while not stop.is_set() and (due_in() is None or due_in() > 0):
+                while not stop.is_set():
                     wait = due_in()
+                    if wait is not None and wait <= 0:
+                        break
                     changed.wait(timeout=max(0.05, wait) if wait is not None else 1.0)
                 if stop.is_set():
                     break
